@@ -1,0 +1,382 @@
+"""One strict configuration loader for every app.
+
+Precedence: the app's dataclass defaults < a YAML file given as ``config=path.yaml`` < command-line
+``key=value`` pairs (OmegaConf dot-list, e.g. ``optim.lr=1e-2 trainable=[mha,fc1]``). The seed's form
+``run --dataset_name cifar10`` is accepted too: a leading ``run`` is the (only) verb and ``--key value``
+means ``key=value``.
+
+Every key is checked against the dataclass tree before anything runs: an unknown key names the valid
+ones, a wrong type names the key, the expected type and the value. After the merge each dataclass in
+the tree that defines ``validate()`` is called once, so value checks (``lr > 0``...) live next to the
+fields they check. Fields carry a one-line description in ``metadata["help"]`` (see :func:`option`),
+which ``--help`` prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import logging
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vitef.errors import ConfigError, VitefError
+from vitef.utils import atomic_write_text, setup_logging
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# The seed README's analysis command is `python -m apps.vit.analysis run --dataset_name cifar10`.
+SEED_VERBS = ("run",)
+
+
+class HelpRequested(Exception):
+    """Raised by :func:`load_config` when ``-h``/``--help`` is on the command line."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
+    """A dataclass field with a one-line description shown by ``--help``.
+
+    Mutable defaults (lists, dicts, dataclass instances) are wrapped in a ``default_factory``.
+    """
+    metadata = {"help": help}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        value = default
+        if dataclasses.is_dataclass(default):
+            return dataclasses.field(default_factory=lambda: dataclasses.replace(value), metadata=metadata, **kwargs)
+        return dataclasses.field(default_factory=lambda: _copy(value), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Introspection of the dataclass tree
+# ---------------------------------------------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _is_open_dict(tp: Any) -> bool:
+    tp = _strip_optional(tp)
+    return tp is dict or typing.get_origin(tp) is dict or tp is Any
+
+
+def _type_name(tp: Any) -> str:
+    tp = _strip_optional(tp)
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _check_keys(cls: type, data: Any, prefix: str, source: str) -> None:
+    """Raise :class:`ConfigError` for the first key of ``data`` (a nested dict) unknown to ``cls``."""
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"{source}: expected a mapping of keys at {where}, got {type(data).__name__} {data!r}")
+    types = _field_types(cls)
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in types:
+            raise ConfigError(_unknown_key_message(full, key, cls, prefix, source))
+        tp = _strip_optional(types[key])
+        if dataclasses.is_dataclass(tp):
+            if value is not None:
+                _check_keys(tp, value, f"{full}.", source)
+
+
+def _unknown_key_message(full: str, key: str, cls: type, prefix: str, source: str) -> str:
+    valid = [f.name for f in dataclasses.fields(cls)]
+    where = f" under '{prefix.rstrip('.')}'" if prefix else ""
+    guess = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{prefix}{guess[0]}'?" if guess else ""
+    return f"unknown config key '{full}' ({source}).{hint} Valid keys{where}: {', '.join(valid)}"
+
+
+def _lookup_type(cls: type, dotted: str) -> Any:
+    tp: Any = cls
+    for part in dotted.split("."):
+        tp = _strip_optional(tp)
+        if not dataclasses.is_dataclass(tp):
+            return None
+        types = _field_types(tp)
+        if part not in types:
+            return None
+        tp = types[part]
+    return tp
+
+
+def _dotlist_to_nested(pairs: Sequence[tuple[str, str]], cls: type) -> dict:
+    """Check CLI keys against ``cls`` and return them as a nested dict of raw (YAML-parsed) values."""
+    nested: dict = {}
+    for key, raw in pairs:
+        parts = key.split(".")
+        tp: Any = cls
+        for i, part in enumerate(parts):
+            tp = _strip_optional(tp)
+            if _is_open_dict(tp):
+                break
+            if not dataclasses.is_dataclass(tp):
+                parent = ".".join(parts[:i])
+                raise ConfigError(f"config key '{key}' (command line): '{parent}' is a {_type_name(tp)}, not a group")
+            types = _field_types(tp)
+            if part not in types:
+                prefix = ".".join(parts[:i]) + "." if i else ""
+                raise ConfigError(_unknown_key_message(key, part, tp, prefix, "command line"))
+            tp = types[part]
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        # Keep strings that look like other things as strings when the field is a string.
+        if _strip_optional(tp) is str and value is not None and not isinstance(value, str):
+            value = raw
+        # `trainable=mha` means `trainable=[mha]` for list fields.
+        if typing.get_origin(_strip_optional(tp)) is list and value is not None and not isinstance(value, list):
+            value = [value]
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------
+
+
+def split_argv(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], bool]:
+    """Split ``argv`` into (config file, [(key, raw value)], help requested).
+
+    Accepts ``key=value``, ``config=path``, ``--key value``, ``--key=value`` and a leading seed verb
+    (``run``).
+    """
+    argv = list(argv)
+    config_path: str | None = None
+    pairs: list[tuple[str, str]] = []
+    want_help = False
+    i = 0
+    if argv and argv[0] in SEED_VERBS:
+        i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            want_help = True
+            i += 1
+            continue
+        if arg.startswith("--"):
+            body = arg[2:]
+            if "=" in body:
+                key, value = body.split("=", 1)
+            else:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                    raise ConfigError(f"option '{arg}' needs a value: write '{arg} VALUE' or '{body}=VALUE'")
+                key, value = body, argv[i + 1]
+                i += 1
+            key = key.replace("-", "_")
+        elif "=" in arg:
+            key, value = arg.split("=", 1)
+        else:
+            raise ConfigError(f"unexpected argument '{arg}': arguments are key=value pairs (or config=FILE.yaml)")
+        if not key:
+            raise ConfigError(f"argument '{arg}' has an empty key")
+        if key == "config":
+            config_path = value
+        else:
+            pairs.append((key, value))
+        i += 1
+    return config_path, pairs, want_help
+
+
+def _read_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: '{path}' (pass config=PATH to an existing YAML file)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[T], argv: Sequence[str] | None = None, *, prog: str | None = None) -> T:
+    """Build an instance of the dataclass ``cls`` from defaults < YAML < command line.
+
+    Parameters
+    ----------
+    cls
+        The app's config dataclass (sub-configs are nested dataclasses).
+    argv
+        Command-line arguments (default ``sys.argv[1:]``).
+    prog
+        Program name for ``--help``.
+
+    Raises
+    ------
+    HelpRequested
+        When ``-h``/``--help`` is present; its ``text`` is the help to print.
+    ConfigError
+        Unknown key, wrong type, missing or malformed YAML file, or a failed ``validate()``.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    config_path, pairs, want_help = split_argv(argv)
+    if want_help:
+        raise HelpRequested(format_help(cls, prog=prog))
+    layers: list[tuple[str, dict]] = []
+    if config_path is not None:
+        data = _read_yaml(config_path)
+        _check_keys(cls, data, "", f"in {config_path}")
+        layers.append((f"in {config_path}", data))
+    if pairs:
+        layers.append(("command line", _dotlist_to_nested(pairs, cls)))
+    return build_config(cls, *layers)
+
+
+def build_config(cls: type[T], *layers: tuple[str, dict] | dict) -> T:
+    """Merge plain-dict ``layers`` (later wins) over the defaults of ``cls``, type-check and validate.
+
+    Each layer is a dict or a ``(source description, dict)`` pair; the description is used in errors.
+    """
+    merged = OmegaConf.structured(cls)
+    for layer in layers:
+        source, data = layer if isinstance(layer, tuple) else ("overrides", layer)
+        _check_keys(cls, data, "", source)
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.create(data))
+        except OmegaConfBaseException as e:
+            raise _type_error(cls, e, source) from None
+    try:
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}' has no value: set it in the YAML file or as {key}=VALUE") from None
+    validate(obj)
+    return obj  # type: ignore[return-value]
+
+
+def _type_error(cls: type, e: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or ""
+    tp = _lookup_type(cls, key) if key else None
+    msg = str(getattr(e, "msg", e)).splitlines()[0]
+    if tp is not None:
+        return ConfigError(f"config key '{key}' ({source}) expects {_type_name(tp)}: {msg}")
+    return ConfigError(f"invalid config ({source}): {msg}")
+
+
+def validate(obj: Any) -> None:
+    """Call ``validate()`` on every dataclass in the tree, children first."""
+    if not dataclasses.is_dataclass(obj):
+        return
+    for f in dataclasses.fields(obj):
+        validate(getattr(obj, f.name))
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        check()
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain nested dicts/lists (for YAML/JSON)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Any) -> str:
+    """The config as YAML text, in the same nesting as the dataclass tree."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    atomic_write_text(path, to_yaml(cfg))
+
+
+def format_help(cls: type, prog: str | None = None) -> str:
+    """Help text: usage, then every key with its type, default and description."""
+    lines = [f"usage: python -m {prog or '<app>'} [config=FILE.yaml] [key=value ...]", ""]
+    doc = (cls.__doc__ or "").strip().splitlines()
+    if doc and not doc[0].startswith(cls.__name__ + "("):
+        lines += [doc[0].strip(), ""]
+    lines.append("Keys (defaults < config=FILE.yaml < key=value; nested keys use dots):")
+    rows: list[tuple[str, str]] = []
+
+    def walk(c: type, obj: Any, prefix: str) -> None:
+        types = _field_types(c)
+        for f in dataclasses.fields(c):
+            tp = _strip_optional(types[f.name])
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(tp):
+                walk(tp, value, f"{prefix}{f.name}.")
+                continue
+            left = f"  {prefix}{f.name}: {_type_name(types[f.name])} = {value!r}"
+            rows.append((left, f.metadata.get("help", "")))
+
+    try:
+        defaults = cls()
+    except TypeError:
+        defaults = None
+    walk(cls, defaults, "")
+    width = min(max(len(r[0]) for r in rows) + 2, 60)
+    for left, desc in rows:
+        if len(left) > width - 2:
+            lines.append(left)
+            lines.append(" " * width + desc)
+        else:
+            lines.append(left.ljust(width) + desc)
+    return "\n".join(lines) + "\n"
+
+
+def cli_main(
+    cls: type[T], main: Callable[[T], Any], argv: Sequence[str] | None = None, prog: str | None = None
+) -> None:
+    """Entry-point wrapper: parse the config, run ``main(cfg)``, and turn user errors into exit status 2.
+
+    ``--help`` prints the keys and exits 0. A :class:`~vitef.errors.VitefError` prints ``error: <message>``
+    on stderr and exits 2; any other exception keeps its traceback (it is a bug).
+    """
+    setup_logging()
+    try:
+        cfg = load_config(cls, argv, prog=prog)
+        main(cfg)
+    except HelpRequested as h:
+        sys.stdout.write(h.text)
+        sys.exit(0)
+    except VitefError as e:
+        logger.debug("user error", exc_info=True)
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)

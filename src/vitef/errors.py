@@ -1,0 +1,24 @@
+"""User-facing errors.
+
+Every error a user can fix (bad config, unknown dataset/model/component, missing or corrupt file,
+diverging loss) is a :class:`VitefError`. Entry points catch it, print its one-line message and exit
+with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class VitefError(Exception):
+    """An error caused by the user's input, with a message that says how to fix it."""
+
+
+class ConfigError(VitefError):
+    """Unknown config key, wrong type, invalid value, or missing config file."""
+
+
+class ModelError(VitefError):
+    """Unknown model name, unloadable or mismatched checkpoint."""
+
+
+class ComponentError(VitefError):
+    """Unknown component name."""
