@@ -31,6 +31,8 @@ class App:
     optim: Inner = option(Inner(), "optimizer settings")
     extra: dict = option({}, "free-form mapping")
 
+    ALIASES = {"lr": "optim.lr"}
+
 
 def test_defaults_yaml_cli_precedence(tmp_path):
     cfg_file = tmp_path / "c.yaml"
@@ -179,3 +181,14 @@ def test_app_yaml_then_cli(run_app, tmp_path):
     assert "trainable=['fc1']" in r.stdout
     fc1 = next(line for line in r.stdout.splitlines() if line.startswith("fc1"))
     assert fc1.split()[1] == fc1.split()[2]  # all of FC1 trains
+
+
+def test_aliases_on_cli_and_yaml(tmp_path):
+    assert load_config(App, ["lr=0.02"]).optim.lr == 0.02
+    assert load_config(App, ["--lr", "0.03"]).optim.lr == 0.03
+    f = tmp_path / "a.yaml"
+    f.write_text("lr: 0.5\noptim:\n  name: adamw\n")
+    cfg = load_config(App, [f"config={f}"])
+    assert (cfg.optim.lr, cfg.optim.name) == (0.5, "adamw")
+    with pytest.raises(ConfigError, match=r"lr \(=optim.lr\)"):
+        load_config(App, ["nope=1"])

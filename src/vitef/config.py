@@ -116,6 +116,8 @@ def _check_keys(cls: type, data: Any, prefix: str, source: str) -> None:
 
 def _unknown_key_message(full: str, key: str, cls: type, prefix: str, source: str) -> str:
     valid = [f.name for f in dataclasses.fields(cls)]
+    if not prefix:
+        valid += [f"{a} (={t})" for a, t in aliases_of(cls).items()]
     where = f" under '{prefix.rstrip('.')}'" if prefix else ""
     guess = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean '{prefix}{guess[0]}'?" if guess else ""
@@ -233,6 +235,40 @@ def _read_yaml(path: str) -> dict:
     return data
 
 
+def aliases_of(cls: type) -> dict[str, str]:
+    """Short names an app accepts for nested keys, from its ``ALIASES`` class attribute.
+
+    E.g. ``{"lr": "optim.lr", "model_name": "model.name"}`` lets users type the paper's ``lr=1e-2``
+    while the value still lives in the sub-config that owns it.
+    """
+    return dict(getattr(cls, "ALIASES", {}) or {})
+
+
+def _apply_aliases_pairs(cls: type, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    aliases = aliases_of(cls)
+    return [(aliases.get(k, k), v) for k, v in pairs]
+
+
+def _apply_aliases_dict(cls: type, data: dict) -> dict:
+    aliases = aliases_of(cls)
+    if not aliases:
+        return data
+    out: dict = {}
+    for key, value in data.items():
+        target = aliases.get(key, key)
+        parts = target.split(".")
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{key}' (alias of '{target}') conflicts with another key")
+        if isinstance(node.get(parts[-1]), dict) and isinstance(value, dict):
+            node[parts[-1]].update(value)
+        else:
+            node[parts[-1]] = value
+    return out
+
+
 def load_config(cls: type[T], argv: Sequence[str] | None = None, *, prog: str | None = None) -> T:
     """Build an instance of the dataclass ``cls`` from defaults < YAML < command line.
 
@@ -258,11 +294,11 @@ def load_config(cls: type[T], argv: Sequence[str] | None = None, *, prog: str | 
         raise HelpRequested(format_help(cls, prog=prog))
     layers: list[tuple[str, dict]] = []
     if config_path is not None:
-        data = _read_yaml(config_path)
+        data = _apply_aliases_dict(cls, _read_yaml(config_path))
         _check_keys(cls, data, "", f"in {config_path}")
         layers.append((f"in {config_path}", data))
     if pairs:
-        layers.append(("command line", _dotlist_to_nested(pairs, cls)))
+        layers.append(("command line", _dotlist_to_nested(_apply_aliases_pairs(cls, pairs), cls)))
     return build_config(cls, *layers)
 
 
@@ -274,6 +310,7 @@ def build_config(cls: type[T], *layers: tuple[str, dict] | dict) -> T:
     merged = OmegaConf.structured(cls)
     for layer in layers:
         source, data = layer if isinstance(layer, tuple) else ("overrides", layer)
+        data = _apply_aliases_dict(cls, data)
         _check_keys(cls, data, "", source)
         try:
             merged = OmegaConf.merge(merged, OmegaConf.create(data))
@@ -348,6 +385,8 @@ def format_help(cls: type, prog: str | None = None) -> str:
     except TypeError:
         defaults = None
     walk(cls, defaults, "")
+    for alias, target in aliases_of(cls).items():
+        rows.append((f"  {alias}", f"short for {target}"))
     width = min(max(len(r[0]) for r in rows) + 2, 60)
     for left, desc in rows:
         if len(left) > width - 2:
