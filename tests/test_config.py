@@ -81,7 +81,7 @@ def test_optional_and_open_dict():
         (["optim.lr=-1"], "optim.lr=-1.0 must be positive"),
         (["config=/nonexistent/x.yaml"], "config file not found: '/nonexistent/x.yaml'"),
         (["justaword"], "unexpected argument 'justaword'"),
-        (["--steps"], "option '--steps' needs a value"),
+        (["--steps"], "config key 'steps' (command line) expects int"),
         (["steps.x=1"], "'steps' is a int, not a group"),
     ],
 )
@@ -192,3 +192,19 @@ def test_aliases_on_cli_and_yaml(tmp_path):
     assert (cfg.optim.lr, cfg.optim.name) == (0.5, "adamw")
     with pytest.raises(ConfigError, match=r"lr \(=optim.lr\)"):
         load_config(App, ["nope=1"])
+
+
+@dataclasses.dataclass
+class Verbs:
+    command: str = option("table", "what to do")
+    dry_run: bool = option(False, "only print")
+
+
+def test_verb_and_bare_flags():
+    cfg = load_config(Verbs, ["csv", "--dry-run"])
+    assert cfg.command == "csv" and cfg.dry_run is True
+    assert load_config(Verbs, ["--dry-run=false"]).dry_run is False
+    # Without a `command` field only the seed's `run` verb is accepted.
+    assert load_config(App, ["run"]).steps == 10
+    with pytest.raises(ConfigError, match="unexpected argument 'csv'"):
+        load_config(App, ["csv"])

@@ -188,7 +188,9 @@ def split_argv(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], 
     pairs: list[tuple[str, str]] = []
     want_help = False
     i = 0
-    if argv and argv[0] in SEED_VERBS:
+    if argv and not argv[0].startswith("-") and "=" not in argv[0]:
+        # A leading bare word is a verb: `run` (the seed's analysis form) or the app's `command` field.
+        pairs.append(("command", argv[0]))
         i = 1
     while i < len(argv):
         arg = argv[i]
@@ -202,9 +204,11 @@ def split_argv(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], 
                 key, value = body.split("=", 1)
             else:
                 if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                    raise ConfigError(f"option '{arg}' needs a value: write '{arg} VALUE' or '{body}=VALUE'")
-                key, value = body, argv[i + 1]
-                i += 1
+                    # A bare flag (`--dry-run`) means true; a non-boolean key rejects it at type checking.
+                    key, value = body, "true"
+                else:
+                    key, value = body, argv[i + 1]
+                    i += 1
             key = key.replace("-", "_")
         elif "=" in arg:
             key, value = arg.split("=", 1)
@@ -233,6 +237,19 @@ def _read_yaml(path: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(data).__name__}")
     return data
+
+
+def _resolve_verb(cls: type, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Keep a leading verb as ``command=VERB`` when ``cls`` has that field; drop the seed's ``run``."""
+    if not pairs or pairs[0][0] != "command":
+        return pairs
+    has_command = "command" in {f.name for f in dataclasses.fields(cls)}
+    verb = pairs[0][1]
+    if has_command:
+        return pairs
+    if verb in SEED_VERBS:
+        return pairs[1:]
+    raise ConfigError(f"unexpected argument '{verb}': arguments are key=value pairs (or config=FILE.yaml)")
 
 
 def aliases_of(cls: type) -> dict[str, str]:
@@ -297,6 +314,7 @@ def load_config(cls: type[T], argv: Sequence[str] | None = None, *, prog: str | 
         data = _apply_aliases_dict(cls, _read_yaml(config_path))
         _check_keys(cls, data, "", f"in {config_path}")
         layers.append((f"in {config_path}", data))
+    pairs = _resolve_verb(cls, pairs)
     if pairs:
         layers.append(("command line", _dotlist_to_nested(_apply_aliases_pairs(cls, pairs), cls)))
     return build_config(cls, *layers)

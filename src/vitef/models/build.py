@@ -46,6 +46,7 @@ class ModelConfig:
     pretrained: bool = option(True, "load pretrained weights (false: random init of the architecture)")
     checkpoint: str | None = option(None, "timm-layout .safetensors file to load instead of the hub weights")
     img_size: int | None = option(None, "input resolution (default: the checkpoint's); pos. embedding is resized")
+    overrides: dict = option({}, "extra timm constructor arguments, e.g. {patch_size: 8, depth: 6, embed_dim: 96}")
 
     def validate(self) -> None:
         if not self.name:
@@ -59,7 +60,9 @@ class ModelConfig:
 def build_model_from_config(cfg: ModelConfig, num_classes: int | None = None) -> VisionTransformer:
     """:func:`build_model` from a :class:`ModelConfig`."""
     pretrained: bool | str = cfg.checkpoint if cfg.checkpoint else cfg.pretrained
-    return build_model(cfg.name, pretrained=pretrained, num_classes=num_classes, img_size=cfg.img_size)
+    return build_model(
+        cfg.name, pretrained=pretrained, num_classes=num_classes, img_size=cfg.img_size, **dict(cfg.overrides)
+    )
 
 
 def build_model(
