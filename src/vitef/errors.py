@@ -22,3 +22,15 @@ class ModelError(VitefError):
 
 class ComponentError(VitefError):
     """Unknown component name."""
+
+
+class DataError(VitefError):
+    """Unknown dataset name, missing or corrupt dataset files, or an impossible split/loader request."""
+
+
+class CheckpointError(VitefError):
+    """Missing, unreadable or mismatched checkpoint or run directory."""
+
+
+class TrainingError(VitefError):
+    """Training cannot go on (e.g. the loss became NaN or infinite)."""
