@@ -1,0 +1,173 @@
+"""Checkpoints that resume a run exactly, without pickle.
+
+A step checkpoint is a directory ``step_<N>/`` holding ``model.safetensors`` (the full state dict,
+timm names) and ``state.pt`` (optimizer, scheduler, step, RNG states, data position... — tensors,
+numbers, strings, lists and dicts only, read back with ``torch.load(weights_only=True)``). The
+directory is written under a temporary name and renamed, so a killed save never leaves a
+half-written ``step_<N>/``. The best checkpoint ``best/`` holds ``model.safetensors`` (loadable by
+``vitef.models.build_model(name, pretrained=path, num_classes=...)``) and ``best.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vitef.errors import CheckpointError
+from vitef.utils import atomic_path, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "state.pt"
+BEST_FILE = "best.json"
+
+
+# ---------------------------------------------------------------------------------------------------
+# RNG states as tensors and numbers (weights-only loadable)
+# ---------------------------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """The Python, NumPy, torch CPU and CUDA generator states."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "name": np_state[0],
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Restore :func:`capture_rng`'s states."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            logger.warning("checkpoint has %d CUDA RNG states for %d GPUs: not restored", len(cuda), len(cuda))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model weights
+# ---------------------------------------------------------------------------------------------------
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DDP / ``torch.compile`` wrappers (its state dict has timm names)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+def save_weights(model: nn.Module, path: str | Path) -> None:
+    """Save the full state dict (timm names, head included) as safetensors, atomically."""
+    state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load :func:`save_weights`'s file strictly into ``model`` (in place, bit-exact)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint weights not found: '{path}'")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = f"'{path}' is not a readable safetensors file ({e}); delete it or use overwrite=true"
+        raise CheckpointError(msg) from e
+    try:
+        unwrap(model).load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        msg = f"'{path}' does not fit the model ({first}); did the config change? use overwrite=true"
+        raise CheckpointError(msg) from e
+
+
+# ---------------------------------------------------------------------------------------------------
+# Step and best checkpoints
+# ---------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(directory: str | Path, model: nn.Module, state: dict[str, Any]) -> Path:
+    """Write ``directory`` (e.g. ``checkpoints/step_100``) with the model and ``state``, atomically.
+
+    ``state`` must be weights-only serialisable: tensors, numbers, strings, lists, tuples, dicts.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        save_weights(model, tmp / MODEL_FILE)
+        torch.save(state, tmp / STATE_FILE)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read ``state.pt`` of a checkpoint directory with ``torch.load(weights_only=True)``."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint state not found: '{path}'")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or non-weights-only files
+        raise CheckpointError(
+            f"'{path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "delete that checkpoint directory or use overwrite=true"
+        ) from e
+
+
+def save_best(directory: str | Path, model: nn.Module, info: dict[str, Any]) -> None:
+    """Write the best checkpoint: ``model.safetensors`` then ``best.json`` (each atomically)."""
+    directory = Path(directory)
+    save_weights(model, directory / MODEL_FILE)
+    atomic_write_json(directory / BEST_FILE, info)
+
+
+def read_best(directory: str | Path) -> dict[str, Any]:
+    """``best.json`` of a best-checkpoint directory."""
+    path = Path(directory) / BEST_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"'{path}' not found: the run has no best checkpoint yet") from e
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"'{path}' is not valid JSON ({e})") from e

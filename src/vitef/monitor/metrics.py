@@ -1,0 +1,115 @@
+"""``metrics.jsonl`` writer and reader (plus TensorBoard scalars when tensorboard is installed).
+
+One JSON object per line, each with a ``step``. Rows are appended and flushed one by one, so a killed
+run loses at most its last, partial line; :func:`read_metrics` skips such a line, and
+:meth:`MetricsLogger.truncate_after` drops the rows a resumed run is about to write again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from vitef.utils import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All complete rows of a ``metrics.jsonl`` file (``[]`` when it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            logger.warning("%s: skipping a malformed line (a run killed while writing it)", path)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as strings so the file stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricsLogger:
+    """Append rows to ``metrics.jsonl``; mirror numbers to TensorBoard when available.
+
+    Parameters
+    ----------
+    path
+        The ``metrics.jsonl`` file.
+    tensorboard_dir
+        Where to write TensorBoard events; ``None`` (or tensorboard not installed) turns them off.
+    enabled
+        ``False`` on non-zero ranks: every method is a no-op.
+    """
+
+    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.debug("tensorboard is not installed: metrics go to %s only", self.path)
+            else:
+                self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only rows with ``row["step"] <= step`` (atomically), e.g. when resuming from ``step``."""
+        if not self.enabled or not self.path.is_file():
+            return
+        self._close_file()
+        rows = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Append one row (must contain ``step``) and flush it."""
+        if not self.enabled:
+            return
+        assert "step" in row, row
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across rows
+        self._file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = int(row["step"])
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(key, value, step)
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        self._close_file()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,155 @@
+"""The run directory: the one interface between the training app and everything that reads runs.
+
+Layout (docs/ARCHITECTURE.md, "Run directory")::
+
+    <root>/runs/<log_dir>/
+      config.yaml     resolved config
+      metrics.jsonl   one JSON object per line (train and eval rows)
+      train.log       the log
+      status.json     {"status": "running" | "completed" | "failed", "step": int, "message": str}
+      params.json     parameters per component: total and trainable
+      checkpoints/    step_<N>/ (model.safetensors + state.pt) and best/ (model.safetensors + best.json)
+      eval.json       test metrics of the best checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from vitef.errors import ConfigError
+from vitef.utils import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+STATUSES = ("running", "completed", "failed")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class RunDir:
+    """Paths and small state files of one run directory.
+
+    Parameters
+    ----------
+    path
+        The run directory itself (``<root>/runs/<log_dir>``); see :meth:`from_log_dir`.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @classmethod
+    def from_log_dir(cls, root: str | Path, log_dir: str) -> RunDir:
+        """``<root>/runs/<log_dir>``; ``log_dir`` may itself be a path to an existing run directory."""
+        as_path = Path(log_dir).expanduser()
+        if as_path.is_dir() and (as_path / "config.yaml").is_file():
+            return cls(as_path)
+        return cls(Path(root) / "runs" / log_dir)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # --- paths -------------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "train.log"
+
+    @property
+    def status_path(self) -> Path:
+        return self.path / "status.json"
+
+    @property
+    def params_path(self) -> Path:
+        return self.path / "params.json"
+
+    @property
+    def eval_path(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def best_dir(self) -> Path:
+        return self.checkpoints_dir / "best"
+
+    @property
+    def best_model_path(self) -> Path:
+        return self.best_dir / "model.safetensors"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
+
+    def step_dir(self, step: int) -> Path:
+        return self.checkpoints_dir / f"step_{step}"
+
+    def eval_result_path(self, dataset: str, split: str) -> Path:
+        """Where the eval app writes a result: ``eval_<dataset>_<split>.json`` (name made file-safe)."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset}_{split}")
+        return self.path / f"eval_{safe}.json"
+
+    # --- state -------------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.path.is_dir() and any(self.path.iterdir())
+
+    def read_status(self) -> dict[str, Any] | None:
+        """The parsed ``status.json``, or ``None`` when there is none (or it is unreadable)."""
+        try:
+            data = json.loads(self.status_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def write_status(self, status: str, step: int, message: str = "", **extra: Any) -> None:
+        """Write ``status.json`` atomically."""
+        assert status in STATUSES, status
+        payload = {"status": status, "step": int(step), "message": message, "time": time.time(), **extra}
+        atomic_write_json(self.status_path, payload)
+
+    def checkpoint_steps(self) -> list[int]:
+        """Steps of the complete ``step_<N>`` checkpoints, ascending (a complete one has both files)."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        steps = []
+        for child in self.checkpoints_dir.iterdir():
+            m = _STEP_DIR.match(child.name)
+            if m and (child / "model.safetensors").is_file() and (child / "state.pt").is_file():
+                steps.append(int(m.group(1)))
+        return sorted(steps)
+
+    def latest_checkpoint(self) -> Path | None:
+        steps = self.checkpoint_steps()
+        return self.step_dir(steps[-1]) if steps else None
+
+    def prune_checkpoints(self, keep_last: int) -> None:
+        """Delete all but the newest ``keep_last`` step checkpoints (``best/`` is never touched)."""
+        steps = self.checkpoint_steps()
+        for step in steps[: max(len(steps) - keep_last, 0)]:
+            shutil.rmtree(self.step_dir(step), ignore_errors=True)
+        # Leftovers of a save that was killed half-way.
+        if self.checkpoints_dir.is_dir():
+            for child in self.checkpoints_dir.iterdir():
+                if child.name.startswith(".") and child.name.endswith(".tmp"):
+                    shutil.rmtree(child, ignore_errors=True)
+
+    def remove(self) -> None:
+        """Delete the whole run directory (``overwrite=true``)."""
+        if self.path.exists():
+            if not self.path.is_dir():
+                raise ConfigError(f"run directory '{self.path}' is a file: remove it or choose another log_dir")
+            shutil.rmtree(self.path)

@@ -1,0 +1,118 @@
+"""vitef.optim: schedules, optimisers, gradient norms and clipping, config validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from vitef.config import build_config
+from vitef.errors import ConfigError
+from vitef.optim import (
+    OptimConfig,
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    grad_norms,
+    load_scheduler_state,
+    lr_factor,
+    scheduler_state,
+)
+
+
+def test_warmup_then_cosine_to_min():
+    cfg = OptimConfig(scheduler="cosine", warmup_steps=4, min_factor=0.0)
+    total = 12
+    f = [lr_factor(s, total, cfg) for s in range(total)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    # After warmup: p = (s - 4) / 8.
+    for s in range(4, total):
+        p = (s - 4) / 8
+        assert f[s] == pytest.approx(0.5 * (1 + math.cos(math.pi * p)))
+    assert all(a >= b for a, b in zip(f[3:], f[4:]))
+    assert lr_factor(total, total, cfg) == pytest.approx(0.0)
+
+
+def test_linear_constant_and_min_factor():
+    lin = OptimConfig(scheduler="linear", warmup_steps=0, min_factor=0.1)
+    assert lr_factor(0, 10, lin) == pytest.approx(1.0)
+    assert lr_factor(5, 10, lin) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(10, 10, lin) == pytest.approx(0.1)
+    const = OptimConfig(scheduler="constant", warmup_steps=2)
+    assert [lr_factor(s, 10, const) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    cos = OptimConfig(scheduler="cosine", warmup_steps=0, min_factor=0.2)
+    assert lr_factor(10, 10, cos) == pytest.approx(0.2)
+
+
+def test_scheduler_drives_optimizer_and_state_roundtrips(tmp_path):
+    p = nn.Parameter(torch.zeros(3))
+    cfg = OptimConfig(lr=0.1, warmup_steps=2, scheduler="cosine")
+    opt = build_optimizer([p], cfg)
+    sched = build_scheduler(opt, cfg, total_steps=6)
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.1 * lr_factor(s, 6, cfg) for s in range(4)])
+    torch.save(scheduler_state(sched), tmp_path / "s.pt")
+    opt2 = build_optimizer([p], cfg)
+    sched2 = build_scheduler(opt2, cfg, total_steps=6)
+    load_scheduler_state(sched2, torch.load(tmp_path / "s.pt", weights_only=True))
+    assert sched2.last_epoch == 4
+    assert sched2.get_last_lr() == pytest.approx(sched.get_last_lr())
+
+
+def test_optimizers_get_their_hyperparameters():
+    p = nn.Parameter(torch.zeros(2))
+    frozen = nn.Parameter(torch.zeros(2), requires_grad=False)
+    sgd = build_optimizer([p, frozen], OptimConfig(name="sgd", lr=0.5, momentum=0.8, weight_decay=0.01))
+    assert isinstance(sgd, torch.optim.SGD)
+    g = sgd.param_groups[0]
+    assert (g["lr"], g["momentum"], g["weight_decay"]) == (0.5, 0.8, 0.01)
+    assert len(g["params"]) == 1  # frozen parameters never reach the optimiser
+    adamw = build_optimizer([p], OptimConfig(name="adamw", lr=1e-4, betas=[0.8, 0.99]))
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert adamw.param_groups[0]["betas"] == (0.8, 0.99)
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        build_optimizer([frozen], OptimConfig())
+
+
+def test_grad_norms_and_clipping_match_direct_computation():
+    torch.manual_seed(0)
+    a, b, c = (nn.Parameter(torch.randn(n)) for n in (5, 7, 3))
+    for p in (a, b, c):
+        p.grad = torch.randn_like(p) * 3
+    named = [("a", a), ("b", b), ("c", c)]
+    total, per = grad_norms(named, {"a": "g1", "b": "g1", "c": "g2"})
+    expect = torch.cat([a.grad, b.grad, c.grad]).norm()
+    assert total.item() == pytest.approx(expect.item(), rel=1e-6)
+    assert per["g1"].item() == pytest.approx(torch.cat([a.grad, b.grad]).norm().item(), rel=1e-6)
+    assert per["g2"].item() == pytest.approx(c.grad.norm().item(), rel=1e-6)
+    clip_gradients([a, b, c], 1.0, total)
+    assert torch.cat([a.grad, b.grad, c.grad]).norm().item() == pytest.approx(1.0, rel=1e-5)
+    before = a.grad.clone()
+    clip_gradients([a], None, total)  # off: untouched
+    assert torch.equal(a.grad, before)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ({"lr": -1e-2}, "optim.lr"),
+        ({"lr": 0.0}, "optim.lr"),
+        ({"name": "adam"}, "optim.name"),
+        ({"scheduler": "step"}, "optim.scheduler"),
+        ({"momentum": 1.5}, "optim.momentum"),
+        ({"betas": [0.9]}, "optim.betas"),
+        ({"warmup_steps": -1}, "optim.warmup_steps"),
+        ({"min_factor": 2.0}, "optim.min_factor"),
+        ({"clip_grad": -1.0}, "optim.clip_grad"),
+        ({"grad_accumulation": 0}, "optim.grad_accumulation"),
+    ],
+)
+def test_bad_values_fail_clearly(override, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config(OptimConfig, override)
