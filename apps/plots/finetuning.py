@@ -1,0 +1,326 @@
+"""Finetuning results of arXiv 2602.06883 (§5): CSVs from run directories, the paper's table, tests, figures.
+
+    python -m apps.plots.finetuning csv                    # outputs/runs/** -> results/finetuning/<dataset>.csv
+    python -m apps.plots.finetuning table                  # best-LR mean ± std, lr chosen on validation
+    python -m apps.plots.finetuning table select_on=test   # the authors' choice of lr (on test)
+    python -m apps.plots.finetuning stat                   # MHA vs each component: paired t-test, Wilcoxon
+    python -m apps.plots.finetuning figures                # accuracy, robustness, training curves (PNG + PDF)
+
+``csv`` reads run directories (``<root>/runs/<runs_glob>/``: config.yaml, status.json, eval.json)
+and probe results (``<root>/probes/**/probes.csv``); the other verbs read what ``csv`` wrote, plus the
+runs' metrics.jsonl for the training curves. How the learning rate is chosen, the std (ddof), missing
+runs and the relative gain are defined in :mod:`vitef.results`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from apps.plots.common import STYLE, component_color, grid_shape, save_figure
+from vitef import results as R
+from vitef.config import cli_main, option
+from vitef.errors import ConfigError
+from vitef.utils import atomic_path, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+COMMANDS = ("csv", "table", "stat", "figures")
+
+
+@dataclasses.dataclass
+class FinetuningPlotsConfig:
+    """Aggregate finetuning runs into CSVs, the paper's accuracy table, significance tests and figures."""
+
+    command: str = option("csv", "what to do: csv, table, stat or figures")
+    root: str = option("outputs", "output root holding runs/ (finetuning) and probes/ (linear probing)")
+    runs_glob: str = option("**", "which run directories under <root>/runs to read (glob), e.g. 'main/**'")
+    results_dir: str = option("results", "where CSVs, tables and figures are written")
+    select_on: str = option("val", "choose each cell's learning rate on val (mean best_val_acc) or test (authors)")
+    ddof: int = option(1, "delta degrees of freedom of the std over seeds (1: sample std)")
+    optimizer: str = option("", "optimizer whose runs to tabulate (empty: the only one in the results)")
+    model: str = option("", "model whose runs to tabulate (empty: the only one in the results)")
+    datasets: list[str] = option([], "datasets to include (empty: all in the results)")
+    lrs: list[float] = option([], "expected learning-rate grid (empty: every lr seen for the dataset)")
+    seeds: list[int] = option([], "expected seeds (empty: every seed seen for the dataset)")
+    lp_pool: str = option("", "pooling of the linear-probing baseline when several were probed")
+
+    def validate(self) -> None:
+        if self.command not in COMMANDS:
+            raise ConfigError(f"unknown command '{self.command}': choose one of {', '.join(COMMANDS)}")
+        if self.select_on not in R.SELECT_ON:
+            raise ConfigError(f"select_on={self.select_on!r} must be one of {', '.join(R.SELECT_ON)}")
+        if self.ddof < 0:
+            raise ConfigError(f"ddof={self.ddof} must be >= 0")
+
+
+CONFIG = FinetuningPlotsConfig
+
+
+def main(cfg: FinetuningPlotsConfig) -> None:
+    {"csv": write_csvs, "table": write_table, "stat": write_stats, "figures": write_figures}[cfg.command](cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# csv
+# ---------------------------------------------------------------------------------------------------
+
+
+def write_csvs(cfg: FinetuningPlotsConfig) -> None:
+    runs = R.collect_finetuning(cfg.root, cfg.runs_glob)
+    probes = R.collect_probes(cfg.root)
+    if runs.empty and probes.empty:
+        raise R.ResultsError(
+            f"no training runs under {Path(cfg.root) / 'runs'} matching '{cfg.runs_glob}' and no probes under "
+            f"{Path(cfg.root) / 'probes'}: run the sweeps first or set root="
+        )
+    out = Path(cfg.results_dir)
+    for dataset, df in runs.groupby("dataset", sort=False):
+        df = df.sort_values(["trainable", "optimizer", "model", "lr", "seed"])
+        _write_csv(df, out / "finetuning" / f"{_safe(dataset)}.csv")
+        counts = df["status"].value_counts().to_dict()
+        print(f"{dataset}: {len(df)} runs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})")
+    for dataset, df in probes.groupby("dataset", sort=False):
+        _write_csv(df, out / "linear_probing" / f"{_safe(dataset)}.csv")
+    print(
+        f"wrote {runs['dataset'].nunique()} finetuning CSVs to {out / 'finetuning'} "
+        f"and {probes['dataset'].nunique()} linear-probing CSVs to {out / 'linear_probing'}"
+    )
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._+-=" else "_" for c in name)
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def load_results(cfg: FinetuningPlotsConfig) -> tuple[pd.DataFrame, pd.Series, str]:
+    """The finetuning rows of one (optimizer, model), the LP baselines, and a tag naming the selection."""
+    folder = Path(cfg.results_dir) / "finetuning"
+    files = sorted(folder.glob("*.csv"))
+    if not files:
+        raise R.ResultsError(f"no results in {folder}: run `python -m apps.plots.finetuning csv` first")
+    runs = pd.concat([pd.read_csv(f, dtype={"trainable": str, "dataset": str}) for f in files], ignore_index=True)
+    missing_cols = set(R.FINETUNING_COLUMNS) - set(runs.columns)
+    if missing_cols:
+        raise R.ResultsError(f"{folder} holds CSVs without columns {sorted(missing_cols)}: rerun the csv command")
+    if cfg.datasets:
+        unknown = set(cfg.datasets) - set(runs["dataset"])
+        if unknown:
+            raise R.ResultsError(f"datasets {sorted(unknown)} are not in the results ({sorted(set(runs['dataset']))})")
+        runs = runs[runs["dataset"].isin(cfg.datasets)]
+    runs, optimizer, model = R.select_group(runs, cfg.optimizer, cfg.model)
+    lp_files = sorted((Path(cfg.results_dir) / "linear_probing").glob("*.csv"))
+    probes = pd.concat([pd.read_csv(f) for f in lp_files], ignore_index=True) if lp_files else pd.DataFrame()
+    lp = R.lp_baselines(probes, cfg.lp_pool or None) if not probes.empty else pd.Series(dtype=float)
+    tag = _safe(f"{model}_{optimizer}_select-{cfg.select_on}")
+    return runs, lp, tag
+
+
+def summarize(cfg: FinetuningPlotsConfig) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series, str]:
+    runs, lp, tag = load_results(cfg)
+    cells, missing = R.summarize(runs, cfg.select_on, cfg.ddof, cfg.lrs or None, cfg.seeds or None)
+    cells = R.add_relative_gain(cells, lp)
+    if not missing.empty:
+        what = "; ".join(
+            f"{d}/{c}: {len(g)} (e.g. lr {g['lr'].iloc[0]:g} seed {g['seed'].iloc[0]}: {g['status'].iloc[0]})"
+            for (d, c), g in missing.groupby(["dataset", "component"], sort=False)
+        )
+        logger.warning("%d lr x seed runs are missing or unfinished, left out of the averages: %s", len(missing), what)
+    return cells, missing, lp, tag
+
+
+# ---------------------------------------------------------------------------------------------------
+# table and stat
+# ---------------------------------------------------------------------------------------------------
+
+
+def write_table(cfg: FinetuningPlotsConfig) -> None:
+    cells, missing, _, tag = summarize(cfg)
+    header, body, notes = R.table_rows(cells)
+    title = f"Best-LR test accuracy (%), mean ± std over seeds (ddof={cfg.ddof}); lr chosen on {cfg.select_on}"
+    md = f"{title}\n\n{R.to_markdown(header, body, notes)}"
+    out = Path(cfg.results_dir) / "tables"
+    atomic_write_text(out / f"finetuning_{tag}.md", md)
+    atomic_write_text(out / f"finetuning_{tag}.tex", f"% {title}\n{R.to_latex(header, body, notes)}")
+    _write_csv(cells, out / f"finetuning_{tag}.csv")
+    _write_csv(missing, out / f"missing_{tag}.csv")
+    print(md)
+    if not missing.empty:
+        print(f"{len(missing)} lr x seed runs missing: listed in {out / f'missing_{tag}.csv'}")
+    print(f"wrote {out / f'finetuning_{tag}'}.{{md,tex,csv}}")
+
+
+def write_stats(cfg: FinetuningPlotsConfig) -> None:
+    cells, _, _, tag = summarize(cfg)
+    tests = R.mha_tests(cells)
+    out = Path(cfg.results_dir) / "tables"
+    title = (
+        f"MHA vs each component over the datasets' best-LR mean test accuracies (lr chosen on {cfg.select_on}): "
+        "paired t-test (two-sided), Wilcoxon signed-rank (one-sided, MHA greater)"
+    )
+    md = f"{title}\n\n{R.stats_markdown(tests)}"
+    atomic_write_text(out / f"stats_{tag}.md", md)
+    _write_csv(tests, out / f"stats_{tag}.csv")
+    print(md)
+    print(f"wrote {out / f'stats_{tag}'}.{{md,csv}}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# figures
+# ---------------------------------------------------------------------------------------------------
+
+
+def write_figures(cfg: FinetuningPlotsConfig) -> None:
+    import matplotlib.pyplot as plt
+
+    runs, _, tag = load_results(cfg)
+    cells, _, _, _ = summarize(cfg)
+    out = Path(cfg.results_dir) / "figures" / "finetuning" / tag
+    written: list[Path] = []
+    with plt.rc_context(STYLE):
+        written += save_figure(plot_accuracy(cells), out / "accuracy_per_component")
+        written += save_figure(plot_robustness(runs), out / "robustness_lr_seed")
+        written += save_figure(plot_lr_gap(cells), out / "lr_gap")
+        for dataset in R.order_datasets(cells["dataset"].unique()):
+            fig = plot_curves(runs, cells, dataset)
+            if fig is not None:
+                written += save_figure(fig, out / f"curves_{_safe(dataset)}")
+    for p in written:
+        if p.suffix == ".png":
+            print(f"wrote {p} (+ .pdf)")
+
+
+def _components(df: pd.DataFrame, col: str) -> list[str]:
+    return R.order_components(df[col].unique())
+
+
+def plot_accuracy(cells: pd.DataFrame):
+    """Best-LR test accuracy per component (bars) ± std over seeds (error bars), one panel per dataset."""
+    import matplotlib.pyplot as plt
+
+    datasets = R.order_datasets(cells["dataset"].unique())
+    comps = _components(cells, "component")
+    rows, cols = grid_shape(len(datasets))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, dataset in zip(axes.flat, datasets, strict=False):
+        d = cells[cells["dataset"] == dataset].set_index("component").reindex(comps)
+        mean, std = 100 * d["mean"].to_numpy(float), 100 * d["std"].fillna(0).to_numpy(float)
+        x = np.arange(len(comps))
+        ax.bar(x, np.nan_to_num(mean), yerr=std, color=[component_color(c) for c in comps], capsize=3)
+        for i, status in enumerate(d["status"]):
+            if status != "ok":
+                ax.annotate("†" if status == "partial" else "missing", (i, 0), ha="center", va="bottom", fontsize=7)
+        finite = mean[np.isfinite(mean)]
+        if len(finite):
+            lo, hi = np.min(finite - std[np.isfinite(mean)]), np.max(finite + std[np.isfinite(mean)])
+            pad = max(0.5, 0.15 * (hi - lo))
+            ax.set_ylim(max(0, lo - pad), min(100, hi + pad))
+        ax.set_xticks(x, [R.component_label(c) for c in comps], rotation=45)
+        ax.set_title(R.dataset_label(dataset))
+        ax.set_ylabel("test acc. (%)")
+    for ax in axes.flat[len(datasets) :]:
+        ax.axis("off")
+    fig.suptitle("Best-LR test accuracy per finetuned component (mean ± std over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_robustness(runs: pd.DataFrame):
+    """Boxplots of test accuracy over every completed lr x seed run, per component and dataset."""
+    import matplotlib.pyplot as plt
+
+    ok = runs[(runs["status"] == "completed") & runs["test_acc"].notna()]
+    datasets = R.order_datasets(runs["dataset"].unique())
+    comps = _components(runs, "trainable")
+    rows, cols = grid_shape(len(datasets))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, dataset in zip(axes.flat, datasets, strict=False):
+        d = ok[ok["dataset"] == dataset]
+        data = [100 * d[d["trainable"] == c]["test_acc"].to_numpy(float) for c in comps]
+        bp = ax.boxplot(data, patch_artist=True, widths=0.6)
+        for patch, c in zip(bp["boxes"], comps, strict=True):
+            patch.set_facecolor(component_color(c))
+            patch.set_alpha(0.7)
+        for i, values in enumerate(data):
+            ax.scatter(np.full(len(values), i + 1.0), values, s=6, color="k", zorder=3)
+        ax.set_xticks(np.arange(1, len(comps) + 1), [R.component_label(c) for c in comps], rotation=45)
+        ax.set_title(f"{R.dataset_label(dataset)} (n={len(d)})")
+        ax.set_ylabel("test acc. (%)")
+    for ax in axes.flat[len(datasets) :]:
+        ax.axis("off")
+    fig.suptitle("Robustness to learning rate and seed: test accuracy of every lr × seed run")
+    fig.tight_layout()
+    return fig
+
+
+def plot_lr_gap(cells: pd.DataFrame):
+    """Max − min over learning rates of the seed-mean test accuracy, per dataset (groups) and component (bars)."""
+    import matplotlib.pyplot as plt
+
+    datasets = R.order_datasets(cells["dataset"].unique())
+    comps = _components(cells, "component")
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(datasets) * len(comps) / 4), 3.2))
+    width = 0.8 / len(comps)
+    x = np.arange(len(datasets))
+    for j, comp in enumerate(comps):
+        c = cells[cells["component"] == comp].set_index("dataset").reindex(datasets)
+        gap = 100 * c["lr_gap"].to_numpy(float)
+        ax.bar(x + (j - (len(comps) - 1) / 2) * width, gap, width, color=component_color(comp),
+               label=R.component_label(comp))  # fmt: skip
+    ax.set_xticks(x, [R.dataset_label(d) for d in datasets], rotation=30, ha="right")
+    ax.set_ylabel("max − min over lr (pts)")
+    ax.set_title("Sensitivity to the learning rate (lower is more robust)")
+    ax.legend(ncol=min(len(comps), 7), fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(runs: pd.DataFrame, cells: pd.DataFrame, dataset: str):
+    """Gradient norm and validation loss against step for each component at its chosen lr (mean, min-max band)."""
+    import matplotlib.pyplot as plt
+
+    chosen = cells[(cells["dataset"] == dataset) & cells["lr"].notna()]
+    if chosen.empty:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    drew = False
+    for _, cell in chosen.iterrows():
+        sel = runs[
+            (runs["dataset"] == dataset)
+            & (runs["trainable"] == cell["component"])
+            & (np.isclose(runs["lr"].astype(float), cell["lr"]))
+            & (runs["status"] == "completed")
+        ]
+        for ax, column in zip(axes, ("grad_norm", "val_loss"), strict=True):
+            curve = R.mean_curve(sel["run_dir"].tolist(), column)
+            if curve.empty:
+                continue
+            drew = True
+            color = component_color(cell["component"])
+            label = f"{R.component_label(cell['component'])} (lr {cell['lr']:g})"
+            ax.plot(curve["step"], curve["mean"], color=color, label=label, lw=1.2)
+            ax.fill_between(curve["step"], curve["min"], curve["max"], color=color, alpha=0.15, lw=0)
+    if not drew:
+        plt.close(fig)
+        return None
+    axes[0].set_title("gradient norm (before clipping)")
+    axes[0].set_yscale("log")
+    axes[1].set_title("validation loss")
+    for ax in axes:
+        ax.set_xlabel("step")
+    axes[1].legend(fontsize=7, frameon=False)
+    fig.suptitle(f"{R.dataset_label(dataset)}: training curves at each component's chosen lr (mean over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+if __name__ == "__main__":
+    cli_main(FinetuningPlotsConfig, main, prog="apps.plots.finetuning")

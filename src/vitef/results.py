@@ -1,0 +1,540 @@
+"""Finetuning results: collect run directories, choose the learning rate, tabulate, test (arXiv 2602.06883, §5).
+
+The paper's table cell for a dataset x component is the mean test accuracy over seeds at the best
+learning rate, ± the standard deviation over those seeds. This module computes it from run
+directories, explicitly and reproducibly:
+
+- **Learning-rate selection** (``select_on``): ``"val"`` (default, sound) picks, per dataset x
+  component, the learning rate with the highest mean over seeds of ``best_val_acc`` (the validation
+  accuracy of the selected checkpoint); ``"test"`` picks the highest mean test accuracy, which is what
+  the authors did. Ties go to the smallest learning rate.
+- **Std over seeds** uses ``ddof=1`` (the sample standard deviation) unless told otherwise.
+- **Missing runs are never averaged silently.** The expected grid of a dataset is every learning rate
+  x seed seen for it (or the ``lrs`` x ``seeds`` given). A (lr, seed) cell without a completed run is
+  listed in the ``missing`` frame; a learning rate with any missing seed cannot be selected; a cell
+  with missing runs is ``partial`` (chosen among the complete learning rates) or ``missing`` (none
+  complete), and such cells are left out of the averages and tests, whose counts say so.
+- **Relative gain over linear probing** of a cell: ``(acc - lp) / lp`` where ``acc`` is the cell's
+  best-LR mean test accuracy and ``lp`` the test accuracy of the linear probe on the last block's
+  output (``res2`` of the last layer) of the pretrained model on that dataset. A component's average
+  gain is the mean over datasets of these per-dataset gains (not the gain of the averages).
+- **Tests**: MHA against each other component over the datasets' best-LR means (paired): the
+  two-sided paired t-test (:func:`scipy.stats.ttest_rel`) and the one-sided Wilcoxon signed-rank
+  test that MHA is greater (:func:`scipy.stats.wilcoxon` with ``alternative="greater"``).
+
+Accuracies are fractions in [0, 1] everywhere here; rendering turns them into percentages.
+Everything below the ``collect_*`` readers is a pure function of DataFrames.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from vitef.errors import VitefError
+
+logger = logging.getLogger(__name__)
+
+FINETUNING_COLUMNS = [
+    "dataset",
+    "trainable",
+    "optimizer",
+    "lr",
+    "seed",
+    "model",
+    "status",
+    "best_val_acc",
+    "test_acc",
+    "best_step",
+    "run_dir",
+]
+PROBE_COLUMNS = ["dataset", "model", "pool", "seed", "layer", "point", "train_acc", "test_acc", "source"]
+# Columns of the paper's table: theoretical plasticity rank (MHA most plastic), then full finetuning.
+COMPONENT_ORDER = ["mha", "fc1", "fc2", "ln2", "ln1", "all", "emb"]
+DATASET_ORDER = [
+    "cifar10",
+    "cifar100",
+    "cifar10_c-contrast",
+    "cifar10_c-gaussian_noise",
+    "cifar10_c-motion_blur",
+    "cifar10_c-snow",
+    "cifar10_c-speckle_noise",
+    "domainnet-clipart",
+    "domainnet-sketch",
+    "flowers102",
+    "pet",
+]
+DATASET_LABELS = {
+    "cifar10": "CIFAR-10",
+    "cifar100": "CIFAR-100",
+    "cifar10_c-contrast": "C10-C contrast",
+    "cifar10_c-gaussian_noise": "C10-C gaussian noise",
+    "cifar10_c-motion_blur": "C10-C motion blur",
+    "cifar10_c-snow": "C10-C snow",
+    "cifar10_c-speckle_noise": "C10-C speckle noise",
+    "domainnet-clipart": "DomainNet clipart",
+    "domainnet-sketch": "DomainNet sketch",
+    "flowers102": "Flowers102",
+    "pet": "Pet",
+}
+COMPONENT_LABELS = {"mha": "MHA", "fc1": "FC1", "fc2": "FC2", "ln2": "LN2", "ln1": "LN1", "all": "all", "emb": "emb"}
+SELECT_ON = ("val", "test")
+TIE_TOL = 1e-12  # selection means closer than this are a tie (float sums of equal fractions)
+
+
+class ResultsError(VitefError):
+    """No runs to aggregate, ambiguous runs, or results files that are missing or malformed."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading run directories
+# ---------------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ResultsError(f"{path} is not valid JSON ({e}): rerun or evaluate that run again") from e
+    return data if isinstance(data, dict) else None
+
+
+def trainable_name(value: object) -> str:
+    """``["mha"]`` → ``mha``; ``["fc1", "fc2"]`` → ``fc1+fc2`` (the name used in files and tables)."""
+    if isinstance(value, (list, tuple)):
+        return "+".join(str(v) for v in value)
+    return str(value)
+
+
+def read_run(run_dir: str | Path) -> dict | None:
+    """One row of the finetuning CSV from a run directory, or None when it is not a training run.
+
+    ``status`` is the run's ``status.json`` status (``missing`` without one); a completed run without
+    ``eval.json`` has status ``no_eval`` (it has no test accuracy to report).
+    """
+    run_dir = Path(run_dir)
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ResultsError(f"{run_dir / 'config.yaml'} cannot be read ({e})") from e
+    if not isinstance(cfg, dict) or "trainable" not in cfg or "dataset_name" not in cfg:
+        return None
+    optim = cfg.get("optim") or {}
+    model = cfg.get("model") or {}
+    status = (_read_json(run_dir / "status.json") or {}).get("status", "missing")
+    ev = _read_json(run_dir / "eval.json") or {}
+    if status == "completed" and not ev:
+        status = "no_eval"
+    return {
+        "dataset": str(cfg["dataset_name"]),
+        "trainable": trainable_name(cfg["trainable"]),
+        "optimizer": str(optim.get("name", cfg.get("optimizer", ""))),
+        "lr": float(optim.get("lr", cfg.get("lr", math.nan))),
+        "seed": int(cfg.get("seed", -1)),
+        "model": str(model.get("name", cfg.get("model_name", ""))),
+        "status": str(status),
+        "best_val_acc": float(ev.get("best_val_acc", math.nan)),
+        "test_acc": float(ev.get("acc", math.nan)),
+        "best_step": int(ev["best_step"]) if ev.get("best_step") is not None else -1,
+        "run_dir": str(run_dir),
+    }
+
+
+def collect_finetuning(root: str | Path, runs_glob: str = "**") -> pd.DataFrame:
+    """One row per training run under ``<root>/runs`` whose directory matches ``runs_glob``."""
+    runs = Path(root) / "runs"
+    rows = []
+    for cfg_path in sorted(runs.glob(f"{runs_glob}/config.yaml")):
+        row = read_run(cfg_path.parent)
+        if row is not None:
+            rows.append(row)
+    return pd.DataFrame(rows, columns=FINETUNING_COLUMNS)
+
+
+def collect_probes(root: str | Path) -> pd.DataFrame:
+    """Rows of every ``probes.csv`` under ``<root>/probes`` (pretrained models), tagged from its config.yaml."""
+    frames = []
+    for path in sorted((Path(root) / "probes").glob("**/probes.csv")):
+        cfg_path = path.parent / "config.yaml"
+        cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+        if not isinstance(cfg, dict) or "dataset_name" not in cfg:
+            raise ResultsError(f"{path}: no config.yaml with dataset_name beside it, so its dataset is unknown")
+        df = pd.read_csv(path)
+        for col in ("layer", "point", "test_acc"):
+            if col not in df.columns:
+                raise ResultsError(f"{path} has no '{col}' column (probe results need layer, point, test_acc)")
+        model = cfg.get("model") or {}
+        df["dataset"] = str(cfg["dataset_name"])
+        df["model"] = str(model.get("name", "")) if isinstance(model, dict) else str(model)
+        if "pool" not in df.columns:
+            df["pool"] = str(cfg.get("pool", ""))
+        df["seed"] = int(cfg.get("seed", -1))
+        if "train_acc" not in df.columns:
+            df["train_acc"] = math.nan
+        df["source"] = str(path.parent)
+        frames.append(df[PROBE_COLUMNS])
+    if not frames:
+        return pd.DataFrame(columns=PROBE_COLUMNS)
+    return pd.concat(frames, ignore_index=True)
+
+
+def lp_baselines(probes: pd.DataFrame, pool: str | None = None) -> pd.Series:
+    """Linear-probing baseline per dataset: mean test accuracy (over seeds) at the last layer's ``res2``.
+
+    ``pool`` chooses the pooling when several were probed (None: the only one present).
+    """
+    if probes.empty:
+        return pd.Series(dtype=float, name="lp")
+    df = probes[probes["point"] == "res2"].copy()
+    pools = sorted(df["pool"].astype(str).unique())
+    if pool:
+        df = df[df["pool"].astype(str) == pool]
+    elif len(pools) > 1:
+        raise ResultsError(f"probes were run with several poolings ({', '.join(pools)}): choose one with lp_pool=")
+    df["layer"] = pd.to_numeric(df["layer"])
+    last = df.groupby(["dataset", "model"])["layer"].transform("max")
+    df = df[df["layer"] == last]
+    return df.groupby("dataset")["test_acc"].mean().rename("lp")
+
+
+def dataset_key(name: str) -> str:
+    """A dataset name without its CIFAR-10-C severity decoration: ``cifar10_c-corruption-snow-severity-5``,
+    ``cifar10_c-snow-5`` → ``cifar10_c-snow`` (the paper uses severity 5 only), for ordering and labels."""
+    m = re.fullmatch(r"(cifar10_c)-(?:corruption-)?([a-z_]+?)(?:-(?:severity-)?\d)?", name)
+    return f"{m.group(1)}-{m.group(2)}" if m else name
+
+
+def dataset_label(name: str) -> str:
+    return DATASET_LABELS.get(dataset_key(name), name)
+
+
+def component_label(name: str) -> str:
+    return "+".join(COMPONENT_LABELS.get(p, p) for p in name.split("+"))
+
+
+def order_datasets(names: Sequence[str]) -> list[str]:
+    """The paper's dataset order, then any other dataset alphabetically."""
+    known = {k: i for i, k in enumerate(DATASET_ORDER)}
+    return sorted(set(names), key=lambda n: (known.get(dataset_key(n), len(known)), n))
+
+
+def order_components(names: Sequence[str]) -> list[str]:
+    """MHA, FC1, FC2, LN2, LN1 (theoretical plasticity rank), all, emb, then combinations."""
+    known = {k: i for i, k in enumerate(COMPONENT_ORDER)}
+    return sorted(set(names), key=lambda n: (known.get(n, len(known)), n))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Selection
+# ---------------------------------------------------------------------------------------------------
+
+
+def select_group(df: pd.DataFrame, optimizer: str = "", model: str = "") -> tuple[pd.DataFrame, str, str]:
+    """The runs of one (optimizer, model); an empty choice means "the only one present" (else an error)."""
+    chosen = []
+    for col, want in (("optimizer", optimizer), ("model", model)):
+        values = sorted(df[col].astype(str).unique())
+        if want:
+            if want not in values:
+                raise ResultsError(f"no runs with {col}={want!r}; the results hold {col} in {values}")
+            df = df[df[col].astype(str) == want]
+        elif len(values) > 1:
+            raise ResultsError(f"the results mix several {col}s ({', '.join(values)}): choose one with {col}=")
+        chosen.append(want or (values[0] if values else ""))
+    return df, chosen[0], chosen[1]
+
+
+def summarize(
+    df: pd.DataFrame,
+    select_on: str = "val",
+    ddof: int = 1,
+    lrs: Sequence[float] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Best-LR cells and missing (lr, seed) cells of the runs of one (optimizer, model).
+
+    Returns
+    -------
+    cells
+        One row per dataset x component: ``dataset, component, status`` (ok | partial | missing),
+        ``lr`` (chosen), ``mean``, ``std`` (test accuracy over seeds at that lr, ``ddof``), ``n_seeds``,
+        ``select_mean`` (the mean the choice maximised), ``lr_gap`` (max − min over complete learning
+        rates of the seed-mean test accuracy), ``n_lrs_complete``.
+    missing
+        One row per expected (dataset, component, lr, seed) without a completed run, with the status
+        of the run found there (``absent`` when there is none).
+    """
+    if select_on not in SELECT_ON:
+        raise ResultsError(f"select_on={select_on!r} must be one of {', '.join(SELECT_ON)}")
+    dup = df[df.duplicated(["dataset", "trainable", "optimizer", "model", "lr", "seed"], keep=False)]
+    if not dup.empty:
+        first = dup.iloc[0]
+        dirs = dup[(dup["dataset"] == first["dataset"]) & (dup["trainable"] == first["trainable"])]["run_dir"]
+        raise ResultsError(
+            f"several runs for {first['dataset']} / {first['trainable']} / lr {first['lr']:g} / seed "
+            f"{first['seed']}: {', '.join(dirs.head(4))}; restrict them with runs_glob="
+        )
+    key = "best_val_acc" if select_on == "val" else "test_acc"
+    df = df.assign(lr=df["lr"].astype(float).round(12))
+    components = order_components(df["trainable"].unique())
+    cells, missing = [], []
+    for dataset in order_datasets(df["dataset"].unique()):
+        d = df[df["dataset"] == dataset]
+        grid_lrs = sorted({round(float(x), 12) for x in lrs}) if lrs else sorted(d["lr"].unique())
+        grid_seeds = sorted({int(s) for s in seeds}) if seeds else sorted(d["seed"].unique())
+        for comp in components:
+            c = d[d["trainable"] == comp]
+            ok = c[(c["status"] == "completed") & c["test_acc"].notna() & c[key].notna()]
+            complete, n_missing = {}, 0
+            for lr in grid_lrs:
+                at = ok[ok["lr"] == lr]
+                have = set(at["seed"].astype(int))
+                for seed in grid_seeds:
+                    if seed not in have:
+                        found = c[(c["lr"] == lr) & (c["seed"] == seed)]["status"]
+                        status = found.iloc[0] if len(found) else "absent"
+                        missing.append(
+                            {"dataset": dataset, "component": comp, "lr": lr, "seed": seed, "status": status}
+                        )
+                        n_missing += 1
+                if have >= set(grid_seeds):
+                    complete[lr] = at[at["seed"].isin(grid_seeds)]
+            row = {"dataset": dataset, "component": comp, "n_lrs_complete": len(complete)}
+            if not complete:
+                cells.append({**row, "status": "missing", "lr": math.nan, "mean": math.nan, "std": math.nan,
+                              "n_seeds": 0, "select_mean": math.nan, "lr_gap": math.nan})  # fmt: skip
+                continue
+            select = {lr: runs[key].mean() for lr, runs in complete.items()}
+            best = max(select.values())
+            lr = min(x for x, v in select.items() if v >= best - TIE_TOL)  # ties: the smallest learning rate
+            acc = complete[lr]["test_acc"].to_numpy(dtype=float)
+            test_means = [runs["test_acc"].mean() for runs in complete.values()]
+            cells.append({
+                **row,
+                "status": "ok" if n_missing == 0 else "partial",
+                "lr": lr,
+                "mean": float(acc.mean()),
+                "std": float(acc.std(ddof=ddof)) if len(acc) > ddof else math.nan,
+                "n_seeds": len(acc),
+                "select_mean": float(best),
+                "lr_gap": float(max(test_means) - min(test_means)),
+            })  # fmt: skip
+    cells_df = pd.DataFrame(
+        cells,
+        columns=["dataset", "component", "status", "lr", "mean", "std", "n_seeds", "select_mean", "lr_gap",
+                 "n_lrs_complete"],
+    )  # fmt: skip
+    missing_df = pd.DataFrame(missing, columns=["dataset", "component", "lr", "seed", "status"])
+    return cells_df, missing_df
+
+
+def add_relative_gain(cells: pd.DataFrame, lp: pd.Series) -> pd.DataFrame:
+    """Add ``lp`` (baseline accuracy of the dataset) and ``gain`` = (mean − lp) / lp to each cell."""
+    out = cells.copy()
+    out["lp"] = out["dataset"].map(lp) if len(lp) else math.nan
+    out["gain"] = (out["mean"] - out["lp"]) / out["lp"]
+    return out
+
+
+def averages(cells: pd.DataFrame) -> pd.DataFrame:
+    """Per component: mean over datasets of the ``ok`` cells (accuracy and, when present, gain), with counts."""
+    rows = []
+    n_datasets = cells["dataset"].nunique()
+    for comp in order_components(cells["component"].unique()):
+        c = cells[(cells["component"] == comp) & (cells["status"] == "ok")]
+        row = {"component": comp, "mean": c["mean"].mean() if len(c) else math.nan, "n": len(c), "of": n_datasets}
+        if "gain" in cells.columns:
+            g = c["gain"].dropna()
+            row["gain"] = g.mean() if len(g) else math.nan
+            row["n_gain"] = len(g)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def mha_tests(cells: pd.DataFrame, reference: str = "mha") -> pd.DataFrame:
+    """Paired tests of ``reference`` against every other component over the datasets where both are ``ok``.
+
+    Columns: component, n, mean_diff (reference − component), t, p_ttest (two-sided
+    :func:`scipy.stats.ttest_rel`), w, p_wilcoxon (one-sided :func:`scipy.stats.wilcoxon`,
+    ``alternative="greater"``: the reference is better). NaN where fewer than 2 pairs.
+    """
+    from scipy import stats
+
+    ok = cells[cells["status"] == "ok"].pivot(index="dataset", columns="component", values="mean")
+    if reference not in ok.columns:
+        raise ResultsError(f"no complete results for '{reference}': the tests compare it with the other components")
+    rows = []
+    for comp in order_components(ok.columns):
+        if comp == reference:
+            continue
+        pair = ok[[reference, comp]].dropna()
+        x, y = pair[reference].to_numpy(), pair[comp].to_numpy()
+        row = {"component": comp, "n": len(pair), "mean_diff": float(np.mean(x - y)) if len(pair) else math.nan}
+        if len(pair) >= 2:
+            t = stats.ttest_rel(x, y)
+            row.update(t=float(t.statistic), p_ttest=float(t.pvalue))
+            if np.any(x != y):
+                w = stats.wilcoxon(x, y, alternative="greater")
+                row.update(w=float(w.statistic), p_wilcoxon=float(w.pvalue))
+            else:
+                row.update(w=math.nan, p_wilcoxon=math.nan)
+        else:
+            row.update(t=math.nan, p_ttest=math.nan, w=math.nan, p_wilcoxon=math.nan)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["component", "n", "mean_diff", "t", "p_ttest", "w", "p_wilcoxon"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------------
+
+
+def _pct(x: float, digits: int = 2) -> str:
+    return "—" if x is None or not np.isfinite(x) else f"{100 * x:.{digits}f}"
+
+
+def table_rows(cells: pd.DataFrame) -> tuple[list[str], list[list[str]], list[str]]:
+    """Header, body rows and notes of the paper's table (percentages), shared by markdown and LaTeX.
+
+    Cells: ``mean ± std``; ``†`` marks a partial cell, ``—`` a missing one; the best mean of a row is
+    wrapped in ``**`` (the renderer turns it into bold). Rows: datasets, ``average``, and ``gain vs LP``
+    when linear-probing baselines are present.
+    """
+    comps = order_components(cells["component"].unique())
+    has_lp = "lp" in cells.columns and cells["lp"].notna().any()
+    header = ["dataset", *[component_label(c) for c in comps]] + (["LP"] if has_lp else [])
+    body = []
+    for dataset in order_datasets(cells["dataset"].unique()):
+        d = cells[cells["dataset"] == dataset].set_index("component")
+        okm = d[d["status"] != "missing"]["mean"]
+        best = okm.max() if len(okm) else math.nan
+        row = [dataset_label(dataset)]
+        for comp in comps:
+            if comp not in d.index or d.loc[comp, "status"] == "missing":
+                row.append("—")
+                continue
+            r = d.loc[comp]
+            text = f"{_pct(r['mean'])} ± {_pct(r['std'])}"
+            if r["mean"] == best:
+                text = f"**{text}**"
+            if r["status"] == "partial":
+                text += " †"
+            row.append(text)
+        if has_lp:
+            row.append(_pct(d["lp"].iloc[0]))
+        body.append(row)
+    avg = averages(cells).set_index("component")
+    notes = []
+    row = ["average"]
+    for comp in comps:
+        a = avg.loc[comp]
+        text = _pct(a["mean"])
+        if a["n"] < a["of"]:
+            text += f" ({int(a['n'])}/{int(a['of'])})"
+        row.append(text)
+    if has_lp:
+        lp = cells.drop_duplicates("dataset")["lp"]
+        row.append(_pct(lp.mean()) + ("" if lp.notna().all() else f" ({int(lp.notna().sum())}/{len(lp)})"))
+    body.append(row)
+    if has_lp:
+        gain_row = ["gain vs LP (%)"]
+        for comp in comps:
+            g = avg.loc[comp, "gain"]
+            gain_row.append("—" if not np.isfinite(g) else f"{100 * g:+.2f}")
+        body.append([*gain_row, ""])
+        notes.append("gain vs LP: mean over datasets of (acc − LP) / LP, LP = linear probe on the last block's output")
+    if (cells["status"] == "partial").any():
+        notes.append("† partial: some lr × seed runs are missing; the lr was chosen among the complete ones")
+    if (cells["status"] != "ok").any():
+        notes.append("averages use complete cells only; (k/n) = over k of n datasets")
+    return header, body, notes
+
+
+def to_markdown(header: list[str], body: list[list[str]], notes: Sequence[str] = ()) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    lines += [""] + [f"{n}" for n in notes] if notes else []
+    return "\n".join(lines) + "\n"
+
+
+def to_latex(header: list[str], body: list[list[str]], notes: Sequence[str] = ()) -> str:
+    """A booktabs tabular (needs ``\\usepackage{booktabs}``)."""
+
+    def tex(s: str) -> str:
+        bold = s.startswith("**")
+        s = s.replace("**", "").replace("%", r"\%").replace("±", r"$\pm$").replace("†", r"$^\dagger$")
+        s = s.replace("—", "--").replace("_", r"\_")
+        return rf"\textbf{{{s}}}" if bold else s
+
+    lines = [r"\begin{tabular}{l" + "c" * (len(header) - 1) + "}", r"\toprule", " & ".join(map(tex, header)) + r" \\"]
+    lines.append(r"\midrule")
+    for r in body:
+        if r[0] == "average":
+            lines.append(r"\midrule")
+        lines.append(" & ".join(tex(x) for x in r) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [f"% {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def stats_markdown(tests: pd.DataFrame, reference: str = "mha") -> str:
+    head = (
+        f"| {component_label(reference)} vs | n | mean diff (pts) | t | p (t-test, two-sided) | W | p (Wilcoxon, >) |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for _, r in tests.iterrows():
+        lines.append(
+            f"| {component_label(r['component'])} | {int(r['n'])} | {100 * r['mean_diff']:+.2f} | {r['t']:.3f} | "
+            f"{r['p_ttest']:.4g} | {r['w']:.1f} | {r['p_wilcoxon']:.4g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training curves
+# ---------------------------------------------------------------------------------------------------
+
+
+def read_metrics(run_dir: str | Path) -> pd.DataFrame:
+    """The rows of ``<run_dir>/metrics.jsonl`` as a DataFrame (train rows and eval rows share ``step``).
+
+    A truncated last line (a run killed while writing) is skipped; a malformed line elsewhere is an error.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return pd.DataFrame(columns=["step"])
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            rows.append(json.loads(ln))
+        except ValueError as e:
+            if i == len(lines) - 1:
+                logger.warning("%s: skipping a truncated last line", path)
+                break
+            raise ResultsError(f"{path} line {i + 1} is not valid JSON ({e})") from e
+    return pd.DataFrame(rows)
+
+
+def mean_curve(runs: Sequence[str | Path], column: str) -> pd.DataFrame:
+    """``column`` against ``step`` averaged over runs (steps logged by every run): step, mean, min, max."""
+    series = []
+    for run in runs:
+        m = read_metrics(run)
+        if column in m.columns:
+            s = m[["step", column]].dropna().drop_duplicates("step", keep="last").set_index("step")[column]
+            series.append(s.astype(float))
+    if not series:
+        return pd.DataFrame(columns=["step", "mean", "min", "max"])
+    both = pd.concat(series, axis=1, join="inner")
+    return pd.DataFrame({"mean": both.mean(axis=1), "min": both.min(axis=1), "max": both.max(axis=1)}).reset_index()

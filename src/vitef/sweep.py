@@ -1,0 +1,633 @@
+"""Sweeps: a grid (or a union of grids) over any config keys of an app, run idempotently.
+
+The study of arXiv 2602.06883 is ~1,200 finetuning runs (11 datasets x 7 configurations x 4 learning
+rates x 3 seeds, plus the AdamW and model-size ablations) and one plasticity analysis per model and
+dataset. A sweep file names the app, its base config file(s), fixed overrides and one or more grids;
+every grid point becomes one run with a deterministic ``log_dir``, so relaunching the same sweep maps
+to the same run directories:
+
+- a run whose run directory holds ``status.json`` with ``"completed"`` is skipped;
+- any other run (never started, ``running`` when its job was killed, ``failed``) is launched again:
+  the training app resumes from its last checkpoint;
+- a failed run does not stop the others; failures are collected with their run dir and message.
+
+Backends
+--------
+``local``
+    in sequence, in this process (the app module's ``main(cfg)`` is called directly: no interpreter
+    start-up per run), or ``local.max_parallel`` runs at once as subprocesses, each pinned to one GPU
+    of ``local.gpus`` through ``CUDA_VISIBLE_DEVICES``.
+``slurm``
+    one submitit job array, each task running the same command as a local subprocess run.
+
+App convention: an app module defines ``CONFIG`` (its config dataclass) and ``main(cfg)``; it may
+define ``run_dir(cfg) -> Path`` when its output directory is not ``<root>/runs/<log_dir>``.
+Apps that do not write ``status.json`` themselves get one written by the sweep when ``main`` returns.
+
+Sweep file layout (YAML; dotted keys and the app's ``ALIASES`` such as ``lr`` are accepted)::
+
+    name: main
+    app: train
+    base: [apps/vit/configs/defaults.yaml]     # optional, merged first
+    overrides: {model.name: vit_base_patch16_224.orig_in21k}
+    grids:                                     # union of grids (``grid:`` for a single one)
+      - config: [apps/vit/configs/cifar10.yaml, apps/vit/configs/cifar100.yaml]   # per-point YAML layer
+        trainable: [[all], [mha], [fc1]]
+        lr: [1.0e-3, 3.0e-3]
+        seed: [0, 42, 3407]
+    run_name: "{dataset_name}/{trainable}/lr{lr}_seed{seed}"
+
+Layers, later wins: app defaults < ``base`` files < the point's ``config`` file < ``overrides`` <
+the point's other keys. ``run_name`` placeholders are grid keys or any (dotted or aliased) key of the
+resolved config; each run's ``log_dir`` is ``<name>/<rendered run_name>`` made filesystem-safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib
+import itertools
+import json
+import logging
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vitef.config import aliases_of, build_config, option, save_config
+from vitef.errors import ConfigError, VitefError
+from vitef.utils import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("local", "slurm")
+SUBMITIT_CLUSTERS = ("slurm", "local", "debug")
+CONFIG_KEY = "config"  # grid key whose values are YAML files layered under the other keys
+COMPLETED = "completed"
+_SAFE = re.compile(r"[^A-Za-z0-9._+=-]")
+_PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.]+)\}")
+
+
+class SweepError(VitefError):
+    """A malformed sweep file, an app that does not follow the sweep convention, or failed runs."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LocalBackendConfig:
+    """Runs on this machine."""
+
+    max_parallel: int = option(1, "runs at once; > 1 runs each in a subprocess")
+    gpus: list[int] = option([], "GPU ids; each concurrent run gets CUDA_VISIBLE_DEVICES=<one id> (round robin)")
+    in_process: bool = option(True, "with max_parallel=1 call the app's main() in this process (no start-up cost)")
+
+    def validate(self) -> None:
+        if self.max_parallel < 1:
+            raise ConfigError(f"local.max_parallel={self.max_parallel} must be >= 1")
+
+
+@dataclasses.dataclass
+class SlurmBackendConfig:
+    """One submitit job array on a SLURM cluster (one task per run, same command as a local subprocess)."""
+
+    cluster: str = option("slurm", "submitit cluster: slurm; local or debug run the array on this machine")
+    partition: str | None = option(None, "SLURM partition")
+    account: str | None = option(None, "SLURM account")
+    qos: str | None = option(None, "SLURM QOS")
+    constraint: str | None = option(None, "SLURM constraint (e.g. a100)")
+    time_min: int = option(24 * 60, "time limit per run in minutes")
+    gpus_per_job: int = option(1, "GPUs per run")
+    cpus_per_job: int = option(8, "CPU cores per run")
+    mem_gb: int | None = option(None, "memory per run in GB (null: the partition's default)")
+    array_parallelism: int = option(64, "at most this many tasks of the array at once")
+    additional: dict[str, Any] = option({}, "extra sbatch parameters, e.g. {exclude: node12}")
+    folder: str = option("", "submitit logs folder (default: <root>/sweeps/<name>/submitit)")
+    wait: bool = option(False, "wait for the array and list failures (default: submit and return)")
+
+    def validate(self) -> None:
+        if self.cluster not in SUBMITIT_CLUSTERS:
+            raise ConfigError(
+                f"slurm.cluster='{self.cluster}' is unknown: choose one of {', '.join(SUBMITIT_CLUSTERS)}"
+            )
+        for key in ("time_min", "cpus_per_job", "array_parallelism"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"slurm.{key}={getattr(self, key)} must be >= 1")
+        if self.gpus_per_job < 0:
+            raise ConfigError(f"slurm.gpus_per_job={self.gpus_per_job} must be >= 0")
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """A grid of runs of one app, launched idempotently (finished runs are skipped, unfinished resumed)."""
+
+    name: str = option("", "sweep name: the first part of every run's log_dir")
+    app: str = option("train", "app to run: train, eval, analysis, linear_probing (or a module path)")
+    base: list[str] = option([], "YAML config files of the app, merged in order under everything else")
+    overrides: dict[str, Any] = option({}, "fixed config keys for every run (nested or dotted keys)")
+    grid: dict[str, Any] = option({}, "one grid: key -> list of values (the key 'config' lists YAML files)")
+    grids: list[dict[str, Any]] = option([], "several grids whose runs are united (e.g. per-dataset lr grids)")
+    run_name: str = option("", "log_dir template under <name>/, e.g. '{dataset_name}/{trainable}/lr{lr}_seed{seed}'")
+    root: str = option("outputs", "output root passed to every run (runs live in <root>/runs/<log_dir>)")
+    backend: str = option("local", "local or slurm")
+    local: LocalBackendConfig = option(LocalBackendConfig(), "local backend")
+    slurm: SlurmBackendConfig = option(SlurmBackendConfig(), "slurm backend (submitit)")
+    dry_run: bool = option(False, "print the runs and their status, run nothing")
+    limit: int | None = option(None, "launch at most this many pending runs (after skipping completed ones)")
+
+    def validate(self) -> None:
+        if not self.name or _SAFE.sub("_", self.name) != self.name:
+            raise ConfigError(
+                f"sweep name={self.name!r} must be a non-empty filesystem-safe word (letters, digits, . _ + = -)"
+            )
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend='{self.backend}' is unknown: choose one of {', '.join(BACKENDS)}")
+        if self.grid and self.grids:
+            raise ConfigError("give either grid: (one grid) or grids: (a list of grids), not both")
+        for i, g in enumerate(self.all_grids()):
+            for key, values in g.items():
+                if not isinstance(values, list) or not values:
+                    raise ConfigError(
+                        f"grids[{i}].{key} must be a non-empty list of values, got {values!r} "
+                        f"(put a single fixed value under overrides:)"
+                    )
+        if self.limit is not None and self.limit < 0:
+            raise ConfigError(f"limit={self.limit} must be >= 0")
+
+    def all_grids(self) -> list[dict[str, Any]]:
+        """The grids to unite (a sweep without a grid is a single run)."""
+        if self.grids:
+            return list(self.grids)
+        return [self.grid]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Expansion
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """One point of the sweep, with its resolved app config and run directory."""
+
+    index: int
+    point: dict[str, Any]
+    cfg: Any
+    log_dir: str
+    run_dir: Path
+
+    @property
+    def status(self) -> str:
+        return read_status(self.run_dir)
+
+
+@dataclasses.dataclass
+class Failure:
+    run_dir: Path
+    message: str
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """What a launch did: runs skipped as completed, launched, failed (with messages), or submitted."""
+
+    total: int
+    skipped: list[Run]
+    launched: list[Run]
+    failures: list[Failure]
+    submitted: list[str] = dataclasses.field(default_factory=list)  # job ids (slurm, no wait)
+
+
+def load_app(module: str) -> Any:
+    """Import an app module and check it follows the sweep convention (``CONFIG`` dataclass, ``main``)."""
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise SweepError(f"app module '{module}' cannot be imported ({e}): check the sweep's app: key") from e
+    cls = getattr(mod, "CONFIG", None)
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)) or not callable(getattr(mod, "main", None)):
+        raise SweepError(f"app module '{module}' must define CONFIG = <its config dataclass> and main(cfg) to be swept")
+    return mod
+
+
+def expand_dotted(data: dict[str, Any]) -> dict[str, Any]:
+    """``{"optim.lr": 1e-2, "model": {"name": x}}`` → nested dicts (``{"optim": {"lr": 1e-2}, ...}``)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        parts = str(key).split(".")
+        node = out
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise SweepError(f"key '{key}' conflicts with the value already given for '{part}'")
+            node = nxt
+        if isinstance(value, dict):
+            value = expand_dotted(value)
+            if isinstance(node.get(parts[-1]), dict):
+                node[parts[-1]] = _deep_merge(node[parts[-1]], value)
+                continue
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def grid_points(grids: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points of each grid (cartesian product, last key fastest), grids in order."""
+    points: list[dict[str, Any]] = []
+    for g in grids:
+        keys = list(g)
+        for values in itertools.product(*(g[k] for k in keys)):
+            points.append(dict(zip(keys, values, strict=True)))
+    return points
+
+
+def format_value(value: Any) -> str:
+    """A config value as a filesystem-safe path part (``1e-3`` → ``0.001``, ``[mha, fc1]`` → ``mha+fc1``)."""
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, float):
+        text = f"{value:g}"
+    elif isinstance(value, (list, tuple)):
+        text = "+".join(format_value(v) for v in value)
+    elif value is None:
+        text = "none"
+    else:
+        text = str(value)
+    return _SAFE.sub("_", text) or "_"
+
+
+def _lookup(cfg: Any, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(obj) and not isinstance(obj, dict):
+            raise KeyError(dotted)
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
+def render_run_name(template: str, point: dict[str, Any], cfg: Any) -> str:
+    """Fill ``{key}`` placeholders from the grid point, else from the resolved config (dots, aliases)."""
+    aliases = aliases_of(type(cfg))
+
+    def value_of(match: re.Match) -> str:
+        key = match.group(1)
+        if key in point:
+            value = point[key]
+            if key == CONFIG_KEY:
+                return format_value(Path(str(value)).stem)
+            return format_value(value)
+        for candidate in (key, aliases.get(key, key)):
+            try:
+                return format_value(_lookup(cfg, candidate))
+            except (KeyError, AttributeError):
+                continue
+        raise SweepError(
+            f"run_name placeholder '{{{key}}}' is neither a grid key ({', '.join(point) or 'none'}) "
+            f"nor a key of {type(cfg).__name__}"
+        )
+
+    parts = [_PLACEHOLDER.sub(value_of, p) for p in template.split("/") if p]
+    return "/".join(_SAFE.sub("_", p) for p in parts)
+
+
+def default_run_name(point: dict[str, Any]) -> str:
+    """``config`` → its file stem, every other grid key → ``<last key part>-<value>``, one path part each."""
+    parts = []
+    for key in point:
+        parts.append(f"{{{key}}}" if key == CONFIG_KEY else f"{key.split('.')[-1]}-{{{key}}}")
+    return "/".join(parts) or "run"
+
+
+def expand(sweep: SweepConfig, module: str) -> list[Run]:
+    """All runs of ``sweep`` for the app ``module``, configs built and validated, in grid order.
+
+    Raises
+    ------
+    SweepError
+        Two points map to the same run directory with different configs, or an unknown placeholder.
+    ConfigError
+        A grid or override key that the app does not have, or an invalid value (named with its run).
+    """
+    mod = load_app(module)
+    cls = mod.CONFIG
+    fields = {f.name for f in dataclasses.fields(cls)}
+    yaml_cache: dict[str, dict] = {}
+
+    def read_yaml(path: str) -> dict:
+        if path not in yaml_cache:
+            p = Path(path)
+            if not p.is_file():
+                raise SweepError(f"config file '{path}' named by sweep '{sweep.name}' does not exist")
+            data = yaml.safe_load(p.read_text()) or {}
+            if not isinstance(data, dict):
+                raise SweepError(f"config file '{path}' must hold a mapping of keys")
+            yaml_cache[path] = data
+        return yaml_cache[path]
+
+    base_layers = [(f"in {p}", read_yaml(p)) for p in sweep.base]
+    fixed = ("sweep overrides", expand_dotted(dict(sweep.overrides)))
+    runs: list[Run] = []
+    by_dir: dict[Path, Run] = {}
+    for point in grid_points(sweep.all_grids()):
+        layers = list(base_layers)
+        if CONFIG_KEY in point:
+            layers.append((f"in {point[CONFIG_KEY]}", read_yaml(str(point[CONFIG_KEY]))))
+        layers.append(fixed)
+        rest = {k: v for k, v in point.items() if k != CONFIG_KEY}
+        layers.append((f"sweep grid point {rest}", expand_dotted(rest)))
+        cfg = build_config(cls, *layers)
+        name = render_run_name(sweep.run_name or default_run_name(point), point, cfg)
+        log_dir = f"{sweep.name}/{name}"
+        changes = {k: v for k, v in (("log_dir", log_dir), ("root", sweep.root)) if k in fields}
+        cfg = dataclasses.replace(cfg, **changes)
+        run_dir = _run_dir(mod, cfg)
+        run = Run(index=len(runs), point=point, cfg=cfg, log_dir=log_dir, run_dir=run_dir)
+        if run_dir in by_dir:
+            other = by_dir[run_dir]
+            if other.cfg == cfg:
+                continue  # the grids overlap on this point: it is one run
+            raise SweepError(
+                f"grid points {other.point} and {point} both map to run directory {run_dir}: "
+                f"add the key that tells them apart to run_name ('{sweep.run_name}')"
+            )
+        by_dir[run_dir] = run
+        runs.append(run)
+    return runs
+
+
+def _run_dir(mod: Any, cfg: Any) -> Path:
+    fn = getattr(mod, "run_dir", None)
+    if callable(fn):
+        return Path(fn(cfg))
+    if not (hasattr(cfg, "root") and hasattr(cfg, "log_dir")):
+        raise SweepError(
+            f"app module '{mod.__name__}' has no root/log_dir config keys: define run_dir(cfg) so the sweep "
+            f"knows where each run writes status.json"
+        )
+    return Path(cfg.root) / "runs" / cfg.log_dir
+
+
+# ---------------------------------------------------------------------------------------------------
+# Status
+# ---------------------------------------------------------------------------------------------------
+
+
+def read_status(run_dir: str | os.PathLike) -> str:
+    """``status`` of ``<run_dir>/status.json``: completed, running, failed; ``missing`` or ``unreadable``."""
+    path = Path(run_dir) / "status.json"
+    if not path.is_file():
+        return "missing"
+    try:
+        data = json.loads(path.read_text())
+        return str(data["status"])
+    except (ValueError, KeyError, TypeError):
+        return "unreadable"
+
+
+def _status_message(run_dir: Path) -> str:
+    try:
+        return str(json.loads((run_dir / "status.json").read_text()).get("message", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def _record_outcome(run_dir: Path, error: str | None) -> str | None:
+    """After a run: write ``status.json`` where the app did not, and return the failure message (or None).
+
+    A run that returned normally is completed unless the app itself recorded something else; a run
+    that raised is failed (the app's own ``failed`` message is kept when it wrote one).
+    """
+    status = read_status(run_dir)
+    if error is None:
+        if status == "missing":
+            atomic_write_json(run_dir / "status.json", {"status": COMPLETED, "step": None, "message": "sweep: done"})
+            return None
+        if status == COMPLETED:
+            return None
+        return f"the app returned but status.json says '{status}': {_status_message(run_dir)}".rstrip(": ")
+    if status in ("missing", "running", "unreadable", COMPLETED):
+        atomic_write_json(run_dir / "status.json", {"status": "failed", "step": None, "message": error})
+    return error
+
+
+# ---------------------------------------------------------------------------------------------------
+# Execution
+# ---------------------------------------------------------------------------------------------------
+
+
+def run_in_process(module: str, cfg: Any, run_dir: Path) -> str | None:
+    """Call the app's ``main(cfg)`` here; return None on success or the failure message.
+
+    Log handlers the app adds (its run's log file) are removed afterwards so that runs do not log
+    into each other's files; CUDA memory is released between runs.
+    """
+    mod = load_app(module)
+    root_logger = logging.getLogger()
+    handlers = list(root_logger.handlers)
+    level = root_logger.level
+    error: str | None = None
+    try:
+        mod.main(cfg)
+    except VitefError as e:
+        error = f"{type(e).__name__}: {e}"
+    except Exception as e:  # a bug in one run must not stop the others; the traceback goes to the log
+        logger.exception("run %s crashed", run_dir)
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        for h in root_logger.handlers[:]:
+            if h not in handlers:
+                root_logger.removeHandler(h)
+                h.close()
+        root_logger.setLevel(level)
+        _release_memory()
+    return _record_outcome(run_dir, error)
+
+
+def _release_memory() -> None:
+    # Only GPU memory needs an explicit release between runs (a full gc pass costs ~0.1 s on CPU).
+    import torch
+
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def run_command(cmd: Sequence[str], run_dir: str, log_path: str, env: dict[str, str] | None = None) -> str | None:
+    """Run one app as a subprocess (the local parallel and slurm backends); None on success, else why not.
+
+    stdout and stderr go to ``log_path``. The message of a failure is the app's ``error: ...`` line
+    (or the last line of its output) and how it ended.
+    """
+    log = Path(log_path)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, **(env or {})}
+    cwd = os.getcwd()
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, full_env.get("PYTHONPATH", "")) if p)
+    with open(log, "w") as fh:
+        rc = subprocess.call(list(cmd), stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=cwd)
+    error = None
+    if rc != 0:
+        how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+        error = f"{_last_error_line(log)} ({how}; log: {log})".lstrip()
+    return _record_outcome(Path(run_dir), error)
+
+
+def _last_error_line(log: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    for ln in reversed(lines):
+        if ln.startswith("error:"):
+            return ln
+    return lines[-1] if lines else ""
+
+
+def launch_files(sweep: SweepConfig, run: Run) -> tuple[Path, Path]:
+    """Where a subprocess run's full config and its console log live: ``<root>/sweeps/<log_dir>.{yaml,log}``."""
+    base = Path(sweep.root) / "sweeps" / run.log_dir
+    return base.with_name(base.name + ".yaml"), base.with_name(base.name + ".log")
+
+
+def command_for(sweep: SweepConfig, run: Run, module: str) -> list[str]:
+    """Write the run's resolved config and return the command that runs it (``python -m <app> config=…``)."""
+    cfg_path, _ = launch_files(sweep, run)
+    save_config(run.cfg, cfg_path)
+    return [sys.executable, "-m", module, f"config={cfg_path}"]
+
+
+def pending_runs(runs: Iterable[Run]) -> tuple[list[Run], list[Run]]:
+    """Split runs into (completed: skipped, pending: to launch)."""
+    done, todo = [], []
+    for run in runs:
+        (done if run.status == COMPLETED else todo).append(run)
+    return done, todo
+
+
+def launch(
+    sweep: SweepConfig,
+    module: str,
+    runs: Sequence[Run] | None = None,
+    progress: Callable[[Iterable[Any], int], Iterable[Any]] | None = None,
+) -> SweepResult:
+    """Launch every run of ``sweep`` that is not completed, on its backend; never stops at a failure.
+
+    ``progress(iterable, total)`` wraps the loop over runs (e.g. tqdm); identity by default.
+    """
+    runs = list(runs) if runs is not None else expand(sweep, module)
+    done, todo = pending_runs(runs)
+    if sweep.limit is not None:
+        todo = todo[: sweep.limit]
+    wrap = progress or (lambda it, total: it)
+    logger.info("sweep %s: %d runs, %d completed (skipped), %d to launch", sweep.name, len(runs), len(done), len(todo))
+    failures: list[Failure] = []
+    submitted: list[str] = []
+    if sweep.backend == "local" and sweep.local.max_parallel == 1 and sweep.local.in_process:
+        for run in wrap(todo, len(todo)):
+            logger.info("sweep %s: run %s", sweep.name, run.run_dir)
+            err = run_in_process(module, run.cfg, run.run_dir)
+            if err is not None:
+                logger.error("run %s failed: %s", run.run_dir, err)
+                failures.append(Failure(run.run_dir, err))
+    elif sweep.backend == "local":
+        failures = _launch_parallel(sweep, module, todo, wrap)
+    else:
+        failures, submitted = _launch_submitit(sweep, module, todo, wrap)
+    return SweepResult(total=len(runs), skipped=done, launched=todo, failures=failures, submitted=submitted)
+
+
+def _launch_parallel(sweep: SweepConfig, module: str, todo: list[Run], wrap: Callable) -> list[Failure]:
+    slots: queue.Queue[int] = queue.Queue()
+    for i in range(sweep.local.max_parallel):
+        slots.put(i)
+    failures: list[Failure] = []
+    lock = threading.Lock()
+    finished: queue.Queue[Run] = queue.Queue()
+
+    def work(run: Run) -> None:
+        slot = slots.get()
+        try:
+            env = {}
+            if sweep.local.gpus:
+                env["CUDA_VISIBLE_DEVICES"] = str(sweep.local.gpus[slot % len(sweep.local.gpus)])
+            _, log_path = launch_files(sweep, run)
+            err = run_command(command_for(sweep, run, module), str(run.run_dir), str(log_path), env)
+            if err is not None:
+                logger.error("run %s failed: %s", run.run_dir, err)
+                with lock:
+                    failures.append(Failure(run.run_dir, err))
+        finally:
+            slots.put(slot)
+            finished.put(run)
+
+    threads = [threading.Thread(target=work, args=(run,), daemon=True) for run in todo]
+    for t in threads:
+        t.start()
+    for _ in wrap(range(len(todo)), len(todo)):
+        finished.get()
+    for t in threads:
+        t.join()
+    order = {r.run_dir: r.index for r in todo}
+    return sorted(failures, key=lambda f: order[f.run_dir])
+
+
+def _launch_submitit(sweep: SweepConfig, module: str, todo: list[Run], wrap: Callable) -> tuple[list[Failure], list]:
+    import submitit
+
+    s = sweep.slurm
+    folder = Path(s.folder or Path(sweep.root) / "sweeps" / sweep.name / "submitit")
+    executor = submitit.AutoExecutor(folder=folder, cluster=s.cluster)
+    params: dict[str, Any] = {
+        "name": f"vitef-{sweep.name}",
+        "timeout_min": s.time_min,
+        "gpus_per_node": s.gpus_per_job,
+        "cpus_per_task": s.cpus_per_job,
+        "mem_gb": s.mem_gb,
+        "slurm_partition": s.partition,
+        "slurm_account": s.account,
+        "slurm_qos": s.qos,
+        "slurm_constraint": s.constraint,
+        "slurm_array_parallelism": s.array_parallelism,
+    }
+    if s.additional:
+        params["slurm_additional_parameters"] = dict(s.additional)
+    executor.update_parameters(**params)
+    if not todo:
+        return [], []
+    jobs = []
+    with executor.batch():
+        for run in todo:
+            _, log_path = launch_files(sweep, run)
+            cmd = command_for(sweep, run, module)
+            jobs.append(executor.submit(run_command, cmd, str(run.run_dir), str(log_path), None))
+    ids = [str(j.job_id) for j in jobs]
+    logger.info("sweep %s: submitted %d runs as job array %s (logs: %s)", sweep.name, len(jobs), ids[0], folder)
+    if not (s.wait or s.cluster == "debug"):
+        return [], ids
+    failures = []
+    for run, job in wrap(list(zip(todo, jobs, strict=True)), len(jobs)):
+        try:
+            err = job.result()
+        except Exception as e:  # the job itself died (timeout, preemption, node failure)
+            err = f"job {job.job_id} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}"
+            _record_outcome(run.run_dir, err)
+        if err is not None:
+            failures.append(Failure(run.run_dir, err))
+    return failures, ids
