@@ -1,0 +1,327 @@
+"""The datasets of the study, their on-disk layouts and their splits (arXiv 2602.06883, §3; PROTOCOL.md §3).
+
+Paths are relative to the dataset root (``data.root``, else ``$VITEF_DATA``, else ``./datasets``).
+
+Splits (PROTOCOL.md §3; "80/20" cuts a permutation at floor(0.8 n)):
+
+=========================  =======  ==========================================================================
+name                       classes  train / val / test
+=========================  =======  ==========================================================================
+cifar10, cifar100          10/100   official train (50k) 80/20 by the RUN seed → 40k / 10k; official test 10k
+cifar10_c-<type>-<s>,      10/100   the 10k images of severity s: fixed seed-42 80/20 → 8k train+val / 2k
+cifar100_c-<type>-<s>               test; train+val 80/20 (seed 42) → 6,400 / 1,600
+domainnet-<domain>         345      all images of the domain: seed-42 80/20 → train+val / test, then 80/20
+flowers102                 102      official 1,020 / 1,020 / 6,149
+pet                        37       official trainval (3,680) 80/20 by the RUN seed → 2,944 / 736; test 3,669
+imagenet                   1000     val and test: the 50k ILSVRC-2012 validation images; train: the train set
+imagenet_c-<type>-<s>      1000     as CIFAR-C: fixed seed-42 80/20 splits of the 50k images
+imagefolder:<path>         folders  one pool: as DomainNet; train/ val/ test/ folders: as given (no val/ →
+                                    seed-42 80/20 of train/; no test/ → val/)
+digits, digits_subset-…    10 / k   fixed seed-42 80/20 splits, as CIFAR-C (:mod:`vitef.data.digits`)
+=========================  =======  ==========================================================================
+
+Layouts under the root:
+
+- cifar10 / cifar100: torchvision's ``cifar-10-batches-py/`` / ``cifar-100-python/`` (downloadable).
+- CIFAR-C: ``CIFAR-10-C/<type>.npy`` (50k uint8 NHWC = severities 1..5 × 10k) + ``labels.npy``; ``CIFAR-100-C/``.
+- DomainNet: ``domainnet/<domain>/<class>/*.jpg`` (each official domain zip extracted into ``domainnet/``).
+- Flowers102: torchvision's ``flowers-102/`` (``jpg/``, ``imagelabels.mat``, ``setid.mat``; downloadable).
+- Pet: torchvision's ``oxford-iiit-pet/`` (``images/``, ``annotations/{trainval,test}.txt``; downloadable).
+- ImageNet: ``imagenet/val/<wnid>/*.JPEG`` (and ``imagenet/train/<wnid>/``), or the official archives
+  ``imagenet/ILSVRC2012_img_val.tar`` + ``ILSVRC2012_devkit_t12.tar.gz``, unpacked once as torchvision's
+  ``ImageNet`` does.
+- ImageNet-C: ``ImageNet-C/<type>/<severity>/<wnid>/*.JPEG``.
+- imagefolder: ``<path>/<class>/*`` or ``<path>/{train,val,test}/<class>/*`` (an absolute or relative path).
+
+``corrupt:<type>-<s>:<name>`` is ``<name>`` with a corruption of :mod:`vitef.data.corruptions` applied to each
+source image (same splits). Nothing falls back to other data: a missing or corrupt file is a
+:class:`~vitef.errors.DataError` naming the dataset, the path, the expected layout and the official source.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitef.data.base import ArraySource, ImageSource, check_split, split_80_20, three_way_split
+from vitef.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+SOURCES = {
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html (torchvision downloads it with data.download=true)",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar.html (torchvision downloads it with data.download=true)",
+    "cifar10_c": "https://zenodo.org/records/2535967 (CIFAR-10-C.tar, Hendrycks & Dietterich 2019)",
+    "cifar100_c": "https://zenodo.org/records/3555552 (CIFAR-100-C.tar, Hendrycks & Dietterich 2019)",
+    "domainnet": "https://ai.bu.edu/M3SDA/ (DomainNet, Peng et al. 2019: one zip per domain)",
+    "flowers102": "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ (torchvision downloads it: data.download=true)",
+    "pet": "https://www.robots.ox.ac.uk/~vgg/data/pets/ (torchvision downloads it with data.download=true)",
+    "imagenet": "https://image-net.org/download.php (ILSVRC-2012; registration needed, no automatic download)",
+    "imagenet_c": "https://zenodo.org/records/2235448 (ImageNet-C, Hendrycks & Dietterich 2019)",
+}
+
+
+def missing(dataset: str, path: Path, layout: str, source: str, extra: str = "") -> DataError:
+    """The one error for absent data: what, where we looked, what we expected, where to get it."""
+    return DataError(
+        f"dataset {dataset!r} not found: looked at '{path}', expected {layout}. Official source: {source}. "
+        f"Put it under the dataset root (data.root=... or $VITEF_DATA){extra}"
+    )
+
+
+def corrupt_file(dataset: str, path: Path | str, why: str) -> DataError:
+    return DataError(
+        f"dataset {dataset!r}: file '{path}' is corrupt or truncated ({why}); delete it and download or extract "
+        "it again"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Image files
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """Decode an image file to a uint8 RGB ``(3, H, W)`` tensor (PIL; truncated files are errors)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except FileNotFoundError as e:
+        raise DataError(f"image file '{path}' is missing: {e}") from e
+    except Exception as e:  # PIL raises UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+        raise DataError(f"image file '{path}' is corrupt or not an image ({type(e).__name__}: {e}): replace it") from e
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+class FileSource(ImageSource):
+    """Images stored as files, decoded on access."""
+
+    def __init__(self, paths: list[str], targets: list[int] | np.ndarray):
+        self.paths = [str(p) for p in paths]
+        self.targets = np.asarray(targets, dtype=np.int64)
+
+    def image(self, index: int) -> torch.Tensor:
+        return read_image(self.paths[index])
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def scan_class_folders(path: Path, dataset: str, layout: str, source: str) -> tuple[list[str], list[str], list[int]]:
+    """``(classes, files, labels)`` of a ``<path>/<class>/<image>`` tree; classes sorted by folder name."""
+    if not path.is_dir():
+        raise missing(dataset, path, layout, source)
+    classes = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
+    files: list[str] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        names = sorted(e.name for e in os.scandir(path / cls) if e.is_file() and _is_image(e.name))
+        files += [str(path / cls / n) for n in names]
+        labels += [label] * len(names)
+    if not files:
+        raise missing(dataset, path, layout, source, extra=" (the folder exists but holds no class folder of images)")
+    return classes, files, labels
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 (torchvision)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _torchvision(dataset: str, folder: Path, layout: str, download: bool, make: Any) -> Any:
+    """Instantiate a torchvision dataset, turning its failures into one clear :class:`DataError`."""
+    exists = folder.exists()
+    if not exists and not download:
+        raise missing(dataset, folder, layout, SOURCES[dataset], extra=", or set data.download=true")
+    try:
+        return make(download and not exists)
+    except RuntimeError as e:
+        if exists:
+            raise corrupt_file(dataset, folder, f"torchvision's integrity check failed: {e}") from e
+        raise missing(dataset, folder, layout, SOURCES[dataset], extra=f"; the download failed: {e}") from e
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise corrupt_file(dataset, folder, f"{type(e).__name__}: {e}") from e
+    except OSError as e:  # network errors (URLError is an OSError) and unreadable files
+        if exists:
+            raise corrupt_file(dataset, folder, f"{type(e).__name__}: {e}") from e
+        raise missing(dataset, folder, layout, SOURCES[dataset], extra=f"; the download failed: {e}") from e
+
+
+def load_cifar(spec: Any, split: str, *, root: Path, seed: int, download: bool):
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    check_split(split)
+    name = spec.variant
+    cls, sub = (CIFAR10, "cifar-10-batches-py") if name == "cifar10" else (CIFAR100, "cifar-100-python")
+    layout = f"torchvision's '{sub}/' folder of python pickle batches"
+    ds = _torchvision(name, root / sub, layout, download, lambda dl: cls(str(root), train=split != "test", download=dl))
+    data = np.asarray(ds.data)
+    if data.ndim != 4 or data.shape[1:] != (32, 32, 3) or data.dtype != np.uint8 or len(ds.targets) != len(data):
+        raise corrupt_file(name, root / sub, f"expected (N, 32, 32, 3) uint8 images, got {data.shape} {data.dtype}")
+    source = ArraySource(data, ds.targets)
+    if split == "test":
+        return source, np.arange(len(source)), 100 if name == "cifar100" else 10
+    train, val = split_80_20(np.arange(len(source)), seed)  # PROTOCOL §3: random 80/20, run seed
+    return source, train if split == "train" else val, 100 if name == "cifar100" else 10
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CIFAR-10-C / CIFAR-100-C (.npy)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_cifar_c(spec: Any, split: str, *, root: Path, seed: int, download: bool):
+    check_split(split)
+    key = f"{spec.variant}_c"
+    folder = root / ("CIFAR-10-C" if spec.variant == "cifar10" else "CIFAR-100-C")
+    layout = f"'{folder.name}/<corruption>.npy' (50000 x 32 x 32 x 3 uint8: severities 1-5 x 10000) and 'labels.npy'"
+    images_path, labels_path = folder / f"{spec.corruption}.npy", folder / "labels.npy"
+    for path in (images_path, labels_path):
+        if not path.is_file():
+            raise missing(key, path, layout, SOURCES[key], extra=" and extract the tar there")
+    images = _load_npy(key, images_path)
+    labels = _load_npy(key, labels_path)
+    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8 or len(images) % 5:
+        raise corrupt_file(key, images_path, f"expected (5*N, 32, 32, 3) uint8, got {images.shape} {images.dtype}")
+    if labels.shape != (len(images),):
+        raise corrupt_file(key, labels_path, f"expected {len(images)} labels, got shape {labels.shape}")
+    n = len(images) // 5
+    lo, hi = (spec.severity - 1) * n, spec.severity * n
+    n_classes = 10 if spec.variant == "cifar10" else 100
+    targets = np.asarray(labels[lo:hi], dtype=np.int64)
+    if targets.min() < 0 or targets.max() >= n_classes:
+        raise corrupt_file(key, labels_path, f"labels outside 0..{n_classes - 1}")
+    # Copy the severity's slice into memory (30 MB): workers then share it without reopening the file.
+    source = ArraySource(np.array(images[lo:hi]), targets)
+    return source, three_way_split(n, split), n_classes
+
+
+def _load_npy(dataset: str, path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise corrupt_file(dataset, path, f"{type(e).__name__}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Folder datasets: DomainNet, ImageNet, ImageNet-C, imagefolder
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_domainnet(spec: Any, split: str, *, root: Path, seed: int, download: bool):
+    check_split(split)
+    path = root / "domainnet" / spec.variant
+    layout = f"'domainnet/{spec.variant}/<class>/<image>.jpg' ({spec.variant}.zip of the official release extracted)"
+    classes, files, labels = scan_class_folders(path, f"domainnet-{spec.variant}", layout, SOURCES["domainnet"])
+    if len(classes) != 345:
+        logger.warning("domainnet-%s: %d class folders in %s (the official release has 345)", spec.variant,
+                       len(classes), path)  # fmt: skip
+    return FileSource(files, labels), three_way_split(len(files), split), len(classes)
+
+
+def load_imagenet_c(spec: Any, split: str, *, root: Path, seed: int, download: bool):
+    check_split(split)
+    path = root / "ImageNet-C" / spec.corruption / str(spec.severity)
+    layout = f"'ImageNet-C/{spec.corruption}/{spec.severity}/<wnid>/<image>.JPEG' (official tars extracted)"
+    classes, files, labels = scan_class_folders(path, spec.name, layout, SOURCES["imagenet_c"])
+    return FileSource(files, labels), three_way_split(len(files), split), len(classes)
+
+
+def load_imagenet(spec: Any, split: str, *, root: Path, seed: int, download: bool):
+    check_split(split)
+    base = root / "imagenet"
+    folder = "train" if split == "train" else "val"
+    path = base / folder
+    archive = "ILSVRC2012_img_train.tar" if folder == "train" else "ILSVRC2012_img_val.tar"
+    layout = (
+        f"class folders 'imagenet/{folder}/<wnid>/<image>.JPEG', or the official archives "
+        f"'imagenet/{archive}' and 'imagenet/ILSVRC2012_devkit_t12.tar.gz'"
+    )
+    if not path.is_dir() and (base / archive).is_file() and (base / "ILSVRC2012_devkit_t12.tar.gz").is_file():
+        from torchvision.datasets import ImageNet
+
+        logger.info("preparing %s from the official archives in %s (once)", path, base)
+        try:
+            ImageNet(str(base), split=folder)
+        except (RuntimeError, OSError, EOFError, ValueError) as e:
+            raise corrupt_file("imagenet", base, f"{type(e).__name__}: {e}") from e
+    classes, files, labels = scan_class_folders(path, "imagenet", layout, SOURCES["imagenet"])
+    return FileSource(files, labels), np.arange(len(files)), len(classes)
+
+
+def imagefolder_classes(path: Path) -> list[str]:
+    """Class names of an ``imagefolder:`` dataset (from ``train/`` when split folders exist)."""
+    base = path / "train" if (path / "train").is_dir() else path
+    layout = "'<path>/<class>/<image>' or '<path>/{train,val,test}/<class>/<image>'"
+    return scan_class_folders(base, f"imagefolder:{path}", layout, "your own data")[0]
+
+
+def load_imagefolder(spec: Any, split: str, *, root: Path, seed: int, download: bool):
+    check_split(split)
+    path = Path(spec.variant).expanduser()
+    name = spec.name
+    layout = "'<path>/<class>/<image>' or '<path>/{train,val,test}/<class>/<image>'"
+    if not (path / "train").is_dir():
+        classes, files, labels = scan_class_folders(path, name, layout, "your own data")
+        return FileSource(files, labels), three_way_split(len(files), split), len(classes)
+    classes, files, labels = scan_class_folders(path / "train", name, layout, "your own data")
+    if split == "test" or (split == "val" and (path / "val").is_dir()):
+        sub = split if (path / split).is_dir() else "val"
+        if not (path / sub).is_dir():
+            raise missing(name, path / "test", layout, "your own data", extra=" (a test/ or val/ folder is needed)")
+        sub_classes, files, labels = scan_class_folders(path / sub, name, layout, "your own data")
+        if sub_classes != classes:
+            extra = sorted(set(sub_classes) ^ set(classes))[:5]
+            raise DataError(f"{name}: class folders of '{path / sub}' differ from those of train/ (e.g. {extra})")
+        return FileSource(files, labels), np.arange(len(files)), len(classes)
+    train, val = split_80_20(np.arange(len(files)), 42)  # no val/ folder: fixed 80/20 of train/
+    return FileSource(files, labels), train if split == "train" else val, len(classes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flowers102 / Oxford-IIIT Pet (torchvision, files decoded by us)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_flowers102(spec: Any, split: str, *, root: Path, seed: int, download: bool):
+    from torchvision.datasets import Flowers102
+
+    check_split(split)
+    layout = "torchvision's 'flowers-102/' (jpg/, imagelabels.mat, setid.mat)"
+    ds = _torchvision(
+        "flowers102", root / "flowers-102", layout, download, lambda dl: Flowers102(str(root), split=split, download=dl)
+    )
+    files, labels = [str(p) for p in ds._image_files], list(ds._labels)
+    for p in files[:1] + files[-1:]:
+        if not Path(p).is_file():
+            raise corrupt_file("flowers102", p, "an image listed in setid.mat is missing")
+    return FileSource(files, labels), np.arange(len(files)), 102
+
+
+def load_pet(spec: Any, split: str, *, root: Path, seed: int, download: bool):
+    from torchvision.datasets import OxfordIIITPet
+
+    check_split(split)
+    layout = "torchvision's 'oxford-iiit-pet/' (images/, annotations/trainval.txt, annotations/test.txt)"
+    tv_split = "test" if split == "test" else "trainval"
+    ds = _torchvision(
+        "pet", root / "oxford-iiit-pet", layout, download, lambda dl: OxfordIIITPet(str(root), tv_split, download=dl)
+    )
+    files, labels = [str(p) for p in ds._images], list(ds._labels)
+    source = FileSource(files, labels)
+    if split == "test":
+        return source, np.arange(len(files)), 37
+    train, val = split_80_20(np.arange(len(files)), seed)  # PROTOCOL §3: trainval 80/20, run seed
+    return source, train if split == "train" else val, 37
