@@ -82,12 +82,11 @@ def _motion_blur(x: np.ndarray, radius: int, sigma: float, angle_deg: float) -> 
     exp(-i²/2σ²)), i.e. the trail an object leaves when moving that way."""
     width = 2 * int(radius) + 1
     weights = np.exp(-(np.arange(width) ** 2) / (2.0 * sigma**2))
+    weights = weights[weights >= 1e-6]  # negligible taps skipped, then renormalised (weights sum to 1)
     weights /= weights.sum()
     a = math.radians(angle_deg)
     out = np.zeros_like(x)
     for i, wgt in enumerate(weights):
-        if wgt < 1e-6:
-            break
         out += wgt * _shift(x, int(round(i * math.sin(a))), int(round(i * math.cos(a))))
     return out
 
