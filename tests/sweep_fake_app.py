@@ -2,6 +2,8 @@
 
 It "trains" for ``steps`` steps, checkpointing after each one, and resumes from its checkpoint like
 apps.vit.train does; ``kill_at`` makes it SIGKILL its own process once at that step (a killed job).
+It imports neither torch nor vitef.config so that the subprocess backends start it in a fraction of a
+second; its command line only takes ``config=FILE.yaml`` (what the sweep passes).
 """
 
 from __future__ import annotations
@@ -10,37 +12,37 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
-from vitef.config import cli_main, option
-from vitef.errors import TrainingError
-from vitef.utils import atomic_write_json
+import yaml
+
+from vitef.errors import ConfigError, TrainingError, VitefError
 
 
 @dataclasses.dataclass
 class FakeOptim:
-    name: str = option("sgd", "optimiser")
-    lr: float = option(0.01, "learning rate")
+    name: str = "sgd"
+    lr: float = 0.01
 
 
 @dataclasses.dataclass
 class FakeConfig:
     ALIASES = {"lr": "optim.lr"}
 
-    root: str = option("outputs", "output root")
-    log_dir: str = option("fake", "run directory under <root>/runs")
-    dataset_name: str = option("a", "dataset")
-    trainable: list[str] = option(["all"], "components")
-    optim: FakeOptim = option(FakeOptim(), "optimiser")
-    seed: int = option(0, "seed")
-    steps: int = option(3, "steps")
-    fail: bool = option(False, "raise a user error")
-    kill_at: int = option(-1, "SIGKILL the process once at this step")
+    root: str = "outputs"
+    log_dir: str = "fake"
+    dataset_name: str = "a"
+    trainable: list[str] = dataclasses.field(default_factory=lambda: ["all"])
+    optim: FakeOptim = dataclasses.field(default_factory=FakeOptim)
+    seed: int = 0
+    steps: int = 3
+    fail: bool = False
+    kill_at: int = -1
+    write_status: bool = True
 
     def validate(self) -> None:
         if self.steps < 1:
-            from vitef.errors import ConfigError
-
             raise ConfigError("steps must be >= 1")
 
 
@@ -52,19 +54,36 @@ def main(cfg: FakeConfig) -> None:
     run.mkdir(parents=True, exist_ok=True)
     ckpt = run / "ckpt.json"
     start = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0
-    atomic_write_json(run / "status.json", {"status": "running", "step": start, "message": ""})
+    if cfg.write_status:
+        atomic_write_json(run / "status.json", {"status": "running", "step": start, "message": ""})
     with open(run / "starts.txt", "a") as fh:
         fh.write(f"{start}\n")
-    if cfg.fail:
+    if cfg.fail and cfg.write_status:
         atomic_write_json(run / "status.json", {"status": "failed", "step": start, "message": "fake failure"})
+    if cfg.fail:
         raise TrainingError(f"fake failure in {cfg.log_dir}")
     for step in range(start, cfg.steps):
         if step == cfg.kill_at and not (run / "killed").exists():
             (run / "killed").touch()
             os.kill(os.getpid(), signal.SIGKILL)
         atomic_write_json(ckpt, {"step": step + 1})
-    atomic_write_json(run / "status.json", {"status": "completed", "step": cfg.steps, "message": ""})
+    if cfg.write_status:
+        atomic_write_json(run / "status.json", {"status": "completed", "step": cfg.steps, "message": ""})
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
-    cli_main(FakeConfig, main, prog="sweep_fake_app")
+    (arg,) = sys.argv[1:]
+    data = yaml.safe_load(Path(arg.removeprefix("config=")).read_text())
+    cfg = FakeConfig(**{**data, "optim": FakeOptim(**data["optim"])})
+    try:
+        cfg.validate()
+        main(cfg)
+    except VitefError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)

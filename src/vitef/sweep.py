@@ -568,7 +568,10 @@ def _launch_parallel(sweep: SweepConfig, module: str, todo: list[Run], wrap: Cal
             if sweep.local.gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(sweep.local.gpus[slot % len(sweep.local.gpus)])
             _, log_path = launch_files(sweep, run)
-            err = run_command(command_for(sweep, run, module), str(run.run_dir), str(log_path), env)
+            try:
+                err = run_command(command_for(sweep, run, module), str(run.run_dir), str(log_path), env)
+            except Exception as e:  # e.g. the log file cannot be written: still this run's failure only
+                err = f"{type(e).__name__}: {e}"
             if err is not None:
                 logger.error("run %s failed: %s", run.run_dir, err)
                 with lock:

@@ -1,0 +1,186 @@
+"""vitef.sweep: grid expansion and naming, idempotent relaunch, failures, kill + resume, submitit backend.
+
+The machinery is tested on tests/sweep_fake_app.py, a tiny app that follows the run-directory contract
+and resumes from its checkpoint like apps.vit.train (tests/apps/test_sweep_app.py drives the real apps).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vitef.config import build_config
+from vitef.errors import ConfigError
+from vitef.sweep import SweepConfig, SweepError, expand, format_value, launch, read_status
+
+TESTS = Path(__file__).resolve().parent
+APP = "sweep_fake_app"
+
+
+@pytest.fixture(autouse=True)
+def fake_app_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    monkeypatch.setenv("PYTHONPATH", str(TESTS))  # for the subprocess backends
+
+
+def sweep(tmp_path, **kw) -> SweepConfig:
+    base = {
+        "name": "t",
+        "app": APP,
+        "root": str(tmp_path / "out"),
+        "run_name": "{dataset_name}/{trainable}/lr{lr}_s{seed}",
+    }
+    return build_config(SweepConfig, {**base, **kw})
+
+
+def starts(run) -> list[int]:
+    return [int(x) for x in (run.run_dir / "starts.txt").read_text().split()]
+
+
+def test_grid_union_naming_and_layers(tmp_path):
+    per_dataset = tmp_path / "b.yaml"
+    per_dataset.write_text(yaml.safe_dump({"dataset_name": "b", "steps": 7, "seed": 5}))
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"steps": 2, "optim": {"name": "adamw"}}))
+    s = sweep(
+        tmp_path,
+        base=[str(base)],
+        overrides={"optim.name": "sgd", "seed": 1},
+        grids=[
+            {"dataset_name": ["a"], "trainable": [["mha"], ["fc1", "fc2"]], "lr": [1e-3, 3e-2]},
+            {"config": [str(per_dataset)], "optim.lr": [0.06]},
+        ],
+    )
+    runs = expand(s, APP)
+    assert len(runs) == 2 * 2 + 1
+    names = [r.log_dir for r in runs]
+    assert names[:2] == ["t/a/mha/lr0.001_s1", "t/a/mha/lr0.03_s1"]  # last grid key varies fastest
+    assert names[2] == "t/a/fc1+fc2/lr0.001_s1"
+    assert names[4] == "t/b/all/lr0.06_s1"  # dataset_name from the point's config file, seed from overrides
+    last = runs[4].cfg
+    # base < point's config file < overrides < grid point
+    assert (last.steps, last.seed, last.optim.name, last.optim.lr) == (7, 1, "sgd", 0.06)
+    assert runs[0].cfg.root == str(tmp_path / "out") and runs[0].cfg.log_dir == names[0]
+    assert runs[0].run_dir == tmp_path / "out" / "runs" / names[0]
+    # deterministic: expanding again gives the same directories
+    assert [r.run_dir for r in expand(s, APP)] == [r.run_dir for r in runs]
+
+
+def test_names_are_filesystem_safe_and_default():
+    assert format_value("corrupt:snow-5:cifar10") == "corrupt_snow-5_cifar10"
+    assert format_value([0.9, 0.999]) == "0.9+0.999"
+    assert format_value(3e-5) == "3e-05"
+    assert format_value("a/b c") == "a_b_c"
+
+
+def test_default_run_name_and_clashes(tmp_path):
+    runs = expand(sweep(tmp_path, run_name="", grid={"seed": [0, 42], "optim.name": ["sgd"]}), APP)
+    assert [r.log_dir for r in runs] == ["t/seed-0/name-sgd", "t/seed-42/name-sgd"]
+    with pytest.raises(SweepError, match="both map to run directory"):
+        expand(sweep(tmp_path, run_name="{dataset_name}", grid={"seed": [0, 1]}), APP)
+    with pytest.raises(SweepError, match="placeholder '{nope}'"):
+        expand(sweep(tmp_path, run_name="{nope}", grid={"seed": [0]}), APP)
+    # overlapping grids give one run per distinct config
+    assert len(expand(sweep(tmp_path, grids=[{"seed": [0, 1]}, {"seed": [1, 2]}]), APP)) == 3
+
+
+def test_bad_sweeps_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'optim.lrr'"):
+        expand(sweep(tmp_path, grid={"optim.lrr": [1.0]}), APP)
+    with pytest.raises(ConfigError, match="steps must be >= 1"):
+        expand(sweep(tmp_path, grid={"steps": [0]}), APP)
+    with pytest.raises(ConfigError, match="non-empty list"):
+        sweep(tmp_path, grid={"seed": 3})
+    with pytest.raises(ConfigError, match="backend"):
+        sweep(tmp_path, backend="kubernetes")
+    with pytest.raises(SweepError, match="CONFIG"):
+        expand(sweep(tmp_path, app="vitef.utils"), "vitef.utils")
+
+
+def test_in_process_runs_skips_completed_and_lists_failures(tmp_path):
+    s = sweep(tmp_path, grid={"dataset_name": ["a", "b"], "seed": [0, 1], "fail": [False, True]},
+              run_name="{dataset_name}/s{seed}_fail{fail}")  # fmt: skip
+    result = launch(s, APP)
+    assert (result.total, len(result.launched), len(result.skipped)) == (8, 8, 0)
+    assert len(result.failures) == 4  # every failing run was tried: one failure does not stop the others
+    assert all("TrainingError: fake failure" in f.message and "failtrue" in str(f.run_dir) for f in result.failures)
+    runs = expand(s, APP)
+    assert [read_status(r.run_dir) for r in runs] == ["completed", "failed"] * 4
+    again = launch(s, APP)
+    assert (len(again.skipped), len(again.launched), len(again.failures)) == (4, 4, 4)
+    for r in runs:  # completed runs were not run again; failed ones were retried
+        assert starts(r) == ([0, 0] if r.cfg.fail else [0])
+
+
+def test_sweep_writes_status_for_apps_that_do_not(tmp_path):
+    s = sweep(tmp_path, grid={"seed": [0]}, overrides={"write_status": False})
+    assert launch(s, APP).failures == []
+    (run,) = expand(s, APP)
+    assert json.loads((run.run_dir / "status.json").read_text())["status"] == "completed"
+    assert launch(s, APP).launched == []
+
+
+def test_parallel_subprocesses_killed_run_resumes(tmp_path):
+    s = sweep(tmp_path, grid={"seed": [0, 1, 2]}, overrides={"steps": 4, "kill_at": 2},
+              local={"max_parallel": 2, "gpus": [5, 7]})  # fmt: skip
+    first = launch(s, APP)
+    assert len(first.failures) == 3
+    assert all("killed by signal 9" in f.message for f in first.failures)
+    runs = expand(s, APP)
+    assert {read_status(r.run_dir) for r in runs} == {"failed"}
+    second = launch(s, APP)
+    assert second.failures == [] and len(second.launched) == 3
+    for r in runs:
+        assert starts(r) == [0, 2]  # resumed from the checkpoint written before the kill
+        assert json.loads((r.run_dir / "ckpt.json").read_text())["step"] == 4
+        log = (tmp_path / "out" / "sweeps" / (r.log_dir + ".log")).read_text()
+        assert log == ""  # the app prints nothing; its console output goes here
+    # each concurrent run saw exactly one of the configured GPUs
+    cfgs = [yaml.safe_load((tmp_path / "out" / "sweeps" / (r.log_dir + ".yaml")).read_text()) for r in runs]
+    assert all(c["log_dir"] == r.log_dir for c, r in zip(cfgs, runs, strict=True))
+    assert launch(s, APP).launched == []
+
+
+def test_gpu_pinning(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import vitef.sweep as sw
+
+    lock, running, seen = threading.Lock(), [], []
+
+    def fake_run(cmd, run_dir, log, env=None):
+        with lock:
+            assert env["CUDA_VISIBLE_DEVICES"] not in running  # one run per GPU at a time
+            running.append(env["CUDA_VISIBLE_DEVICES"])
+            seen.append((env["CUDA_VISIBLE_DEVICES"], len(running)))
+        time.sleep(0.05)
+        with lock:
+            running.remove(env["CUDA_VISIBLE_DEVICES"])
+
+    monkeypatch.setattr(sw, "run_command", fake_run)
+    result = launch(sweep(tmp_path, grid={"seed": [0, 1, 2, 3, 4]}, local={"max_parallel": 2, "gpus": [5, 7]}), APP)
+    assert result.failures == [] and len(seen) == 5
+    assert {g for g, _ in seen} == {"5", "7"} and max(n for _, n in seen) == 2
+
+
+@pytest.mark.parametrize("cluster", ["debug", "local"])
+def test_submitit_backend(tmp_path, cluster):
+    s = sweep(
+        tmp_path,
+        grid={"fail": [False, True]},
+        run_name="fail{fail}",
+        backend="slurm",
+        slurm={"cluster": cluster, "gpus_per_job": 0, "cpus_per_job": 1, "time_min": 5, "wait": True,
+               "partition": "gpu", "array_parallelism": 2},
+    )  # fmt: skip
+    result = launch(s, APP)
+    assert len(result.submitted) == 2 and len(result.failures) == 1
+    assert "error: TrainingError" not in result.failures[0].message  # the app's one-line message, not a repr
+    assert "fake failure" in result.failures[0].message and "exit status 2" in result.failures[0].message
+    assert [read_status(r.run_dir) for r in expand(s, APP)] == ["completed", "failed"]
+    again = launch(s, APP)
+    assert len(again.skipped) == 1 and len(again.launched) == 1
