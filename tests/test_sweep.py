@@ -14,7 +14,7 @@ import yaml
 
 from vitef.config import build_config
 from vitef.errors import ConfigError
-from vitef.sweep import SweepConfig, SweepError, expand, format_value, launch, read_status
+from vitef.sweep import SweepConfig, SweepError, expand, format_value, launch
 
 TESTS = Path(__file__).resolve().parent
 APP = "sweep_fake_app"
@@ -108,19 +108,27 @@ def test_in_process_runs_skips_completed_and_lists_failures(tmp_path):
     assert len(result.failures) == 4  # every failing run was tried: one failure does not stop the others
     assert all("TrainingError: fake failure" in f.message and "failtrue" in str(f.run_dir) for f in result.failures)
     runs = expand(s, APP)
-    assert [read_status(r.run_dir) for r in runs] == ["completed", "failed"] * 4
+    assert [r.status for r in runs] == ["completed", "failed"] * 4
     again = launch(s, APP)
     assert (len(again.skipped), len(again.launched), len(again.failures)) == (4, 4, 4)
     for r in runs:  # completed runs were not run again; failed ones were retried
         assert starts(r) == ([0, 0] if r.cfg.fail else [0])
 
 
-def test_sweep_writes_status_for_apps_that_do_not(tmp_path):
-    s = sweep(tmp_path, grid={"seed": [0]}, overrides={"write_status": False})
+def test_sweep_records_status_for_apps_that_do_not(tmp_path):
+    s = sweep(tmp_path, grid={"seed": [0, 1]}, overrides={"write_status": False}, run_name="s{seed}")
     assert launch(s, APP).failures == []
-    (run,) = expand(s, APP)
+    run = expand(s, APP)[0]
     assert json.loads((run.run_dir / "status.json").read_text())["status"] == "completed"
     assert launch(s, APP).launched == []
+    # an app with another output directory (e.g. probing a finetuned run): the sweep keeps its own record
+    outputs = lambda cfg: tmp_path / "probes" / f"seed{cfg.seed}"  # noqa: E731
+    runs = expand(s, APP, run_dir=outputs)
+    assert runs[1].status_path == tmp_path / "out" / "sweeps" / "t" / "s1.status.json"
+    assert [r.status for r in runs] == ["missing", "missing"]
+    assert launch(s, APP, runs).failures == []
+    assert [r.status for r in runs] == ["completed", "completed"]
+    assert not (tmp_path / "probes").exists()  # nothing written into the app's directories by the sweep
 
 
 def test_parallel_subprocesses_killed_run_resumes(tmp_path):
@@ -130,7 +138,7 @@ def test_parallel_subprocesses_killed_run_resumes(tmp_path):
     assert len(first.failures) == 3
     assert all("killed by signal 9" in f.message for f in first.failures)
     runs = expand(s, APP)
-    assert {read_status(r.run_dir) for r in runs} == {"failed"}
+    assert {r.status for r in runs} == {"failed"}
     second = launch(s, APP)
     assert second.failures == [] and len(second.launched) == 3
     for r in runs:
@@ -181,6 +189,6 @@ def test_submitit_backend(tmp_path, cluster):
     assert len(result.submitted) == 2 and len(result.failures) == 1
     assert "error: TrainingError" not in result.failures[0].message  # the app's one-line message, not a repr
     assert "fake failure" in result.failures[0].message and "exit status 2" in result.failures[0].message
-    assert [read_status(r.run_dir) for r in expand(s, APP)] == ["completed", "failed"]
+    assert [r.status for r in expand(s, APP)] == ["completed", "failed"]
     again = launch(s, APP)
     assert len(again.skipped) == 1 and len(again.launched) == 1

@@ -11,6 +11,7 @@ the end and make the exit status non-zero. See :mod:`vitef.sweep` for the sweep 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -18,13 +19,34 @@ from vitef.config import cli_main
 from vitef.errors import ConfigError
 from vitef.sweep import SweepConfig, SweepError, expand, format_value, launch
 
-# The apps a sweep file may name by their short name; any other dotted module path is used as is.
+# The apps a sweep file may name by their short name; any other importable module is used as is.
 APPS = {
     "train": "apps.vit.train",
     "eval": "apps.vit.eval",
     "analysis": "apps.vit.analysis",
     "linear_probing": "apps.vit.linear_probing",
 }
+
+
+def analysis_dir(cfg) -> Path:
+    """Where apps.vit.analysis writes (docs/ARCHITECTURE.md, analysis directory)."""
+    from apps.vit import analysis
+
+    return Path(cfg.root) / "analysis" / analysis.output_name(cfg)
+
+
+def probes_dir(cfg) -> Path:
+    """Where apps.vit.linear_probing writes: the finetuned run probed, or <root>/probes/<model>_<dataset>_<pool>."""
+    from apps.vit import linear_probing
+
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    name = f"{linear_probing._safe(cfg.model.name)}_{linear_probing._safe(cfg.dataset_name)}_{cfg.pool}"
+    return Path(cfg.root) / "probes" / name
+
+
+# Output directories of the apps that do not write <root>/runs/<log_dir>/status.json themselves.
+RUN_DIRS = {"analysis": analysis_dir, "linear_probing": probes_dir}
 
 CONFIG = SweepConfig
 
@@ -44,7 +66,7 @@ def app_module(app: str) -> str:
 
 def main(cfg: SweepConfig) -> None:
     module = app_module(cfg.app)
-    runs = expand(cfg, module)
+    runs = expand(cfg, module, RUN_DIRS.get(cfg.app))
     if cfg.dry_run:
         print_runs(cfg, runs)
         return
@@ -65,7 +87,7 @@ def print_runs(cfg: SweepConfig, runs: list) -> None:
     """The dry-run listing: status, run directory and grid values of every run, then the counts."""
     counts: dict[str, int] = {}
     for run in runs:
-        status = run.status
+        status = "new" if run.status == "missing" else run.status
         counts[status] = counts.get(status, 0) + 1
         values = " ".join(f"{k}={format_value(v)}" for k, v in run.point.items())
         print(f"{status:<10} {run.run_dir}  {values}")

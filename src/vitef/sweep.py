@@ -6,7 +6,7 @@ dataset. A sweep file names the app, its base config file(s), fixed overrides an
 every grid point becomes one run with a deterministic ``log_dir``, so relaunching the same sweep maps
 to the same run directories:
 
-- a run whose run directory holds ``status.json`` with ``"completed"`` is skipped;
+- a run whose ``status.json`` says ``"completed"`` is skipped;
 - any other run (never started, ``running`` when its job was killed, ``failed``) is launched again:
   the training app resumes from its last checkpoint;
 - a failed run does not stop the others; failures are collected with their run dir and message.
@@ -20,9 +20,13 @@ Backends
 ``slurm``
     one submitit job array, each task running the same command as a local subprocess run.
 
-App convention: an app module defines ``CONFIG`` (its config dataclass) and ``main(cfg)``; it may
-define ``run_dir(cfg) -> Path`` when its output directory is not ``<root>/runs/<log_dir>``.
-Apps that do not write ``status.json`` themselves get one written by the sweep when ``main`` returns.
+App convention: an app module defines ``main(cfg)`` and ``CONFIG`` (its config dataclass; without it,
+the one dataclass named ``*Config`` defined in the module). A run's directory is
+``<root>/runs/<log_dir>`` and its status the ``status.json`` there (the training app's run-directory
+contract), unless the caller (or the module, as ``run_dir(cfg)``) gives another output directory: then
+the app is not expected to write ``status.json`` and the sweep keeps the run's status in
+``<root>/sweeps/<log_dir>.status.json`` (so probing a finetuned run never touches that run's status).
+When ``main`` returns the sweep records ``completed`` where the app did not.
 
 Sweep file layout (YAML; dotted keys and the app's ``ALIASES`` such as ``lr`` are accepted)::
 
@@ -186,10 +190,11 @@ class Run:
     cfg: Any
     log_dir: str
     run_dir: Path
+    status_path: Path  # <run_dir>/status.json, or the sweep's own record for apps that do not write one
 
     @property
     def status(self) -> str:
-        return read_status(self.run_dir)
+        return read_status(self.status_path)
 
 
 @dataclasses.dataclass
@@ -215,10 +220,22 @@ def load_app(module: str) -> Any:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as e:
         raise SweepError(f"app module '{module}' cannot be imported ({e}): check the sweep's app: key") from e
-    cls = getattr(mod, "CONFIG", None)
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)) or not callable(getattr(mod, "main", None)):
-        raise SweepError(f"app module '{module}' must define CONFIG = <its config dataclass> and main(cfg) to be swept")
+    if app_config_class(mod) is None or not callable(getattr(mod, "main", None)):
+        raise SweepError(f"app module '{module}' must define main(cfg) and CONFIG = <its config dataclass> to be swept")
     return mod
+
+
+def app_config_class(mod: Any) -> type | None:
+    """``mod.CONFIG``, else the only dataclass named ``*Config`` defined in ``mod`` (None if not exactly one)."""
+    cls = getattr(mod, "CONFIG", None)
+    if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+        return cls
+    found = [
+        v
+        for k, v in vars(mod).items()
+        if isinstance(v, type) and dataclasses.is_dataclass(v) and k.endswith("Config") and v.__module__ == mod.__name__
+    ]
+    return found[0] if len(found) == 1 else None
 
 
 def expand_dotted(data: dict[str, Any]) -> dict[str, Any]:
@@ -315,8 +332,11 @@ def default_run_name(point: dict[str, Any]) -> str:
     return "/".join(parts) or "run"
 
 
-def expand(sweep: SweepConfig, module: str) -> list[Run]:
+def expand(sweep: SweepConfig, module: str, run_dir: Callable[[Any], Path] | None = None) -> list[Run]:
     """All runs of ``sweep`` for the app ``module``, configs built and validated, in grid order.
+
+    ``run_dir(cfg)`` gives the output directory of apps that do not follow the run-directory contract
+    (default: the module's own ``run_dir``, else ``<root>/runs/<log_dir>``).
 
     Raises
     ------
@@ -326,7 +346,7 @@ def expand(sweep: SweepConfig, module: str) -> list[Run]:
         A grid or override key that the app does not have, or an invalid value (named with its run).
     """
     mod = load_app(module)
-    cls = mod.CONFIG
+    cls = app_config_class(mod)
     fields = {f.name for f in dataclasses.fields(cls)}
     yaml_cache: dict[str, dict] = {}
 
@@ -357,31 +377,38 @@ def expand(sweep: SweepConfig, module: str) -> list[Run]:
         log_dir = f"{sweep.name}/{name}"
         changes = {k: v for k, v in (("log_dir", log_dir), ("root", sweep.root)) if k in fields}
         cfg = dataclasses.replace(cfg, **changes)
-        run_dir = _run_dir(mod, cfg)
-        run = Run(index=len(runs), point=point, cfg=cfg, log_dir=log_dir, run_dir=run_dir)
-        if run_dir in by_dir:
-            other = by_dir[run_dir]
+        out_dir, own_status = _run_dir(mod, cfg, run_dir)
+        status_path = out_dir / "status.json" if own_status else _sweep_file(sweep, log_dir, ".status.json")
+        run = Run(index=len(runs), point=point, cfg=cfg, log_dir=log_dir, run_dir=out_dir, status_path=status_path)
+        if out_dir in by_dir:
+            other = by_dir[out_dir]
             if other.cfg == cfg:
                 continue  # the grids overlap on this point: it is one run
             raise SweepError(
-                f"grid points {other.point} and {point} both map to run directory {run_dir}: "
+                f"grid points {other.point} and {point} both map to run directory {out_dir}: "
                 f"add the key that tells them apart to run_name ('{sweep.run_name}')"
             )
-        by_dir[run_dir] = run
+        by_dir[out_dir] = run
         runs.append(run)
     return runs
 
 
-def _run_dir(mod: Any, cfg: Any) -> Path:
-    fn = getattr(mod, "run_dir", None)
+def _sweep_file(sweep: SweepConfig, log_dir: str, suffix: str) -> Path:
+    base = Path(sweep.root) / "sweeps" / log_dir
+    return base.with_name(base.name + suffix)
+
+
+def _run_dir(mod: Any, cfg: Any, fn: Callable[[Any], Path] | None) -> tuple[Path, bool]:
+    """(output directory, whether the app writes its status.json there itself)."""
+    fn = fn or getattr(mod, "run_dir", None)
     if callable(fn):
-        return Path(fn(cfg))
+        return Path(fn(cfg)), False
     if not (hasattr(cfg, "root") and hasattr(cfg, "log_dir")):
         raise SweepError(
             f"app module '{mod.__name__}' has no root/log_dir config keys: define run_dir(cfg) so the sweep "
             f"knows where each run writes status.json"
         )
-    return Path(cfg.root) / "runs" / cfg.log_dir
+    return Path(cfg.root) / "runs" / cfg.log_dir, True
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -389,9 +416,9 @@ def _run_dir(mod: Any, cfg: Any) -> Path:
 # ---------------------------------------------------------------------------------------------------
 
 
-def read_status(run_dir: str | os.PathLike) -> str:
-    """``status`` of ``<run_dir>/status.json``: completed, running, failed; ``missing`` or ``unreadable``."""
-    path = Path(run_dir) / "status.json"
+def read_status(path: str | os.PathLike) -> str:
+    """``status`` of a status.json file: completed, running, failed; ``missing`` or ``unreadable``."""
+    path = Path(path)
     if not path.is_file():
         return "missing"
     try:
@@ -401,29 +428,29 @@ def read_status(run_dir: str | os.PathLike) -> str:
         return "unreadable"
 
 
-def _status_message(run_dir: Path) -> str:
+def _status_message(path: Path) -> str:
     try:
-        return str(json.loads((run_dir / "status.json").read_text()).get("message", ""))
+        return str(json.loads(path.read_text()).get("message", ""))
     except (OSError, ValueError, AttributeError):
         return ""
 
 
-def _record_outcome(run_dir: Path, error: str | None) -> str | None:
+def _record_outcome(status_path: Path, error: str | None) -> str | None:
     """After a run: write ``status.json`` where the app did not, and return the failure message (or None).
 
     A run that returned normally is completed unless the app itself recorded something else; a run
     that raised is failed (the app's own ``failed`` message is kept when it wrote one).
     """
-    status = read_status(run_dir)
+    status = read_status(status_path)
     if error is None:
         if status == "missing":
-            atomic_write_json(run_dir / "status.json", {"status": COMPLETED, "step": None, "message": "sweep: done"})
+            atomic_write_json(status_path, {"status": COMPLETED, "step": None, "message": "sweep: done"})
             return None
         if status == COMPLETED:
             return None
-        return f"the app returned but status.json says '{status}': {_status_message(run_dir)}".rstrip(": ")
+        return f"the app returned but {status_path} says '{status}': {_status_message(status_path)}".rstrip(": ")
     if status in ("missing", "running", "unreadable", COMPLETED):
-        atomic_write_json(run_dir / "status.json", {"status": "failed", "step": None, "message": error})
+        atomic_write_json(status_path, {"status": "failed", "step": None, "message": error})
     return error
 
 
@@ -432,7 +459,7 @@ def _record_outcome(run_dir: Path, error: str | None) -> str | None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def run_in_process(module: str, cfg: Any, run_dir: Path) -> str | None:
+def run_in_process(module: str, cfg: Any, status_path: Path) -> str | None:
     """Call the app's ``main(cfg)`` here; return None on success or the failure message.
 
     Log handlers the app adds (its run's log file) are removed afterwards so that runs do not log
@@ -448,7 +475,7 @@ def run_in_process(module: str, cfg: Any, run_dir: Path) -> str | None:
     except VitefError as e:
         error = f"{type(e).__name__}: {e}"
     except Exception as e:  # a bug in one run must not stop the others; the traceback goes to the log
-        logger.exception("run %s crashed", run_dir)
+        logger.exception("run %s crashed", status_path.parent)
         error = f"{type(e).__name__}: {e}"
     finally:
         for h in root_logger.handlers[:]:
@@ -457,7 +484,7 @@ def run_in_process(module: str, cfg: Any, run_dir: Path) -> str | None:
                 h.close()
         root_logger.setLevel(level)
         _release_memory()
-    return _record_outcome(run_dir, error)
+    return _record_outcome(status_path, error)
 
 
 def _release_memory() -> None:
@@ -469,7 +496,7 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_command(cmd: Sequence[str], run_dir: str, log_path: str, env: dict[str, str] | None = None) -> str | None:
+def run_command(cmd: Sequence[str], status_path: str, log_path: str, env: dict[str, str] | None = None) -> str | None:
     """Run one app as a subprocess (the local parallel and slurm backends); None on success, else why not.
 
     stdout and stderr go to ``log_path``. The message of a failure is the app's ``error: ...`` line
@@ -486,7 +513,7 @@ def run_command(cmd: Sequence[str], run_dir: str, log_path: str, env: dict[str, 
     if rc != 0:
         how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
         error = f"{_last_error_line(log)} ({how}; log: {log})".lstrip()
-    return _record_outcome(Path(run_dir), error)
+    return _record_outcome(Path(status_path), error)
 
 
 def _last_error_line(log: Path) -> str:
@@ -502,8 +529,7 @@ def _last_error_line(log: Path) -> str:
 
 def launch_files(sweep: SweepConfig, run: Run) -> tuple[Path, Path]:
     """Where a subprocess run's full config and its console log live: ``<root>/sweeps/<log_dir>.{yaml,log}``."""
-    base = Path(sweep.root) / "sweeps" / run.log_dir
-    return base.with_name(base.name + ".yaml"), base.with_name(base.name + ".log")
+    return _sweep_file(sweep, run.log_dir, ".yaml"), _sweep_file(sweep, run.log_dir, ".log")
 
 
 def command_for(sweep: SweepConfig, run: Run, module: str) -> list[str]:
@@ -542,7 +568,7 @@ def launch(
     if sweep.backend == "local" and sweep.local.max_parallel == 1 and sweep.local.in_process:
         for run in wrap(todo, len(todo)):
             logger.info("sweep %s: run %s", sweep.name, run.run_dir)
-            err = run_in_process(module, run.cfg, run.run_dir)
+            err = run_in_process(module, run.cfg, run.status_path)
             if err is not None:
                 logger.error("run %s failed: %s", run.run_dir, err)
                 failures.append(Failure(run.run_dir, err))
@@ -569,7 +595,7 @@ def _launch_parallel(sweep: SweepConfig, module: str, todo: list[Run], wrap: Cal
                 env["CUDA_VISIBLE_DEVICES"] = str(sweep.local.gpus[slot % len(sweep.local.gpus)])
             _, log_path = launch_files(sweep, run)
             try:
-                err = run_command(command_for(sweep, run, module), str(run.run_dir), str(log_path), env)
+                err = run_command(command_for(sweep, run, module), str(run.status_path), str(log_path), env)
             except Exception as e:  # e.g. the log file cannot be written: still this run's failure only
                 err = f"{type(e).__name__}: {e}"
             if err is not None:
@@ -619,7 +645,7 @@ def _launch_submitit(sweep: SweepConfig, module: str, todo: list[Run], wrap: Cal
         for run in todo:
             _, log_path = launch_files(sweep, run)
             cmd = command_for(sweep, run, module)
-            jobs.append(executor.submit(run_command, cmd, str(run.run_dir), str(log_path), None))
+            jobs.append(executor.submit(run_command, cmd, str(run.status_path), str(log_path), None))
     ids = [str(j.job_id) for j in jobs]
     logger.info("sweep %s: submitted %d runs as job array %s (logs: %s)", sweep.name, len(jobs), ids[0], folder)
     if not (s.wait or s.cluster == "debug"):
@@ -630,7 +656,7 @@ def _launch_submitit(sweep: SweepConfig, module: str, todo: list[Run], wrap: Cal
             err = job.result()
         except Exception as e:  # the job itself died (timeout, preemption, node failure)
             err = f"job {job.job_id} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}"
-            _record_outcome(run.run_dir, err)
+            _record_outcome(run.status_path, err)
         if err is not None:
             failures.append(Failure(run.run_dir, err))
     return failures, ids
