@@ -162,3 +162,13 @@ def test_dataset_names_and_labels():
     assert R.dataset_label("cifar10_c-motion_blur") == "C10-C motion blur"
     assert R.order_datasets(["pet", "zzz", "cifar100", "cifar10"]) == ["cifar10", "cifar100", "pet", "zzz"]
     assert R.order_components(["all", "ln1", "fc1", "mha"]) == ["mha", "fc1", "ln1", "all"]
+
+
+def test_lp_baseline_of_the_finetuned_model(tmp_path):
+    write_probe(tmp_path, "pet", 0.50, model="base")
+    write_probe(tmp_path / "other", "pet", 0.70, model="large")
+    probes = pd.concat([R.collect_probes(tmp_path), R.collect_probes(tmp_path / "other")])
+    assert R.lp_baselines(probes, model="large").to_dict() == {"pet": 0.70}
+    assert R.lp_baselines(probes, model="base").to_dict() == {"pet": 0.50}
+    with pytest.raises(R.ResultsError, match="no probes of model 'huge'"):
+        R.lp_baselines(probes, model="huge")

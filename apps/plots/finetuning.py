@@ -119,7 +119,7 @@ def load_results(cfg: FinetuningPlotsConfig) -> tuple[pd.DataFrame, pd.Series, s
     runs, optimizer, model = R.select_group(runs, cfg.optimizer, cfg.model)
     lp_files = sorted((Path(cfg.results_dir) / "linear_probing").glob("*.csv"))
     probes = pd.concat([pd.read_csv(f) for f in lp_files], ignore_index=True) if lp_files else pd.DataFrame()
-    lp = R.lp_baselines(probes, cfg.lp_pool or None) if not probes.empty else pd.Series(dtype=float)
+    lp = R.lp_baselines(probes, cfg.lp_pool or None, model) if not probes.empty else pd.Series(dtype=float)
     tag = _safe(f"{model}_{optimizer}_select-{cfg.select_on}")
     return runs, lp, tag
 

@@ -188,13 +188,22 @@ def collect_probes(root: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def lp_baselines(probes: pd.DataFrame, pool: str | None = None) -> pd.Series:
+def lp_baselines(probes: pd.DataFrame, pool: str | None = None, model: str | None = None) -> pd.Series:
     """Linear-probing baseline per dataset: mean test accuracy (over seeds) at the last layer's ``res2``.
 
-    ``pool`` chooses the pooling when several were probed (None: the only one present).
+    ``pool`` chooses the pooling when several were probed (None: the only one present); ``model`` keeps
+    the probes of the finetuned model when they are there (probes of one other model are used with a
+    warning, of several other models an error).
     """
     if probes.empty:
         return pd.Series(dtype=float, name="lp")
+    models = sorted(probes["model"].astype(str).unique())
+    if model and model in models:
+        probes = probes[probes["model"].astype(str) == model]
+    elif model and len(models) > 1:
+        raise ResultsError(f"no probes of model {model!r}; probes hold {models}: probe the finetuned model")
+    elif model:
+        logger.warning("linear-probing baselines are of model %s, the finetuned runs of %s", models[0], model)
     df = probes[probes["point"] == "res2"].copy()
     pools = sorted(df["pool"].astype(str).unique())
     if pool:
