@@ -12,11 +12,12 @@ sampler instead passes ``(index, aug_seed)`` pairs, so each sample's augmentatio
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from vitef.errors import DataError
 
@@ -104,7 +105,7 @@ class VitefDataset(Dataset):
     num_classes
         Number of classes of the task.
     transform
-        uint8 image → float tensor (``ImageTransform``).
+        ``(uint8 image, random.Random or None)`` → float tensor (``ImageTransform``).
     corruption
         Optional ``(image uint8 (3, H, W), seed) → image uint8``; seeded by ``corruption_seed`` and the
         source index so every image is corrupted the same way in every epoch, split and process.
@@ -117,7 +118,7 @@ class VitefDataset(Dataset):
         source: ImageSource,
         indices: np.ndarray,
         num_classes: int,
-        transform: Callable[[torch.Tensor], torch.Tensor],
+        transform: Callable[[torch.Tensor, random.Random | None], torch.Tensor],
         *,
         corruption: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
         corruption_seed: int = 0,
@@ -150,13 +151,18 @@ class VitefDataset(Dataset):
             i, aug_seed = key
         else:
             i, aug_seed = key, None
-        img = self.raw_image(int(i))
+        rng = None if aug_seed is None else random.Random(aug_seed)
         label = int(self.targets[int(i)])
-        if aug_seed is None:
-            return self.transform(img), label
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(aug_seed)
-            return self.transform(img), label
+        threads = torch.get_num_threads()
+        if threads == 1 or get_worker_info() is not None:
+            return self.transform(self.raw_image(int(i)), rng), label
+        # Loading in the main process (num_workers=0): one image's ops are too small for intra-op threads,
+        # whose hand-offs cost more than they save (3x slower on 2 busy cores, benchmarks/data.py).
+        torch.set_num_threads(1)
+        try:
+            return self.transform(self.raw_image(int(i)), rng), label
+        finally:
+            torch.set_num_threads(threads)
 
     def __repr__(self) -> str:
         return f"VitefDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, classes={self.num_classes})"

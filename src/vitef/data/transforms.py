@@ -8,11 +8,13 @@ only at the end, then is normalised with ``(x - mean) / std``.
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 from vitef.errors import ConfigError
 
@@ -52,6 +54,29 @@ def resolve_normalization(
     raise ConfigError(f"normalize={normalize!r} is not one of imagenet, model, none")
 
 
+def random_resized_crop_box(height: int, width: int, rng: random.Random, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """``(top, left, h, w)`` of a random crop covering ``scale`` of the area with aspect ratio in ``ratio``
+    (log-uniform), the Inception-style crop of ``RandomResizedCrop``; 10 tries, then the central crop
+    clamped to ``ratio``."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 class ImageTransform:
     """uint8 ``(3, H, W)`` tensor → normalised float32 ``(3, size, size)``.
 
@@ -60,9 +85,13 @@ class ImageTransform:
     size
         Output side in pixels (the model's input size: 224 for the paper's models).
     augment
-        Train transform (random resized crop + flip) if true, else resize + center crop.
+        Train transform (RandomResizedCrop(size, scale (0.08, 1), ratio (3/4, 4/3)) + horizontal flip) if
+        true, else Resize(size) (shorter side) + CenterCrop(size).
     mean, std
         Per-channel normalisation applied to the [0, 1] image.
+
+    The random draws come from a ``random.Random`` passed by the caller (seeded per sample by the loaders,
+    so augmentation is reproducible); without one they are seeded from torch's global RNG.
     """
 
     def __init__(self, size: int, augment: bool, mean: Sequence[float], std: Sequence[float]):
@@ -72,19 +101,24 @@ class ImageTransform:
             raise ConfigError(f"mean/std need 3 values each with std > 0, got mean={mean} std={std}")
         self.size = size
         self.augment = augment
-        if augment:
-            self.geometry = v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
-        else:
-            self.geometry = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        # Multiplying by 1/(255 std) folds the uint8 → [0, 1] scaling into the normalisation.
-        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32))).view(3, 1, 1)
-        self.shift = (self.mean / torch.tensor(std, dtype=torch.float32).view(3, 1, 1)).view(3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        # (x / 255 - mean) / std == x * scale - shift: one multiply-subtract on the uint8 → float copy.
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
         assert image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3, image.shape
-        out = self.geometry(image)  # (3, size, size) uint8
+        size = [self.size, self.size]
+        if self.augment:
+            if rng is None:
+                rng = random.Random(int(torch.randint(0, 2**62, (1,)).item()))
+            top, left, h, w = random_resized_crop_box(image.shape[1], image.shape[2], rng)
+            out = TF.resized_crop(image, top, left, h, w, size, antialias=True)  # (3, size, size) uint8
+            if rng.random() < 0.5:
+                out = TF.horizontal_flip(out)
+        else:
+            out = TF.center_crop(TF.resize(image, self.size, antialias=True), size)
         return out.to(torch.float32).mul_(self.scale).sub_(self.shift)
 
     def __repr__(self) -> str:
-        return f"ImageTransform(size={self.size}, augment={self.augment}, geometry={self.geometry})"
+        return f"ImageTransform(size={self.size}, augment={self.augment})"
