@@ -30,13 +30,15 @@ class DataInfoConfig:
 
 
 def main(cfg: DataInfoConfig) -> None:
-    print(f"{'split':<8}{'images':>10}{'classes':>9}  first batch")
-    for split in cfg.splits:
+    rows = []
+    for split in cfg.splits:  # load everything first: an error prints alone, not under a half table
         loader = build_loader(cfg.name, split, batch_size=cfg.batch_size, size=cfg.size, seed=cfg.seed,
                               device="cpu", **cfg.data.loader_kwargs())  # fmt: skip
         x, y = next(iter(loader))
         batch = f"x {tuple(x.shape)} in [{x.min():.2f}, {x.max():.2f}], labels {y.tolist()}"
-        print(f"{split:<8}{len(loader.dataset):>10,}{loader.num_classes:>9}  {batch}")
+        rows.append(f"{split:<8}{len(loader.dataset):>10,}{loader.num_classes:>9}  {batch}")
+    print(f"{cfg.name}\n{'split':<8}{'images':>10}{'classes':>9}  first batch")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":
