@@ -83,12 +83,15 @@ def evaluate(
         Returns ``(B, num_classes)`` logits.
     loader
         Yields ``(images, labels)`` over the full split (not shuffled, no dropped batch). Under
-        torchrun it is re-sharded across processes (``DataLoader`` only) when ``distributed_shard``.
+        torchrun a ``DataLoader`` over the full split is re-sharded across processes when
+        ``distributed_shard``; one whose sampler is already sharded (``sampler.world_size``) is kept.
     precision
         Autocast for the forward pass; losses are accumulated in float64.
     """
     world = distributed.world_size()
-    if distributed_shard and world > 1 and isinstance(loader, DataLoader):
+    # A loader already sharded over the processes (e.g. vitef.data.build_loader(rank=, world_size=)) is kept.
+    already_sharded = getattr(getattr(loader, "sampler", None), "world_size", 1) == world
+    if distributed_shard and world > 1 and isinstance(loader, DataLoader) and not already_sharded:
         loader = shard_loader(loader, distributed.rank(), world)
     was_training = model.training
     model.eval()

@@ -28,6 +28,11 @@ from vitef.utils import atomic_write_json
 logger = logging.getLogger(__name__)
 
 STATUSES = ("running", "completed", "failed")
+# Everything a run may write (a folder holding anything else is not deleted by ``remove``).
+RUN_FILES = frozenset(
+    {"config.yaml", "metrics.jsonl", "train.log", "status.json", "params.json", "checkpoints", "eval.json"}
+    | {"tensorboard"}
+)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -147,9 +152,22 @@ class RunDir:
                 if child.name.startswith(".") and child.name.endswith(".tmp"):
                     shutil.rmtree(child, ignore_errors=True)
 
+    def looks_like_run(self) -> bool:
+        """True when the directory is empty or holds only what a run writes (safe to delete)."""
+        if not self.path.is_dir():
+            return False
+        names = {p.name for p in self.path.iterdir()}
+        return not names or "config.yaml" in names or names <= RUN_FILES
+
     def remove(self) -> None:
-        """Delete the whole run directory (``overwrite=true``)."""
-        if self.path.exists():
-            if not self.path.is_dir():
-                raise ConfigError(f"run directory '{self.path}' is a file: remove it or choose another log_dir")
-            shutil.rmtree(self.path)
+        """Delete the whole run directory (``overwrite=true``); refuses folders that are not runs."""
+        if not self.path.exists():
+            return
+        if not self.path.is_dir():
+            raise ConfigError(f"run directory '{self.path}' is a file: remove it or choose another log_dir")
+        if not self.looks_like_run():
+            raise ConfigError(
+                f"'{self.path}' is not a run directory (no config.yaml) and is not empty: refusing to delete it; "
+                "choose another log_dir or root"
+            )
+        shutil.rmtree(self.path)

@@ -1,0 +1,511 @@
+"""Component-wise finetuning of a ViT (Odonnat et al., arXiv 2602.06883, §4).
+
+    python -m apps.vit.train config=apps/vit/configs/cifar10.yaml trainable=[mha] lr=1e-2 seed=0
+    torchrun --nproc_per_node=4 -m apps.vit.train config=apps/vit/configs/cifar10.yaml trainable=[mha]
+
+Only the chosen components (in every block) train, plus a fresh linear head and the final LayerNorm.
+The run lives in ``<root>/runs/<log_dir>/`` (docs/ARCHITECTURE.md): the resolved config, one metrics row
+per step (loss, lr, pre-clipping gradient norm in total and per component, images/s), validation rows
+every ``eval_period`` steps, checkpoints, and ``eval.json`` with the test metrics of the checkpoint
+with the best validation accuracy. Relaunching the same command resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from vitef import distributed
+from vitef.config import build_config, cli_main, option, save_config, to_dict
+from vitef.data import DataConfig, build_loader, make_iterable, num_classes, parse_name
+from vitef.distributed import DistInfo
+from vitef.errors import ConfigError, TrainingError, VitefError
+from vitef.evaluation import EvalResult, autocast_context, evaluate
+from vitef.models import (
+    ModelConfig,
+    build_model_from_config,
+    canonical_list,
+    component_of,
+    count_parameters,
+    set_trainable,
+)
+from vitef.monitor import (
+    MetricsLogger,
+    RunDir,
+    capture_rng,
+    load_state,
+    load_weights,
+    read_best,
+    restore_rng,
+    save_best,
+    save_checkpoint,
+)
+from vitef.optim import (
+    OptimConfig,
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+    grad_norms,
+    load_scheduler_state,
+    scheduler_state,
+)
+from vitef.utils import atomic_write_json, resolve_device, set_seed, setup_logging
+
+logger = logging.getLogger("apps.vit.train")
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Keys that may change between a run and its resumption (they do not change the result).
+RESUME_FREE_KEYS = ("overwrite", "device", "compile", "data.num_workers", "data.download", "data.root", "log_every")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Finetune chosen components of a ViT on one dataset (arXiv 2602.06883)."""
+
+    ALIASES: ClassVar[dict[str, str]] = {
+        "lr": "optim.lr",
+        "model_name": "model.name",
+        "num_workers": "data.num_workers",
+        "data_root": "data.root",
+    }
+
+    dataset_name: str = option("cifar10", "dataset of the registry (vitef.data), e.g. cifar10, digits_subset-56789")
+    model: ModelConfig = option(ModelConfig(name="base"), "the pretrained ViT")
+    data: DataConfig = option(DataConfig(), "dataset root, normalisation, loader workers")
+    optim: OptimConfig = option(OptimConfig(), "optimiser, schedule, clipping, accumulation")
+    trainable: list[str] = option(["all"], "components to train: all, or a list of emb/ln1/mha/ln2/fc1/fc2")
+    steps: int = option(10_000, "optimiser updates")
+    batch_size: int = option(512, "images per update, over all processes and accumulation micro-batches")
+    eval_batch_size: int = option(256, "images per evaluation batch and process")
+    eval_period: int = option(500, "validate every this many updates (and at the end)")
+    checkpoint_period: int = option(0, "checkpoint every this many updates (0: every eval_period) and at the end")
+    keep_last: int = option(1, "step checkpoints kept (the best one is kept besides)")
+    seed: int = option(0, "seed of the head initialisation, the data order/split and augmentation")
+    precision: str = option("fp32", "autocast: fp32 (the paper's), bf16 or fp16")
+    compile: bool = option(False, "torch.compile the model")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    root: str = option("outputs", "output root; the run goes to <root>/runs/<log_dir>")
+    log_dir: str = option("", "run name (default: <dataset>_<trainable>_lr<lr>_seed<seed>) or a run directory")
+    overwrite: bool = option(False, "delete an existing run directory and start afresh")
+    log_every: int = option(50, "write a progress line to the log every this many updates")
+    tensorboard: bool = option(True, "also write TensorBoard scalars when tensorboard is installed")
+
+    def validate(self) -> None:
+        try:
+            parse_name(self.dataset_name)
+        except VitefError as e:
+            raise ConfigError(f"dataset_name: {e}") from e
+        try:
+            names = canonical_list(self.trainable)
+        except VitefError as e:
+            raise ConfigError(f"trainable: {e}") from e
+        if not names:
+            raise ConfigError("trainable=[] trains nothing: use trainable=[all] or e.g. trainable=[mha]")
+        positive = ("steps", "batch_size", "eval_batch_size", "eval_period", "keep_last", "log_every")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.eval_period > self.steps:
+            raise ConfigError(f"eval_period={self.eval_period} exceeds steps={self.steps}: lower eval_period")
+        if not 0 <= self.checkpoint_period <= self.steps:
+            raise ConfigError(f"checkpoint_period={self.checkpoint_period} must be in [0, steps={self.steps}]")
+        if self.optim.warmup_steps > self.steps:
+            raise ConfigError(f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}: lower it")
+        if self.batch_size % self.optim.grad_accumulation:
+            raise ConfigError(
+                f"batch_size={self.batch_size} is not divisible by optim.grad_accumulation="
+                f"{self.optim.grad_accumulation}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if not self.root:
+            raise ConfigError("root is empty: give an output folder, e.g. root=outputs")
+        if ".." in Path(self.log_dir).parts:
+            raise ConfigError(f"log_dir={self.log_dir!r} must not contain '..': give a run name or a run directory")
+        resolve_device(self.device)  # raises ConfigError for cuda on a machine without GPU
+
+    @property
+    def run_name(self) -> str:
+        """``log_dir``, or a name derived from what distinguishes runs of a sweep."""
+        if self.log_dir:
+            return self.log_dir
+        parts = [self.dataset_name]
+        if self.model.name != "base":
+            parts.append(Path(self.model.name).name)
+        if self.optim.name != "sgd":
+            parts.append(self.optim.name)
+        parts += ["-".join(canonical_list(self.trainable)), f"lr{self.optim.lr:g}", f"seed{self.seed}"]
+        return re.sub(r"[^A-Za-z0-9_.+-]+", "_", "_".join(parts))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training step (shared with benchmarks/train.py)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Stepper:
+    """Everything one optimiser update needs: the forward module, the trainable parameters, the optimiser.
+
+    ``model`` may be wrapped (DDP, torch.compile); ``named_params`` are the trainable parameters of the
+    plain model with their timm names, ``groups`` maps each name to its component.
+    """
+
+    model: nn.Module
+    named_params: list[tuple[str, nn.Parameter]]
+    groups: dict[str, str]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    precision: str = "fp32"
+    clip_grad: float | None = 1.0
+    grad_accumulation: int = 1
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, plain: nn.Module, cfg: OptimConfig, steps: int, device: torch.device, precision: str
+    ) -> Stepper:
+        named = [(n, p) for n, p in plain.named_parameters() if p.requires_grad]
+        optimizer = build_optimizer([p for _, p in named], cfg)
+        return cls(
+            model=model,
+            named_params=named,
+            groups={n: component_of(n).component for n, _ in named},
+            optimizer=optimizer,
+            scheduler=build_scheduler(optimizer, cfg, steps),
+            # Loss scaling only matters for fp16; disabled it is a pass-through.
+            scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+            device=device,
+            precision=precision,
+            clip_grad=cfg.clip_grad,
+            grad_accumulation=cfg.grad_accumulation,
+        )
+
+
+def train_step(s: Stepper, batches: Iterator) -> dict[str, Any]:
+    """One optimiser update over ``grad_accumulation`` micro-batches drawn from ``batches``.
+
+    Returns the metrics row (without ``step``): mean loss over the full batch (averaged over processes),
+    the learning rate of this update, the pre-clipping global gradient norm and its per-component norms.
+    Raises :class:`TrainingError`, before updating the weights, when the loss is NaN or infinite.
+    """
+    s.model.train()
+    s.optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=s.device)
+    n_images = 0
+    for micro in range(s.grad_accumulation):
+        images, labels = next(batches)
+        images = images.to(s.device, non_blocking=True)
+        labels = labels.to(s.device, non_blocking=True)
+        n_images += labels.numel()
+        # DDP all-reduces gradients on the last micro-batch only.
+        with distributed.maybe_no_sync(s.model, skip=micro < s.grad_accumulation - 1):
+            with autocast_context(s.device, s.precision):
+                logits = s.model(images)  # (B, num_classes)
+            loss = F.cross_entropy(logits.float(), labels) / s.grad_accumulation
+            s.scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    loss_value = distributed.all_reduce_mean(loss_sum).item()
+    if not math.isfinite(loss_value):
+        raise TrainingError(
+            f"the training loss is {loss_value}: training diverged. Lower the learning rate (lr=...), "
+            "keep gradient clipping on (optim.clip_grad=1.0) or use precision=fp32"
+        )
+    s.scaler.unscale_(s.optimizer)
+    total, per_component = grad_norms(s.named_params, s.groups)
+    clip_gradients([p for _, p in s.named_params], s.clip_grad, total)
+    lr = s.optimizer.param_groups[0]["lr"]
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.scheduler.step()
+    row: dict[str, Any] = {"loss": loss_value, "lr": lr, "grad_norm": total.item()}
+    row.update({f"grad_norm/{c}": v.item() for c, v in per_component.items()})
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------
+# The recipe
+# ---------------------------------------------------------------------------------------------------
+
+
+def main(cfg: TrainConfig) -> None:
+    info, device = distributed.init_distributed(cfg.device)
+    try:
+        train(cfg, info, device)
+    finally:
+        distributed.destroy_distributed()
+
+
+def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
+    run = RunDir.from_log_dir(cfg.root, cfg.run_name)
+    if not cfg.overwrite and _already_complete(run, info):
+        return
+    micro_batch = _micro_batch(cfg, info)
+
+    # Build everything that can fail on user input before the run directory is touched.
+    set_seed(cfg.seed)
+    classes = num_classes(cfg.dataset_name, cfg.data.root)
+    model = build_model_from_config(cfg.model, num_classes=classes)
+    counts = set_trainable(model, cfg.trainable)
+    model.to(device)
+    size = model.patch_embed.img_size[0]
+    train_loader, val_loader, test_loader = _loaders(cfg, info, model, size, micro_batch, device)
+    resume = _prepare_run_dir(cfg, run, info)
+    if info.is_main:
+        setup_logging(log_file=run.log_path)
+    else:
+        logging.getLogger().setLevel(logging.WARNING)
+    forward_model = _wrap(model, cfg, info, device)
+    stepper = Stepper.build(forward_model, model, cfg.optim, cfg.steps, device, cfg.precision)
+    batches = make_iterable(train_loader, seed=cfg.seed)
+    metrics = MetricsLogger(run.metrics_path, run.tensorboard_dir if cfg.tensorboard else None, enabled=info.is_main)
+    progress = {"step": 0, "best_val_acc": -1.0, "best_step": 0, "best_val_loss": math.inf}
+    if resume is not None:
+        progress = _resume(resume, model, stepper, batches, info)
+        metrics.truncate_after(progress["step"])
+        logger.info("resumed %s from step %d", run.path, progress["step"])
+    else:
+        _write_run_header(cfg, run, model, counts, info)
+    logger.info(
+        "training %s on %s: trainable %s (%s parameters), %d steps of %d images (%d per process and micro-batch)",
+        cfg.model.name, cfg.dataset_name, ",".join(counts), f"{sum(counts.values()):,}", cfg.steps, cfg.batch_size,
+        micro_batch,
+    )  # fmt: skip
+    bar = tqdm(total=cfg.steps, initial=progress["step"], disable=not info.is_main, desc="train", mininterval=2)
+    step = progress["step"]
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            row = train_step(stepper, batches)
+            step += 1
+            row = {"step": step, **row, "images_per_s": cfg.batch_size / (time.perf_counter() - t0)}
+            metrics.log(row)
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                logger.info("step %d loss %.4f lr %.3g grad_norm %.3g", step, row["loss"], row["lr"], row["grad_norm"])
+            if step % cfg.eval_period == 0 or step == cfg.steps:
+                _validate(cfg, run, model, val_loader, device, step, progress, metrics, info)
+            if step % (cfg.checkpoint_period or cfg.eval_period) == 0 or step == cfg.steps:
+                progress["step"] = step
+                _checkpoint(cfg, run, model, stepper, batches, progress, info)
+    except TrainingError as e:
+        _fail(run, info, step, str(e), metrics)
+        raise
+    except BaseException as e:
+        _fail(run, info, step, f"{type(e).__name__}: {e}", metrics)
+        raise
+    finally:
+        bar.close()
+    metrics.close()
+    _test_best(cfg, run, model, test_loader, device, progress, info)
+
+
+def _already_complete(run: RunDir, info: DistInfo) -> bool:
+    status = run.read_status()
+    if status is None or status.get("status") != "completed":
+        return False
+    if info.is_main:
+        print(
+            f"run {run.path} is already complete (step {status.get('step')}); results in {run.eval_path}. "
+            "Pass overwrite=true to train it again."
+        )
+    return True
+
+
+def _micro_batch(cfg: TrainConfig, info: DistInfo) -> int:
+    per_update = cfg.optim.grad_accumulation * info.world_size
+    if cfg.batch_size % per_update:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is not divisible by optim.grad_accumulation ({cfg.optim.grad_accumulation})"
+            f" x processes ({info.world_size}): choose a batch size that splits evenly"
+        )
+    return cfg.batch_size // per_update
+
+
+def _loaders(cfg: TrainConfig, info: DistInfo, model: nn.Module, size: int, micro_batch: int, device: torch.device):
+    """Train (shuffled, augmented, full micro-batches only), val and test loaders, sharded by rank."""
+    common = dict(size=size, seed=cfg.seed, rank=info.rank, world_size=info.world_size, device=device, model=model)
+    common.update(cfg.data.loader_kwargs())
+    # Rank 0 first, so that a dataset download happens once.
+    if not info.is_main:
+        distributed.barrier()
+    train = build_loader(cfg.dataset_name, "train", batch_size=micro_batch, drop_last=True, **common)
+    val = build_loader(cfg.dataset_name, "val", batch_size=cfg.eval_batch_size, shuffle=False, **common)
+    test = build_loader(cfg.dataset_name, "test", batch_size=cfg.eval_batch_size, shuffle=False, **common)
+    if info.is_main:
+        distributed.barrier()
+    return train, val, test
+
+
+def _prepare_run_dir(cfg: TrainConfig, run: RunDir, info: DistInfo) -> Path | None:
+    """Start afresh or find the checkpoint to resume from; returns that checkpoint directory or None."""
+    resume = None
+    if info.is_main:
+        if cfg.overwrite:
+            run.remove()
+        elif run.config_path.is_file():
+            _check_same_config(cfg, run)
+            resume = run.latest_checkpoint()
+        if resume is None and run.exists():
+            # Killed before its first checkpoint: nothing to keep.
+            run.remove()
+        run.path.mkdir(parents=True, exist_ok=True)
+    return distributed.broadcast_object(resume)
+
+
+def _check_same_config(cfg: TrainConfig, run: RunDir) -> None:
+    try:
+        saved = yaml.safe_load(run.config_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{run.config_path} is not valid YAML ({e}); use overwrite=true to start afresh") from e
+    diffs = _diff(_flatten(saved), _flatten(to_dict(cfg)))
+    diffs = [d for d in diffs if not any(d[0] == k or d[0].startswith(k + ".") for k in RESUME_FREE_KEYS)]
+    if diffs:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:5])
+        raise ConfigError(
+            f"run directory {run.path} exists with a different config ({shown}). "
+            "Use overwrite=true to replace it, or another log_dir"
+        )
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _diff(a: dict, b: dict) -> list[tuple[str, Any, Any]]:
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _wrap(model: nn.Module, cfg: TrainConfig, info: DistInfo, device: torch.device) -> nn.Module:
+    out: nn.Module = model
+    if info.is_distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        out = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:
+        out = torch.compile(out)
+    return out
+
+
+def _write_run_header(cfg: TrainConfig, run: RunDir, model: nn.Module, counts: dict, info: DistInfo) -> None:
+    """config.yaml, params.json (parameters per component) and status.json of a new run."""
+    if not info.is_main:
+        return
+    save_config(cfg, run.config_path)
+    atomic_write_json(run.params_path, {"trainable": counts, "total": count_parameters(model)})
+    for comp, n in counts.items():
+        logger.info("trainable %-5s %14s parameters", comp, f"{n:,}")
+    run.write_status("running", 0, "started")
+
+
+def _resume(ckpt: Path, model: nn.Module, stepper: Stepper, batches, info: DistInfo) -> dict:
+    load_weights(model, ckpt / "model.safetensors")
+    state = load_state(ckpt)
+    stepper.optimizer.load_state_dict(state["optimizer"])
+    load_scheduler_state(stepper.scheduler, state["scheduler"])
+    if state.get("scaler"):
+        stepper.scaler.load_state_dict(state["scaler"])
+    batches.load_state_dict(state["data"])
+    rngs = state["rng"]
+    if len(rngs) == info.world_size:
+        restore_rng(rngs[info.rank])
+    else:
+        logger.warning("checkpoint of %d processes resumed on %d: RNG states not restored", len(rngs), info.world_size)
+    return dict(state["progress"])
+
+
+def _validate(cfg, run, model, val_loader, device, step, progress, metrics, info) -> None:
+    result = evaluate(model, val_loader, device, precision=cfg.precision)
+    metrics.log({"step": step, "val_loss": result.loss, "val_acc": result.acc})
+    improved = result.acc > progress["best_val_acc"]
+    logger.info("step %d val_loss %.4f val_acc %.2f%%%s", step, result.loss, 100 * result.acc, " (best)" * improved)
+    if improved:
+        progress.update(best_val_acc=result.acc, best_val_loss=result.loss, best_step=step)
+        if info.is_main:
+            save_best(run.best_dir, model, {"step": step, "val_acc": result.acc, "val_loss": result.loss})
+
+
+def _checkpoint(cfg, run, model, stepper: Stepper, batches, progress, info) -> None:
+    rngs = distributed.all_gather_object(capture_rng())
+    if info.is_main:
+        state = {
+            "progress": dict(progress),
+            "optimizer": stepper.optimizer.state_dict(),
+            "scheduler": scheduler_state(stepper.scheduler),
+            "scaler": stepper.scaler.state_dict() if stepper.scaler.is_enabled() else {},
+            "data": batches.state_dict(),
+            "rng": rngs,
+        }
+        save_checkpoint(run.step_dir(progress["step"]), model, state)
+        run.prune_checkpoints(cfg.keep_last)
+        run.write_status("running", progress["step"], "checkpointed")
+    distributed.barrier()
+
+
+def _fail(run: RunDir, info: DistInfo, step: int, message: str, metrics: MetricsLogger) -> None:
+    metrics.close()
+    if info.is_main:
+        logger.error("run failed at step %d: %s", step, message)
+        run.write_status("failed", step, message)
+
+
+def _test_best(cfg, run, model, test_loader, device, progress, info) -> None:
+    """Evaluate the best-validation checkpoint on the test split; write eval.json; mark the run complete."""
+    distributed.barrier()
+    load_weights(model, run.best_model_path)
+    result: EvalResult = evaluate(model, test_loader, device, precision=cfg.precision)
+    best = read_best(run.best_dir)
+    if info.is_main:
+        payload = {
+            "dataset": cfg.dataset_name,
+            "split": "test",
+            "acc": result.acc,
+            "loss": result.loss,
+            "n": result.n,
+            "best_step": best["step"],
+            "best_val_acc": best["val_acc"],
+            "trainable": canonical_list(cfg.trainable),
+            "lr": cfg.optim.lr,
+            "seed": cfg.seed,
+            "model": cfg.model.name,
+        }
+        atomic_write_json(run.eval_path, payload)
+        run.write_status("completed", cfg.steps, f"test acc {result.acc:.4f} at best step {best['step']}")
+        logger.info("best step %d (val %.2f%%): test acc %.2f%%", best["step"], 100 * best["val_acc"], 100 * result.acc)
+        print(f"{run.path}: test acc {100 * result.acc:.2f}% (best step {best['step']}, n={result.n})")
+
+
+def load_run_config(run: RunDir) -> TrainConfig:
+    """The resolved :class:`TrainConfig` saved in a run directory."""
+    if not run.config_path.is_file():
+        raise ConfigError(f"no run at {run.path} (config.yaml missing): train it first or fix log_dir/root")
+    try:
+        saved = yaml.safe_load(run.config_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{run.config_path} is not valid YAML ({e})") from e
+    if isinstance(saved, dict):
+        saved["device"] = "auto"  # the run may have trained on a device this machine lacks
+    return build_config(TrainConfig, (str(run.config_path), saved))
+
+
+if __name__ == "__main__":
+    cli_main(TrainConfig, main, argv=sys.argv[1:], prog="apps.vit.train")
