@@ -468,7 +468,17 @@ def top_directions(
             break
         q, _ = torch.linalg.qr(w)
     else:
-        logger.warning("power iteration did not converge in %d iterations (tol %.1e)", iters, tol)
+        # Typical when several singular values nearly coincide (e.g. the same map on every token): the
+        # singular values are then accurate, the directions are some vectors of the near-degenerate space.
+        logger.warning(
+            "power iteration stopped after %d iterations at relative residual %.1e > tol %.1e "
+            "(singular values %.4g, %.4g nearly equal to the next ones?)",
+            iters,
+            float(residual.max()) / max(float(lam[0]), 1e-30),
+            tol,
+            float(lam[0]) ** 0.5,
+            float(lam[1]) ** 0.5,
+        )
     u, v = q[:, 0].view_as(x), q[:, 1].view_as(x)
     sigma1 = float(jvp(f, (x,), (u,))[1].detach().norm())
     sigma2 = float(jvp(f, (x,), (v,))[1].detach().norm())
