@@ -17,6 +17,13 @@ We minimise the same function divided by ``C * n`` (the mean loss plus ``||W||^2
 what scikit-learn's lbfgs solver minimises internally, and stop like it: when the largest absolute
 entry of that scaled gradient is ``<= tol`` (scikit-learn's ``tol=1e-4`` is scipy's ``gtol``), or after
 ``max_iter`` iterations (then ``converged`` is ``False``).
+
+Optional preconditioning (``precondition=True``) changes the path, never the optimum nor the stopping test: the
+L-BFGS initial inverse Hessian is ``gamma * M^-1`` with ``M = X^T X / n + (1/(C n) + 1e-3) I`` per probe
+(a Gauss-Newton-like whitening of correlated features), instead of scipy's ``gamma * I``. Features
+of real networks are strongly correlated, where this cuts the iterations 2-4x; each iteration costs
+more (a ``d x d`` matmul), so it pays when ``n`` is large compared with ``d``. Off by default: the
+default path is scipy's L-BFGS algorithm, batched (same iteration counts as scikit-learn).
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ class SolverConfig:
     max_iter: int = option(5000, "L-BFGS iterations at most (per probe; converged=false if reached)")
     history: int = option(10, "L-BFGS memory (pairs kept), as scipy's default")
     dtype: str = option("float32", "float32 (fast) or float64 (closest to scikit-learn)")
+    precondition: bool = option(False, "L-BFGS initial matrix from the feature covariance (fewer iterations)")
+    precondition_rows: int = option(4096, "rows sampled to estimate that covariance (bounds its cost)")
     device: str = option("auto", "where to solve: auto (cuda if available), cpu, cuda, cuda:N")
 
     def validate(self) -> None:
@@ -55,6 +64,8 @@ class SolverConfig:
             raise ConfigError(f"solver.max_iter={self.max_iter} must be >= 1")
         if self.history < 1:
             raise ConfigError(f"solver.history={self.history} must be >= 1")
+        if self.precondition_rows < 1:
+            raise ConfigError(f"solver.precondition_rows={self.precondition_rows} must be >= 1")
         if self.dtype not in _DTYPES:
             raise ConfigError(f"solver.dtype={self.dtype!r} is unknown: use float32 or float64")
 
@@ -147,12 +158,13 @@ def _loss_grad(
     """
     n = X.shape[1]
     z = torch.baddbmm(b.unsqueeze(1), X, W.transpose(1, 2))  # (P, n, k)
-    lse = torch.logsumexp(z, dim=-1)  # (P, n)
-    picked = z.gather(-1, y.view(1, n, 1).expand(z.shape[0], n, 1)).squeeze(-1)  # (P, n)
-    f = (lse - picked).mean(dim=1) + 0.5 * alpha * W.square().sum(dim=(1, 2))
-    G = torch.softmax(z, dim=-1)  # (P, n, k): dloss/dz = softmax - onehot
-    G.scatter_add_(-1, y.view(1, n, 1).expand(z.shape[0], n, 1), torch.full_like(G[..., :1], -1.0))
-    G.div_(n)
+    target = y.view(1, n, 1).expand(z.shape[0], n, 1)
+    z = z - z.amax(dim=-1, keepdim=True)  # stable softmax; few large ops (cheap on a busy CPU)
+    G = z.exp()  # (P, n, k)
+    total = G.sum(dim=-1, keepdim=True)  # (P, n, 1)
+    f = (total.log() - z.gather(-1, target)).mean(dim=(1, 2)) + 0.5 * alpha * W.square().sum(dim=(1, 2))
+    # dloss/dz = softmax - onehot, already divided by n for the mean.
+    G.div_(total * n).scatter_add_(-1, target, torch.full_like(G[..., :1], -1.0 / n))
     # G^T X streams X row-major, which BLAS does much faster than X^T G with a transposed X.
     gW = torch.baddbmm(W, G.transpose(1, 2), X, beta=alpha)  # (P, k, d)
     gb = G.sum(dim=1)  # (P, k)
@@ -226,6 +238,7 @@ def fit_logreg(
     iters_out = torch.zeros(P, dtype=torch.long)
     conv_out = torch.zeros(P, dtype=torch.bool)
 
+    chol = _preconditioner(X_all, alpha, cfg) if cfg.precondition else None  # (P, d, d) M^-1
     idx = torch.arange(P, device=device)  # global ids of the working set
     Xw = X_all
     theta = torch.zeros(P, m, device=device, dtype=dtype)
@@ -259,11 +272,13 @@ def fit_logreg(
             idx, theta, f, g = idx[keep], theta[keep], f[keep], g[keep]
             S, Yh, rho = S[:, keep], Yh[:, keep], rho[:, keep]
             gamma, first, it_count = gamma[keep], first[keep], it_count[keep]
+            chol = chol[keep] if chol is not None else None
             # Copying X is costly: compact the features only when enough problems have left.
             Xw = X_all[idx] if keep.numel() < 0.75 * Xw.shape[0] or Xw is X_all else Xw[keep]
-        direction = -_two_loop(g, S, Yh, rho, gamma, slot)
-        # First step (steepest descent): length 1 / ||g||_2 so the trial point is on a sensible scale.
-        t = torch.where(first, 1.0 / torch.linalg.vector_norm(g, dim=1).clamp_min(eps), torch.ones_like(f))
+        direction = -_two_loop(g, S, Yh, rho, gamma, slot, chol, d, k)
+        # First step (no curvature pair yet): length 1 / ||direction|| so the trial point is on a sane scale.
+        dn = torch.linalg.vector_norm(direction, dim=1).clamp_min(eps)
+        t = torch.where(first, 1.0 / dn, torch.ones_like(f))
         slope = (g * direction).sum(dim=1)  # (A,) < 0 for a descent direction
         bad = slope >= 0
         if bool(bad.any()):  # numerical breakdown of the history: restart those problems from -g
@@ -283,7 +298,8 @@ def fit_logreg(
         S[slot] = torch.where(ok.unsqueeze(1), s, 0.0)
         Yh[slot] = torch.where(ok.unsqueeze(1), yv, 0.0)
         rho[slot] = torch.where(ok, 1.0 / sy.where(ok, 1.0), 0.0)
-        gamma = torch.where(ok, sy / yy.clamp_min(eps), gamma)
+        yHy = yy if chol is None else (yv * _apply_h0(yv, chol, d, k)).sum(dim=1)
+        gamma = torch.where(ok, sy / yHy.clamp_min(eps), gamma)
         first = first & ~ok
         slot = (slot + 1) % cfg.history
         theta, f, g = theta_new, f_new, g_new
@@ -311,26 +327,63 @@ def fit_logreg(
     )
 
 
+def _preconditioner(X: torch.Tensor, alpha: float, cfg: SolverConfig) -> torch.Tensor:
+    """``M^-1`` ``(P, d, d)`` for ``M = X^T X / n + (alpha + 1e-3) I`` (rows subsampled, see config).
+
+    The explicit inverse is applied with one batched matmul per iteration, much faster than two
+    triangular solves with only ``k`` right-hand sides.
+    """
+    P, n, d = X.shape
+    rows = X if n <= cfg.precondition_rows else X[:, torch.linspace(0, n - 1, cfg.precondition_rows).long()]
+    M = torch.bmm(rows.transpose(1, 2), rows).div_(rows.shape[1])  # (P, d, d)
+    ridge = alpha + 1e-3
+    for _ in range(6):  # a rank-deficient covariance in float32 may need a larger ridge
+        L, info = torch.linalg.cholesky_ex(M + ridge * torch.eye(d, device=X.device, dtype=X.dtype))
+        if not bool(info.any()):
+            return torch.cholesky_inverse(L)
+        ridge *= 10
+    raise RuntimeError("could not factor the feature covariance; use solver.precondition=false")
+
+
+def _apply_h0(v: torch.Tensor, minv: torch.Tensor | None, d: int, k: int) -> torch.Tensor:
+    """``M^-1`` on the weight block (``M`` is symmetric: rows times ``M^-1``), identity on the intercepts."""
+    if minv is None:
+        return v.clone()
+    out = torch.empty_like(v)
+    torch.bmm(v[:, : d * k].view(-1, k, d), minv, out=out[:, : d * k].view(-1, k, d))  # (A, k, d)
+    out[:, d * k :] = v[:, d * k :]
+    return out
+
+
 def _two_loop(
-    g: torch.Tensor, S: torch.Tensor, Yh: torch.Tensor, rho: torch.Tensor, gamma: torch.Tensor, slot: int
+    g: torch.Tensor,
+    S: torch.Tensor,
+    Yh: torch.Tensor,
+    rho: torch.Tensor,
+    gamma: torch.Tensor,
+    slot: int,
+    chol: torch.Tensor | None,
+    d: int,
+    k: int,
 ) -> torch.Tensor:
     """L-BFGS two-loop recursion, batched: returns ``H g`` per problem (rows of ``g``).
 
     The history is a ring buffer shared by all problems (``slot`` is the next write position); a slot
-    whose ``rho`` is 0 for a problem is empty for it and contributes nothing.
+    whose ``rho`` is 0 for a problem is empty for it and contributes nothing. The initial matrix is
+    ``gamma * M^-1`` (``M = I`` without preconditioner).
     """
     h = S.shape[0]
     order = [(slot - 1 - j) % h for j in range(h)]  # newest first
     q = g.clone()
     alphas = []
     for j in order:
-        a = rho[j] * (S[j] * q).sum(dim=1)  # (A,)
-        q.sub_(a.unsqueeze(1) * Yh[j])
+        a = rho[j] * torch.linalg.vecdot(S[j], q)  # (A,)
+        q.addcmul_(Yh[j], a.unsqueeze(1), value=-1.0)
         alphas.append(a)
-    r = q.mul_(gamma.unsqueeze(1))
+    r = _apply_h0(q, chol, d, k).mul_(gamma.unsqueeze(1))
     for j, a in zip(reversed(order), reversed(alphas)):
-        beta = rho[j] * (Yh[j] * r).sum(dim=1)
-        r.add_((a - beta).unsqueeze(1) * S[j])
+        beta = rho[j] * torch.linalg.vecdot(Yh[j], r)
+        r.addcmul_(S[j], (a - beta).unsqueeze(1))
     return r
 
 
