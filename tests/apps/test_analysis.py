@@ -11,6 +11,7 @@ import yaml
 
 from apps.vit.analysis import AnalysisConfig, main, output_name, safe_name
 from vitef.config import cli_main, load_config
+from vitef.errors import ConfigError
 from vitef.models import BLOCK_COMPONENTS
 
 SMALL = [
@@ -125,3 +126,21 @@ def test_seed_command_form_and_aliases():
     assert output_name(cfg) == "google--vit-base-patch16-224-in21k_imagenet_pet_embedding"
     assert safe_name("corrupt:snow-3:cifar10") == "corrupt-snow-3-cifar10"
     assert "/" not in output_name(load_config(AnalysisConfig, ["target=imagefolder:/data/my set"]))
+
+
+def test_plots_from_analysis_folders(tmp_path):
+    from apps.plots.analysis import PlotConfig
+    from apps.plots.analysis import main as plots_main
+
+    for mode in ("embedding", "hidden"):
+        argv = [*SMALL, "model.overrides={depth: 2}", "steps=1", f"mode={mode}", f"root={tmp_path}"]
+        main(load_config(AnalysisConfig, argv))
+    figs = tmp_path / "figs"
+    written = plots_main(load_config(PlotConfig, [f"dirs=[{tmp_path}/analysis/*]", f"out={figs}"]))
+    stems = ["plasticity_by_rank", "plasticity_by_depth", "bounds_by_depth", "measured_vs_bound"]
+    assert sorted(p.name for p in written) == sorted(f"{s}.{f}" for s in stems for f in ("png", "pdf"))
+    for p in written:
+        head = p.read_bytes()[:8]
+        assert head.startswith(b"\x89PNG") if p.suffix == ".png" else head.startswith(b"%PDF")
+    with pytest.raises(ConfigError, match="no analysis folder"):
+        plots_main(load_config(PlotConfig, [f"dirs=[{tmp_path}/nothing/*]", f"out={figs}"]))
