@@ -68,7 +68,7 @@ def loader_rate(workers: int, args: argparse.Namespace) -> float:
 
 
 def pil_reference_rate(args: argparse.Namespace) -> float:
-    """images/s of the classic torchvision PIL pipeline on the same images, in the main process."""
+    """images/s of the classic torchvision PIL pipeline on the same images, in the main process, 1 thread."""
     from PIL import Image
     from torchvision import transforms as T
 
@@ -84,11 +84,16 @@ def pil_reference_rate(args: argparse.Namespace) -> float:
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < args.seconds / 2:
-        torch.stack([tf(im) for im in images[: args.batch_size]])
-        n += min(args.batch_size, len(images))
-    return n / (time.perf_counter() - t0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker, and as vitef's main-process path does per image
+    try:
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < args.seconds / 2:
+            torch.stack([tf(im) for im in images[: args.batch_size]])
+            n += min(args.batch_size, len(images))
+        return n / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def vit_rate(args: argparse.Namespace) -> tuple[float, float]:
@@ -132,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"ViT-B/16 fp32 train step on {args.device}, batch {args.vit_batch}: {vit:.1f} images/s"
           + (f", peak GPU memory {peak:.1f} GiB" if peak else ""))  # fmt: skip
     pil = pil_reference_rate(args)
-    print(f"reference PIL pipeline (0 workers): {pil:.0f} images/s")
+    print(f"reference PIL pipeline (0 workers, 1 thread): {pil:.0f} images/s")
     print(f"{'workers':>8} {'images/s':>10} {'vs PIL':>8} {'data/ViT':>9}")
     for w in args.workers:
         rate = loader_rate(w, args)
