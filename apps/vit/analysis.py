@@ -38,7 +38,7 @@ from vitef.data import DataConfig, build_loader, parse_name
 from vitef.errors import ComponentError, ConfigError
 from vitef.models import BLOCK_COMPONENTS, THEORETICAL_RANK, ModelConfig, build_model_from_config
 from vitef.models.components import DISPLAY_NAMES
-from vitef.plasticity import MODES, PRECISIONS, _block_components, measure
+from vitef.plasticity import MODES, PRECISIONS, measure, resolve_components
 from vitef.utils import atomic_path, atomic_write_json, resolve_device, set_seed
 
 logger = logging.getLogger("apps.vit.analysis")
@@ -82,7 +82,7 @@ class AnalysisConfig:
         if not self.dataset_name or not self.source:
             raise ConfigError("source and dataset_name must name datasets (e.g. source=imagenet dataset_name=cifar10)")
         try:
-            _block_components(self.components)
+            resolve_components(self.components)
         except ComponentError as e:
             raise ConfigError(f"components={self.components}: {e}") from None
 
@@ -93,7 +93,7 @@ def main(cfg: AnalysisConfig) -> Path:
     parse_name(cfg.dataset_name)
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    comps = _block_components(cfg.components)
+    comps = resolve_components(cfg.components)
     out_dir = Path(cfg.root) / "analysis" / output_name(cfg)
     model = build_model_from_config(cfg.model, num_classes=0).to(device).eval()
     size = int(model.patch_embed.img_size[0])

@@ -114,7 +114,7 @@ def measure(
         raise ConfigError(f"precision='{precision}' is not supported; choose one of {', '.join(PRECISIONS)}")
     if n_pairs is not None and n_pairs <= 0:
         raise ConfigError(f"n_pairs={n_pairs} must be positive (or None for all pairs)")
-    comps = _block_components(components)
+    comps = resolve_components(components)
     if not hasattr(model, "blocks"):
         raise ComponentError(f"{type(model).__name__} has no blocks; plasticity needs a timm VisionTransformer")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
@@ -394,7 +394,8 @@ class RunningStats:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _block_components(components: Iterable[str] | str | None) -> tuple[str, ...]:
+def resolve_components(components: Iterable[str] | str | None) -> tuple[str, ...]:
+    """Canonical per-block component names in forward order (``None`` or ``all``: all five)."""
     if components is None:
         return BLOCK_COMPONENTS
     names = canonical_list(components)
