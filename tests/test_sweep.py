@@ -6,7 +6,9 @@ and resumes from its checkpoint like apps.vit.train (tests/apps/test_sweep_app.p
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import yaml
 
 from vitef.config import build_config
 from vitef.errors import ConfigError
-from vitef.sweep import SweepConfig, SweepError, expand, format_value, launch
+from vitef.sweep import SweepConfig, SweepError, expand, expand_dotted, format_value, launch
 
 TESTS = Path(__file__).resolve().parent
 APP = "sweep_fake_app"
@@ -65,6 +67,22 @@ def test_grid_union_naming_and_layers(tmp_path):
     assert (last.steps, last.seed, last.optim.name, last.optim.lr) == (7, 1, "sgd", 0.06)
     assert runs[0].cfg.root == str(tmp_path / "out") and runs[0].cfg.log_dir == names[0]
     assert runs[0].run_dir == tmp_path / "out" / "runs" / names[0]
+    # the fast per-point build equals a full build of every layer
+    for run in runs:
+        layers = [yaml.safe_load(base.read_text())]
+        if "config" in run.point:
+            layers.append(yaml.safe_load(per_dataset.read_text()))
+        layers += [
+            expand_dotted(dict(s.overrides)),
+            expand_dotted({k: v for k, v in run.point.items() if k != "config"}),
+        ]
+        full = build_config(sys.modules[APP].CONFIG, *layers)
+        assert dataclasses.replace(full, log_dir=run.log_dir, root=s.root) == run.cfg
+    # nested grid keys fall back to the full build
+    nested = expand(sweep(tmp_path, grid={"optim": [{"name": "adamw"}], "lr": [0.5]}, run_name="x"), APP)
+    assert (nested[0].cfg.optim.name, nested[0].cfg.optim.lr) == ("adamw", 0.5)
+    with pytest.raises(ConfigError, match="eval|steps must be >= 1"):  # combinations are validated as a whole
+        expand(sweep(tmp_path, grid={"steps": [0, 1]}, run_name="{steps}"), APP)
     # deterministic: expanding again gives the same directories
     assert [r.run_dir for r in expand(s, APP)] == [r.run_dir for r in runs]
 
