@@ -1,0 +1,257 @@
+"""apps.vit.train: learning, freezing, per-component logs, kill/resume equality, DDP equality, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from apps.vit import train as train_app
+from vitef.config import build_config, load_config
+from vitef.errors import ComponentError, ConfigError, TrainingError
+from vitef.models import build_model, build_model_from_config, component_of, set_trainable
+from vitef.monitor import RunDir, read_metrics
+from vitef.utils import set_seed
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A 2-block, 32-wide ViT on 16 px digits: 5 tokens, a few milliseconds per step.
+TINY = {
+    "dataset_name": "digits_subset-56789",
+    "model": {
+        "name": "vit_tiny_patch16_224",
+        "pretrained": False,
+        "img_size": 16,
+        "overrides": {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2},
+    },
+    "data": {"num_workers": 0, "digits_size": 16},
+    "optim": {"lr": 0.05, "warmup_steps": 2, "scheduler": "cosine"},
+    "trainable": ["mha"],
+    "steps": 8,
+    "eval_period": 4,
+    "batch_size": 16,
+    "eval_batch_size": 64,
+    "tensorboard": False,
+}
+
+
+def tiny_cfg(tmp_path: Path, **over) -> train_app.TrainConfig:
+    return build_config(train_app.TrainConfig, TINY, {"root": str(tmp_path / "out"), "log_dir": "run", **over})
+
+
+def write_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def initial_model(cfg: train_app.TrainConfig):
+    set_seed(cfg.seed)  # the app seeds then builds: the same initial weights, head included
+    return build_model_from_config(cfg.model, num_classes=5)
+
+
+def test_train_step_reduces_the_loss(tmp_path):
+    # The app's own step function on one fixed batch: a few updates of MHA + head lower its loss.
+    cfg = tiny_cfg(tmp_path, trainable=["mha"], optim={"lr": 0.05, "scheduler": "constant", "warmup_steps": 0})
+    model = initial_model(cfg)
+    set_trainable(model, cfg.trainable)
+    stepper = train_app.Stepper.build(model, model, cfg.optim, 10, torch.device("cpu"), "fp32")
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 5, (16,), generator=g))
+    losses = [train_app.train_step(stepper, iter([batch]))["loss"] for _ in range(10)]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_training_learns_only_the_chosen_component(tmp_path):
+    cfg = tiny_cfg(tmp_path, steps=12, eval_period=6, optim={"lr": 0.1, "scheduler": "constant", "warmup_steps": 0})
+    train_app.main(cfg)
+    run = RunDir(tmp_path / "out" / "runs" / "run")
+    rows = read_metrics(run.metrics_path)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
+    assert all(r["lr"] == 0.1 and r["images_per_s"] > 0 for r in train_rows)
+    # Per-component gradient norms of exactly the trainable components; total = their quadrature sum.
+    for r in train_rows:
+        assert {k for k in r if k.startswith("grad_norm/")} == {"grad_norm/mha", "grad_norm/head"}
+        assert r["grad_norm"] == pytest.approx((r["grad_norm/mha"] ** 2 + r["grad_norm/head"] ** 2) ** 0.5, rel=1e-5)
+    assert [r["step"] for r in rows if "val_acc" in r] == [6, 12]
+    # Frozen parameters bit-identical, MHA and head changed.
+    before = initial_model(cfg).state_dict()
+    after = load_file(run.step_dir(12) / "model.safetensors")
+    for name, value in before.items():
+        comp = component_of(name).component
+        if comp in ("mha", "head") and name.endswith("weight"):
+            assert not torch.equal(value, after[name]), name
+        elif comp not in ("mha", "head"):
+            assert torch.equal(value, after[name]), name
+    # Counts per component, in params.json and in the log.
+    counts = set_trainable(initial_model(cfg), ["mha"])
+    assert json.loads(run.params_path.read_text())["trainable"] == counts
+    log = run.log_path.read_text()
+    assert any("trainable mha" in line and f"{counts['mha']:,} parameters" in line for line in log.splitlines())
+    # Best checkpoint: timm names, loadable by build_model; eval.json matches it.
+    result = json.loads(run.eval_path.read_text())
+    best = json.loads((run.best_dir / "best.json").read_text())
+    assert result["best_step"] == best["step"] and result["best_val_acc"] == best["val_acc"]
+    assert set(result) >= {"dataset", "split", "acc", "loss", "n", "best_step", "best_val_acc"}
+    assert 0.0 <= result["acc"] <= 1.0 and result["n"] == 180
+    model = build_model(
+        "vit_tiny_patch16_224", pretrained=run.best_model_path, img_size=16, **TINY["model"]["overrides"]
+    )
+    assert model.head.out_features == 5
+    assert json.loads(run.status_path.read_text())["status"] == "completed"
+    assert yaml.safe_load(run.config_path.read_text())["optim"]["lr"] == 0.1
+
+
+def test_completed_run_exits_at_once_and_overwrite_restarts(tmp_path, capsys):
+    cfg = tiny_cfg(tmp_path, steps=2, eval_period=2)
+    train_app.main(cfg)
+    run = RunDir(tmp_path / "out" / "runs" / "run")
+    stamp = run.eval_path.stat().st_mtime_ns
+    capsys.readouterr()
+    train_app.main(cfg)
+    assert "already complete" in capsys.readouterr().out
+    assert run.eval_path.stat().st_mtime_ns == stamp
+    # A different config on the same run directory is refused, not silently mixed.
+    run.write_status("running", 2, "pretend it was interrupted")  # else it exits as complete
+    with pytest.raises(ConfigError, match="different config"):
+        train_app.main(tiny_cfg(tmp_path, steps=2, eval_period=2, optim={"lr": 0.2}))
+    train_app.main(tiny_cfg(tmp_path, steps=2, eval_period=2, optim={"lr": 0.2}, overwrite=True))
+    assert yaml.safe_load(run.config_path.read_text())["optim"]["lr"] == 0.2
+
+
+def test_nan_loss_stops_with_failed_status_and_keeps_best(tmp_path, monkeypatch):
+    real = train_app.F.cross_entropy
+    calls = {"n": 0}
+
+    class FakeF:
+        @staticmethod
+        def cross_entropy(logits, labels, **kw):
+            calls["n"] += 1
+            loss = real(logits, labels, **kw)
+            return loss * float("nan") if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(train_app, "F", FakeF)
+    cfg = tiny_cfg(tmp_path, steps=6, eval_period=2)
+    with pytest.raises(TrainingError, match="diverged"):
+        train_app.main(cfg)
+    run = RunDir(tmp_path / "out" / "runs" / "run")
+    status = json.loads(run.status_path.read_text())
+    assert status["status"] == "failed" and status["step"] == 3 and "nan" in status["message"]
+    assert run.best_model_path.is_file() and json.loads((run.best_dir / "best.json").read_text())["step"] == 2
+    assert not run.eval_path.exists()
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["trainable=[mlp]"], "unknown component 'mlp'"),
+        (["lr=-0.01"], "optim.lr"),
+        (["eval_period=100"], "eval_period=100 exceeds steps=8"),
+        (["precision=fp8"], "precision"),
+        (["dataset_name=cifar11"], "dataset_name"),
+        (["batch_size=15", "optim.grad_accumulation=2"], "not divisible"),
+        (["checkpoint_period=-1"], "checkpoint_period"),
+        (["log_dir=../escape"], "log_dir"),
+    ],
+)
+def test_bad_config_fails_before_anything_is_written(tmp_path, args, match):
+    yaml_path = write_yaml(tmp_path)
+    with pytest.raises((ConfigError, ComponentError), match=match):
+        load_config(train_app.TrainConfig, [f"config={yaml_path}", f"root={tmp_path / 'out'}", *args])
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_error_exit_code_and_seed_flat_keys(tmp_path, run_app):
+    yaml_path = write_yaml(tmp_path)
+    r = run_app("apps.vit.train", f"config={yaml_path}", f"root={tmp_path / 'out'}", "trainable=[mlp]")
+    assert r.returncode == 2 and r.stderr.startswith("error: trainable: unknown component 'mlp'")
+    assert not (tmp_path / "out").exists()
+    # The seed's flat keys and the paper's `lr` alias reach the nested config.
+    cfg = load_config(
+        train_app.TrainConfig,
+        ["--dataset_name", "digits", "--model_name", "small", "lr=3e-2", "batch_size=8", "device=cpu", "seed=42"],
+    )
+    got = (cfg.dataset_name, cfg.model.name, cfg.optim.lr, cfg.batch_size, cfg.seed)
+    assert got == ("digits", "small", 3e-2, 8, 42)
+    assert cfg.run_name == "digits_small_all_lr0.03_seed42"
+
+
+def _launch(tmp_path: Path, root: Path, *extra: str, nproc: int = 0) -> subprocess.Popen:
+    yaml_path = write_yaml(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    args = [f"config={yaml_path}", f"root={root}", "log_dir=run", "device=cpu", *extra]
+    if nproc:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd += ["-m", "apps.vit.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "apps.vit.train", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: int = 240) -> None:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def _final(root: Path) -> tuple[dict, list[dict]]:
+    run = RunDir(root / "runs" / "run")
+    steps = run.checkpoint_steps()
+    return load_file(run.step_dir(steps[-1]) / "model.safetensors"), read_metrics(run.metrics_path)
+
+
+KEYS = ("step", "loss", "lr", "grad_norm", "grad_norm/mha", "grad_norm/head", "val_loss", "val_acc")
+
+
+def test_sigkill_then_relaunch_equals_uninterrupted_run(tmp_path):
+    extra = ("steps=40", "eval_period=10", "checkpoint_period=5", "keep_last=2")
+    ref = _launch(tmp_path, tmp_path / "ref", *extra)
+    _finish(ref)
+    proc = _launch(tmp_path, tmp_path / "killed", *extra)
+    run = RunDir(tmp_path / "killed" / "runs" / "run")
+    deadline = time.time() + 200
+    while time.time() < deadline and proc.poll() is None and not run.step_dir(15).is_dir():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    status = json.loads(run.status_path.read_text())["status"]
+    assert status == "running", "the run finished before it could be killed"
+    assert run.checkpoint_steps()[-1] < 40
+    _finish(_launch(tmp_path, tmp_path / "killed", *extra))
+
+    ref_weights, ref_rows = _final(tmp_path / "ref")
+    got_weights, got_rows = _final(tmp_path / "killed")
+    assert ref_weights.keys() == got_weights.keys()
+    for name in ref_weights:
+        assert torch.equal(ref_weights[name], got_weights[name]), name
+    strip = [[{k: r[k] for k in KEYS if k in r} for r in rows] for rows in (ref_rows, got_rows)]
+    assert strip[0] == strip[1]  # same rows, same values, no duplicated steps
+    ref_eval = RunDir(tmp_path / "ref" / "runs" / "run").eval_path
+    assert json.loads(run.eval_path.read_text()) == json.loads(ref_eval.read_text())
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    extra = ("steps=4", "eval_period=2", "batch_size=16", "trainable=[mha,fc1]")
+    _finish(_launch(tmp_path, tmp_path / "one", *extra))
+    _finish(_launch(tmp_path, tmp_path / "two", *extra, nproc=2))
+    one_w, one_rows = _final(tmp_path / "one")
+    two_w, two_rows = _final(tmp_path / "two")
+    one_loss = [r["loss"] for r in one_rows if "loss" in r]
+    two_loss = [r["loss"] for r in two_rows if "loss" in r]
+    assert len(one_loss) == len(two_loss) == 4
+    assert two_loss == pytest.approx(one_loss, abs=1e-5)
+    for name in one_w:
+        assert torch.allclose(one_w[name], two_w[name], atol=1e-5), name
+    one_val = [(r["val_acc"], r["val_loss"]) for r in one_rows if "val_acc" in r]
+    two_val = [(r["val_acc"], r["val_loss"]) for r in two_rows if "val_acc" in r]
+    assert [a for a, _ in one_val] == [a for a, _ in two_val]
+    assert [b for _, b in two_val] == pytest.approx([b for _, b in one_val], abs=1e-5)
