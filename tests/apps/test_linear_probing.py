@@ -97,16 +97,21 @@ def test_finetuned_run_probes_into_its_directory(run_app, tmp_path):
         (["layers=[5]"], "block 5 does not exist"),
     ],
 )
-def test_bad_inputs_fail_clearly_and_write_nothing(run_app, tmp_path, args, message):
+def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, capsys, args, message):
+    from apps.vit.linear_probing import LinearProbingConfig, main
+    from vitef.config import cli_main
+
     run = _write_run(tmp_path)
     if "+no_best" in args:
         (run / "checkpoints" / "best" / "model.safetensors").unlink()
         args = [a for a in args if a != "+no_best"]
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     before = sorted(str(p) for p in tmp_path.rglob("*"))
-    res = run_app(APP, *MODEL, *TINY, *FAST, f"root={tmp_path}", *args)
-    assert res.returncode == 2, res.stderr
-    assert res.stderr.strip().splitlines()[-1].startswith("error: ") and message in res.stderr
+    with pytest.raises(SystemExit) as exit_info:  # in-process: the same entry point, without a fresh interpreter
+        cli_main(LinearProbingConfig, main, argv=[*MODEL, *TINY, *FAST, f"root={tmp_path}", *args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.strip().splitlines()[-1].startswith("error: ") and message in err
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
