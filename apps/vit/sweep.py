@@ -45,8 +45,16 @@ def probes_dir(cfg) -> Path:
     return Path(cfg.root) / "probes" / name
 
 
-# Output directories of the apps that do not write <root>/runs/<log_dir>/status.json themselves.
-RUN_DIRS = {"analysis": analysis_dir, "linear_probing": probes_dir}
+def eval_dir(cfg) -> Path:
+    """The training run apps.vit.eval evaluates (its status.json belongs to training, so the sweep keeps its own)."""
+    if getattr(cfg, "run_dir", None):
+        return Path(cfg.run_dir)
+    return Path(cfg.root) / "runs" / cfg.log_dir
+
+
+# Output directories of the apps that do not write <root>/runs/<log_dir>/status.json themselves; the
+# sweep records their status in <root>/sweeps/<log_dir>.status.json.
+RUN_DIRS = {"analysis": analysis_dir, "linear_probing": probes_dir, "eval": eval_dir}
 
 CONFIG = SweepConfig
 
