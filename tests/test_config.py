@@ -203,6 +203,9 @@ class Verbs:
 def test_verb_and_bare_flags():
     cfg = load_config(Verbs, ["csv", "--dry-run"])
     assert cfg.command == "csv" and cfg.dry_run is True
+    # A bare flag followed by key=value pairs stays a flag.
+    cfg = load_config(Verbs, ["--dry-run", "command=stat"])
+    assert cfg.command == "stat" and cfg.dry_run is True
     assert load_config(Verbs, ["--dry-run=false"]).dry_run is False
     # Without a `command` field only the seed's `run` verb is accepted.
     assert load_config(App, ["run"]).steps == 10

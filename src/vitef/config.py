@@ -203,7 +203,8 @@ def split_argv(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], 
             if "=" in body:
                 key, value = body.split("=", 1)
             else:
-                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                following = argv[i + 1] if i + 1 < len(argv) else None
+                if following is None or following.startswith("--") or "=" in following:
                     # A bare flag (`--dry-run`) means true; a non-boolean key rejects it at type checking.
                     key, value = body, "true"
                 else:

@@ -173,3 +173,25 @@ def test_make_iterable_empty_loader_errors():
     it = make_iterable(build_loader("digits", "val", batch_size=1000, size=8, drop_last=True))
     with pytest.raises(DataError, match="no batch"):
         next(it)
+
+
+def test_crop_scale_and_hflip_settings():
+    import random
+
+    from vitef.data.transforms import ImageTransform
+
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    # A full-area square crop without flips is exactly the eval transform of a square image.
+    full = ImageTransform(24, True, mean, std, crop_scale=(1.0, 1.0), hflip=False)
+    plain = ImageTransform(24, False, mean, std)
+    for seed in range(5):
+        assert torch.equal(full(image, random.Random(seed)), plain(image))
+    # With flips on, some of the same draws come out mirrored.
+    flipping = ImageTransform(24, True, mean, std, crop_scale=(1.0, 1.0), hflip=True)
+    flipped = [not torch.equal(flipping(image, random.Random(s)), plain(image)) for s in range(20)]
+    assert any(flipped) and not all(flipped)
+    for s in range(20):
+        out = flipping(image, random.Random(s))
+        assert torch.equal(out, plain(image)) or torch.equal(out, plain(image).flip(-1))

@@ -31,12 +31,16 @@ class DataConfig:
     num_workers: int = option(2, "DataLoader worker processes (0 = load in the main process)")
     download: bool = option(True, "download CIFAR/Flowers102/Pet into the root when missing (torchvision)")
     digits_size: int = option(32, "side in pixels at which the bundled 8x8 digits are rendered before transforms")
+    crop_scale: list[float] = option([0.08, 1.0], "area range [low, high] of the train RandomResizedCrop")
+    hflip: bool = option(True, "random horizontal flips when augmenting (off for digits)")
 
     def validate(self) -> None:
         if self.normalize not in NORMALIZATIONS:
             raise ConfigError(f"data.normalize={self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ConfigError(f"data.crop_scale={list(self.crop_scale)} must be [low, high] with 0 < low <= high <= 1")
         if self.digits_size < 8:
             raise ConfigError(f"data.digits_size={self.digits_size} must be >= 8 (the digits are 8x8 originals)")
 
@@ -48,4 +52,6 @@ class DataConfig:
             "num_workers": self.num_workers,
             "download": self.download,
             "digits_size": self.digits_size,
+            "crop_scale": tuple(self.crop_scale),
+            "hflip": self.hflip,
         }

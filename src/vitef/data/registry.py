@@ -213,6 +213,8 @@ def build_dataset(
     normalize: str = "imagenet",
     model: nn.Module | None = None,
     digits_size: int = 32,
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    hflip: bool = True,
 ) -> VitefDataset:
     """One split of the dataset ``name``: items ``(image (3, size, size) float32, label)``, ``.num_classes``.
 
@@ -237,6 +239,9 @@ def build_dataset(
         Let torchvision download CIFAR / Flowers102 / Pet into ``root`` when missing.
     digits_size
         Side at which the bundled digits are rendered before transforms.
+    crop_scale, hflip
+        Area range of the train RandomResizedCrop and whether it flips horizontally (the paper's
+        (0.08, 1) with flips; digits need milder crops and no flips).
     """
     check_split(split)
     spec = parse_name(name)
@@ -257,7 +262,7 @@ def build_dataset(
         source,
         np.asarray(indices),
         n_classes,
-        ImageTransform(size, augment, mean, std),
+        ImageTransform(size, augment, mean, std, crop_scale=crop_scale, hflip=hflip),
         corruption=corruption,
         name=name,
         split=split,
@@ -285,6 +290,8 @@ def build_loader(
     download: bool = False,
     model: nn.Module | None = None,
     digits_size: int = 32,
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    hflip: bool = True,
 ) -> VitefLoader:
     """A loader over :func:`build_dataset` ``(name, split)`` with ``.num_classes``.
 
@@ -306,6 +313,8 @@ def build_loader(
         normalize=normalize,
         model=model,
         digits_size=digits_size,
+        crop_scale=crop_scale,
+        hflip=hflip,
     )
     shuffle = split == "train" if shuffle is None else shuffle
     return make_loader(

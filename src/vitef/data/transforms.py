@@ -89,14 +89,31 @@ class ImageTransform:
         true, else Resize(size) (shorter side) + CenterCrop(size).
     mean, std
         Per-channel normalisation applied to the [0, 1] image.
+    crop_scale
+        Area range of the random crop, as a fraction of the image (default the paper's (0.08, 1)).
+    hflip
+        Flip horizontally with probability 1/2 when augmenting.
 
     The random draws come from a ``random.Random`` passed by the caller (seeded per sample by the loaders,
     so augmentation is reproducible); without one they are seeded from torch's global RNG.
     """
 
-    def __init__(self, size: int, augment: bool, mean: Sequence[float], std: Sequence[float]):
+    def __init__(
+        self,
+        size: int,
+        augment: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        crop_scale: Sequence[float] = (0.08, 1.0),
+        hflip: bool = True,
+    ):
         if size <= 0:
             raise ConfigError(f"image size={size} must be positive")
+        if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ConfigError(f"crop_scale={list(crop_scale)} must be [low, high] with 0 < low <= high <= 1")
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.hflip = hflip
         if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
             raise ConfigError(f"mean/std need 3 values each with std > 0, got mean={mean} std={std}")
         self.size = size
@@ -112,9 +129,10 @@ class ImageTransform:
         if self.augment:
             if rng is None:
                 rng = random.Random(int(torch.randint(0, 2**62, (1,)).item()))
-            top, left, h, w = random_resized_crop_box(image.shape[1], image.shape[2], rng)
+            top, left, h, w = random_resized_crop_box(image.shape[1], image.shape[2], rng, scale=self.crop_scale)
             out = TF.resized_crop(image, top, left, h, w, size, antialias=True)  # (3, size, size) uint8
-            if rng.random() < 0.5:
+            # Draw the flip coin even when flips are off, so crops do not depend on the flip setting.
+            if rng.random() < 0.5 and self.hflip:
                 out = TF.horizontal_flip(out)
         else:
             out = TF.center_crop(TF.resize(image, self.size, antialias=True), size)
