@@ -1,0 +1,186 @@
+"""Training-step throughput of apps.vit.train's loop vs a minimal PyTorch + timm loop (arXiv 2602.06883, §4).
+
+    python -m benchmarks.train                          # ViT-B/16, batch 16, 224 px, random init, CPU
+    python -m benchmarks.train steps=5 warmup=2         # longer, steadier run
+    python -m benchmarks.train model=vit_tiny_patch16_224 img_size=64 steps=3   # quick smoke run
+
+Variants (same model, same freezing through the component registry, same fixed batch, SGD momentum 0.9,
+cosine schedule, clipping at 1.0):
+
+- ``ours-fp32``: the app's own :func:`apps.vit.train.train_step` plus its ``metrics.jsonl`` row (total and
+  per-component gradient norms, lr, loss), i.e. what one step of the app costs;
+- ``plain-fp32``: zero_grad / forward / cross-entropy / backward / ``clip_grad_norm_`` / step / loss.item();
+- ``ours-bf16``: the app's step under bf16 autocast;
+- ``ours-ln1``: the app's step training LN1 (+ head) only, as in the paper's LN1 configuration.
+
+``ours-fp32`` and ``plain-fp32`` alternate step by step, so load from other processes on a shared machine
+hits both alike; each time is the median over ``steps`` timed steps after ``warmup`` untimed ones. Peak
+memory is the process's peak resident set after the variant (CPU; monotone over the run) or
+``torch.cuda.max_memory_allocated`` of the variant (CUDA). The machine may be shared: report the numbers
+with that caveat.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from apps.vit.train import Stepper, train_step
+from vitef.config import cli_main, option
+from vitef.errors import ConfigError
+from vitef.models import build_model, set_trainable
+from vitef.monitor import MetricsLogger
+from vitef.optim import OptimConfig
+from vitef.utils import resolve_device, set_seed
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """Images/s of the finetuning app's training step vs a plain PyTorch loop, bf16 and LN1-only."""
+
+    model: str = option("vit_base_patch16_224", "timm ViT architecture (random init)")
+    img_size: int = option(224, "image side in pixels")
+    batch_size: int = option(16, "images per step")
+    num_classes: int = option(10, "classes of the fresh head")
+    steps: int = option(3, "timed steps per variant")
+    warmup: int = option(1, "untimed warm-up steps per variant")
+    device: str = option("cpu", "cpu or cuda")
+    threads: int = option(0, "torch CPU threads (0: torch's default)")
+
+    def validate(self) -> None:
+        for key in ("img_size", "batch_size", "num_classes", "steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.warmup < 0 or self.threads < 0:
+            raise ConfigError("warmup and threads must be >= 0")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def ours(model, cfg: BenchConfig, device, trainable, precision: str, log_dir: Path) -> Callable[[], None]:
+    """One step of the app: its step function and its metrics row."""
+    set_trainable(model, trainable)
+    optim = OptimConfig(lr=1e-3, warmup_steps=0)
+    stepper = Stepper.build(model, model, optim, 1000, device, precision)
+    batch = _batch(cfg, device)
+    batches = itertools.repeat(batch)
+    metrics = MetricsLogger(log_dir / f"{'-'.join(trainable)}-{precision}.jsonl")
+    counter = itertools.count(1)
+
+    def step() -> None:
+        t0 = time.perf_counter()
+        row = train_step(stepper, batches)
+        metrics.log({"step": next(counter), **row, "images_per_s": cfg.batch_size / (time.perf_counter() - t0)})
+
+    return step
+
+
+def plain(model, cfg: BenchConfig, device, trainable) -> Callable[[], None]:
+    """The minimal loop one writes by hand with the same freezing, optimiser, schedule and clipping."""
+    set_trainable(model, trainable)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / 1000, 1))))
+    images, labels = _batch(cfg, device)
+
+    def step() -> None:
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        loss.item()
+
+    return step
+
+
+def _batch(cfg: BenchConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=g)
+    labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=g)
+    return images.to(device), labels.to(device)
+
+
+def _time(step: Callable[[], None], device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def run(steps: dict[str, Callable[[], None]], cfg: BenchConfig, device) -> dict[str, list[float]]:
+    """Alternate the variants step by step (warm-up untimed); the seconds of each timed step."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(cfg.warmup + cfg.steps):
+        for name, step in steps.items():
+            t = _time(step, device)
+            if i >= cfg.warmup:
+                times[name].append(t)
+            note = "" if i >= cfg.warmup else " (warm-up)"
+            print(f"  {name:<11} step {i + 1}/{cfg.warmup + cfg.steps}: {t:.3f}s{note}", file=sys.stderr, flush=True)
+    return times
+
+
+def main(cfg: BenchConfig) -> None:
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_seed(0)
+    model = build_model(cfg.model, pretrained=False, num_classes=cfg.num_classes, img_size=cfg.img_size).to(device)
+    print(
+        f"{cfg.model}, batch {cfg.batch_size}, {cfg.img_size} px, {device}, {torch.get_num_threads()} threads, "
+        f"median of {cfg.steps} steps after {cfg.warmup} warm-up"
+    )
+    results: dict[str, tuple[float, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        log_dir = Path(tmp)
+        groups = [
+            {"ours-fp32": ours(model, cfg, device, ["all"], "fp32", log_dir)},
+            {"plain-fp32": plain(model, cfg, device, ["all"])},
+        ]
+        # The two fp32 loops share the model; alternate them (each re-applies its freezing: all).
+        pair = {**groups[0], **groups[1]}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for name, ts in run(pair, cfg, device).items():
+            results[name] = (statistics.median(ts), _peak_mb(device))
+        for name, trainable, precision in (("ours-bf16", ["all"], "bf16"), ("ours-ln1", ["ln1"], "fp32")):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            step = ours(model, cfg, device, trainable, precision, log_dir)
+            results[name] = (statistics.median(run({name: step}, cfg, device)[name]), _peak_mb(device))
+    print(f"{'variant':<12}{'s/step':>9}{'images/s':>10}{'peak MB':>10}")
+    for name, (sec, mb) in results.items():
+        print(f"{name:<12}{sec:>9.3f}{cfg.batch_size / sec:>10.2f}{mb:>10.0f}")
+    base = results["ours-fp32"][0]
+    overhead = base / results["plain-fp32"][0] - 1
+    print(f"overhead of the app's step vs plain loop: {100 * overhead:+.1f}% (goal <= +5%)")
+    print(f"bf16 autocast speed-up over fp32:        {base / results['ours-bf16'][0]:.2f}x")
+    print(f"LN1-only speed-up over all:              {base / results['ours-ln1'][0]:.2f}x")
+
+
+if __name__ == "__main__":
+    cli_main(BenchConfig, main, argv=sys.argv[1:], prog="benchmarks.train")
