@@ -118,5 +118,7 @@ def _data_overrides(cfg: EvalConfig) -> dict:
     return {"root": cfg.data.root, "num_workers": cfg.data.num_workers, "download": cfg.data.download}
 
 
+CONFIG = EvalConfig  # the sweep convention (vitef.sweep): CONFIG + main(cfg)
+
 if __name__ == "__main__":
     cli_main(EvalConfig, main, argv=sys.argv[1:], prog="apps.vit.eval")

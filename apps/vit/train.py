@@ -277,6 +277,8 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
     if resume is not None:
         progress = _resume(resume, model, stepper, batches, info)
         metrics.truncate_after(progress["step"])
+        if info.is_main:
+            run.write_status("running", progress["step"], f"resumed from step {progress['step']}")
         logger.info("resumed %s from step %d", run.path, progress["step"])
     else:
         _write_run_header(cfg, run, model, counts, info)
@@ -506,6 +508,8 @@ def load_run_config(run: RunDir) -> TrainConfig:
         saved["device"] = "auto"  # the run may have trained on a device this machine lacks
     return build_config(TrainConfig, (str(run.config_path), saved))
 
+
+CONFIG = TrainConfig  # the sweep convention (vitef.sweep): CONFIG + main(cfg)
 
 if __name__ == "__main__":
     cli_main(TrainConfig, main, argv=sys.argv[1:], prog="apps.vit.train")
