@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--classes", type=int, default=10)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--device", default="cpu", help="our solver's device (cpu, cuda)")
-    ap.add_argument("--no-precondition", action="store_true", help="plain L-BFGS (scipy's initial matrix)")
+    ap.add_argument("--precondition", action="store_true", help="covariance-preconditioned L-BFGS (see solver)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     rss0 = peak_rss_mb()
 
     # --- ours: preprocessing + one batched fit + scoring, all included in the timing -----------------
-    cfg = SolverConfig(dtype=args.dtype, device=args.device, precondition=not args.no_precondition)
+    cfg = SolverConfig(dtype=args.dtype, device=args.device, precondition=args.precondition)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
