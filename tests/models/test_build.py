@@ -186,3 +186,26 @@ def test_offline_app_exits_2_with_one_message(run_app, tmp_path):
     r = run_app("apps.vit.components", "model.name=base", "model.pretrained=true", env={"HF_HOME": str(tmp_path)})
     assert r.returncode == 2
     assert r.stderr.count("error:") == 1 and "vit_base_patch16_224.orig_in21k" in r.stderr
+
+
+def test_self_describing_checkpoint_with_card(tmp_path):
+    torch.manual_seed(0)
+    arch = {"name": "vit_tiny_patch16_224", "img_size": 32, "overrides": {"patch_size": 8, "depth": 2}}
+    model = build_model(arch["name"], pretrained=False, num_classes=3, img_size=32, **arch["overrides"]).eval()
+    path = tmp_path / "mine.safetensors"
+    save_timm_safetensors(model, path)
+    with pytest.raises(ModelError, match="has no card 'mine.json'.*model.checkpoint="):
+        build_model(str(path))
+    path.with_suffix(".json").write_text(json.dumps({"model": arch}))
+    again = build_model(str(path)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    fresh = build_model(str(path), num_classes=7)
+    assert fresh.head.out_features == 7 and torch.equal(
+        fresh.blocks[1].attn.qkv.weight, model.blocks[1].attn.qkv.weight
+    )
+    random_init = build_model(str(path), pretrained=False)
+    assert len(random_init.blocks) == 2 and not torch.equal(
+        random_init.blocks[0].mlp.fc1.weight, model.blocks[0].mlp.fc1.weight
+    )

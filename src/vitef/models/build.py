@@ -80,7 +80,9 @@ def build_model(
     name
         A timm ViT name (``vit_base_patch16_224.orig_in21k``), a short name (``base``, ``large``,
         ``huge``), a Hugging Face hub id of a transformers ViT (``google/vit-base-patch16-224-in21k``),
-        or a local directory in transformers layout (``config.json`` + ``model.safetensors``).
+        or a local directory in transformers layout (``config.json`` + ``model.safetensors``), or a
+        timm-layout ``.safetensors`` file with a JSON card beside it naming its architecture (as
+        ``apps.vit.pretrain`` exports).
     pretrained
         ``True`` loads the source's weights (through timm / huggingface_hub and their cache), ``False``
         builds the architecture with random weights, a path loads a timm-layout ``.safetensors`` file.
@@ -104,6 +106,15 @@ def build_model(
         use_source_weights = bool(pretrained)
 
     local = Path(name).expanduser()
+    if local.suffix == ".safetensors":
+        return _from_card(
+            local,
+            pretrained=state is not None or use_source_weights,
+            num_classes=num_classes,
+            img_size=img_size,
+            overrides=overrides,
+            weights=state,
+        )
     if local.is_dir():
         model = _from_transformers_dir(local, use_source_weights, build_classes, img_size, overrides)
     elif "/" in name and not name.startswith(("hf-hub:", "hf_hub:")) and not local.exists():
@@ -112,6 +123,46 @@ def build_model(
         model = _from_timm(SHORT_NAMES.get(name, name), use_source_weights, build_classes, img_size, overrides)
     if state is not None:
         _load_state(model, state, str(pretrained), keep_head=num_classes is None)
+    return model
+
+
+def _from_card(
+    path: Path,
+    *,
+    pretrained: bool,
+    num_classes: int | None,
+    img_size: int | None,
+    overrides: dict,
+    weights: dict[str, torch.Tensor] | None,
+) -> VisionTransformer:
+    """A self-describing checkpoint: ``x.safetensors`` (timm layout) with its card ``x.json`` beside it.
+
+    The card's ``model`` entry (timm ``name``, ``img_size``, ``overrides``) gives the architecture, as
+    written by ``apps.vit.pretrain``; the file's own tensors are the weights (unless ``pretrained`` is
+    false, or other weights are given).
+    """
+    card_path = path.with_suffix(".json")
+    if not path.is_file():
+        raise ModelError(f"weights file not found: '{path}'")
+    if not card_path.is_file():
+        raise ModelError(
+            f"'{path}' has no card '{card_path.name}' describing its architecture: pass the timm architecture as "
+            f"model.name (e.g. vit_base_patch16_224) and the file as model.checkpoint={path}"
+        )
+    try:
+        arch = json.loads(card_path.read_text())["model"]
+        arch_name = arch["name"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ModelError(f"card '{card_path}' is not valid: it needs a 'model' entry with a 'name' ({e})") from e
+    if Path(arch_name).suffix == ".safetensors":
+        raise ModelError(f"card '{card_path}' names another checkpoint as its architecture: give a timm name")
+    kwargs = {**(arch.get("overrides") or {}), **overrides}
+    source: bool | str = str(path) if pretrained and weights is None else False
+    model = build_model(
+        arch_name, pretrained=source, num_classes=num_classes, img_size=img_size or arch.get("img_size"), **kwargs
+    )
+    if weights is not None:
+        _load_state(model, weights, str(path), keep_head=num_classes is None)
     return model
 
 
