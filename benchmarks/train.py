@@ -13,11 +13,11 @@ cosine schedule, clipping at 1.0):
 - ``ours-bf16``: the app's step under bf16 autocast;
 - ``ours-ln1``: the app's step training LN1 (+ head) only, as in the paper's LN1 configuration.
 
-``ours-fp32`` and ``plain-fp32`` alternate step by step, so load from other processes on a shared machine
-hits both alike; each time is the median over ``steps`` timed steps after ``warmup`` untimed ones. Peak
-memory is the process's peak resident set after the variant (CPU; monotone over the run) or
-``torch.cuda.max_memory_allocated`` of the variant (CUDA). The machine may be shared: report the numbers
-with that caveat.
+All variants share one model and run round-robin, one step each in turn (each step first applies its
+variant's freezing), so load from other processes on a shared machine hits them alike; each time is the
+median over ``steps`` timed steps after ``warmup`` untimed ones. Peak memory is the process's peak resident
+set (CPU: one figure for the whole run) or ``torch.cuda.max_memory_allocated`` over the run (CUDA). The
+machine may be shared: report the numbers with that caveat.
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ def ours(model, cfg: BenchConfig, device, trainable, precision: str, log_dir: Pa
     counter = itertools.count(1)
 
     def step() -> None:
+        set_trainable(model, trainable)  # the variants share the model
         t0 = time.perf_counter()
         row = train_step(stepper, batches)
         metrics.log({"step": next(counter), **row, "images_per_s": cfg.batch_size / (time.perf_counter() - t0)})
@@ -104,6 +105,7 @@ def plain(model, cfg: BenchConfig, device, trainable) -> Callable[[], None]:
     images, labels = _batch(cfg, device)
 
     def step() -> None:
+        set_trainable(model, trainable)
         model.train()
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(images), labels)
@@ -154,32 +156,28 @@ def main(cfg: BenchConfig) -> None:
         f"{cfg.model}, batch {cfg.batch_size}, {cfg.img_size} px, {device}, {torch.get_num_threads()} threads, "
         f"median of {cfg.steps} steps after {cfg.warmup} warm-up"
     )
-    results: dict[str, tuple[float, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         log_dir = Path(tmp)
-        groups = [
-            {"ours-fp32": ours(model, cfg, device, ["all"], "fp32", log_dir)},
-            {"plain-fp32": plain(model, cfg, device, ["all"])},
-        ]
-        # The two fp32 loops share the model; alternate them (each re-applies its freezing: all).
-        pair = {**groups[0], **groups[1]}
+        variants = {
+            "ours-fp32": ours(model, cfg, device, ["all"], "fp32", log_dir),
+            "plain-fp32": plain(model, cfg, device, ["all"]),
+            "ours-bf16": ours(model, cfg, device, ["all"], "bf16", log_dir),
+            "ours-ln1": ours(model, cfg, device, ["ln1"], "fp32", log_dir),
+        }
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        for name, ts in run(pair, cfg, device).items():
-            results[name] = (statistics.median(ts), _peak_mb(device))
-        for name, trainable, precision in (("ours-bf16", ["all"], "bf16"), ("ours-ln1", ["ln1"], "fp32")):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            step = ours(model, cfg, device, trainable, precision, log_dir)
-            results[name] = (statistics.median(run({name: step}, cfg, device)[name]), _peak_mb(device))
-    print(f"{'variant':<12}{'s/step':>9}{'images/s':>10}{'peak MB':>10}")
-    for name, (sec, mb) in results.items():
-        print(f"{name:<12}{sec:>9.3f}{cfg.batch_size / sec:>10.2f}{mb:>10.0f}")
-    base = results["ours-fp32"][0]
-    overhead = base / results["plain-fp32"][0] - 1
+        times = run(variants, cfg, device)
+    peak = _peak_mb(device)
+    results = {name: statistics.median(ts) for name, ts in times.items()}
+    print(f"{'variant':<12}{'s/step':>9}{'images/s':>10}")
+    for name, sec in results.items():
+        print(f"{name:<12}{sec:>9.3f}{cfg.batch_size / sec:>10.2f}")
+    print(f"peak memory: {peak:.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
+    base = results["ours-fp32"]
+    overhead = base / results["plain-fp32"] - 1
     print(f"overhead of the app's step vs plain loop: {100 * overhead:+.1f}% (goal <= +5%)")
-    print(f"bf16 autocast speed-up over fp32:        {base / results['ours-bf16'][0]:.2f}x")
-    print(f"LN1-only speed-up over all:              {base / results['ours-ln1'][0]:.2f}x")
+    print(f"bf16 autocast speed-up over fp32:        {base / results['ours-bf16']:.2f}x")
+    print(f"LN1-only speed-up over all:              {base / results['ours-ln1']:.2f}x")
 
 
 if __name__ == "__main__":
