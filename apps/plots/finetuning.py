@@ -25,7 +25,7 @@ from apps.plots.common import STYLE, component_color, grid_shape, save_figure
 from vitef import results as R
 from vitef.config import cli_main, option
 from vitef.errors import ConfigError
-from vitef.utils import atomic_path, atomic_write_text
+from vitef.utils import atomic_path, atomic_write_text, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -81,19 +81,15 @@ def write_csvs(cfg: FinetuningPlotsConfig) -> None:
     out = Path(cfg.results_dir)
     for dataset, df in runs.groupby("dataset", sort=False):
         df = df.sort_values(["trainable", "optimizer", "model", "lr", "seed"])
-        _write_csv(df, out / "finetuning" / f"{_safe(dataset)}.csv")
+        _write_csv(df, out / "finetuning" / f"{safe_name(dataset)}.csv")
         counts = df["status"].value_counts().to_dict()
         print(f"{dataset}: {len(df)} runs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})")
     for dataset, df in probes.groupby("dataset", sort=False):
-        _write_csv(df, out / "linear_probing" / f"{_safe(dataset)}.csv")
+        _write_csv(df, out / "linear_probing" / f"{safe_name(dataset)}.csv")
     print(
         f"wrote {runs['dataset'].nunique()} finetuning CSVs to {out / 'finetuning'} "
         f"and {probes['dataset'].nunique()} linear-probing CSVs to {out / 'linear_probing'}"
     )
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "._+-=" else "_" for c in name)
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
@@ -120,7 +116,7 @@ def load_results(cfg: FinetuningPlotsConfig) -> tuple[pd.DataFrame, pd.Series, s
     lp_files = sorted((Path(cfg.results_dir) / "linear_probing").glob("*.csv"))
     probes = pd.concat([pd.read_csv(f) for f in lp_files], ignore_index=True) if lp_files else pd.DataFrame()
     lp = R.lp_baselines(probes, cfg.lp_pool or None, model) if not probes.empty else pd.Series(dtype=float)
-    tag = _safe(f"{model}_{optimizer}_select-{cfg.select_on}")
+    tag = safe_name(f"{model}_{optimizer}_select-{cfg.select_on}")
     return runs, lp, tag
 
 
@@ -192,7 +188,7 @@ def write_figures(cfg: FinetuningPlotsConfig) -> None:
         for dataset in R.order_datasets(cells["dataset"].unique()):
             fig = plot_curves(runs, cells, dataset)
             if fig is not None:
-                written += save_figure(fig, out / f"curves_{_safe(dataset)}")
+                written += save_figure(fig, out / f"curves_{safe_name(dataset)}")
     for p in written:
         if p.suffix == ".png":
             print(f"wrote {p} (+ .pdf)")

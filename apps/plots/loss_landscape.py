@@ -52,12 +52,8 @@ logger = logging.getLogger("apps.plots.loss_landscape")
 
 COMMANDS = ("run", "plot")
 # The bundled "pretrained" digits ViT (issue 6): 6 blocks of width 96 at 32 px, patches of 8.
-BUNDLED_MODEL = ModelConfig(
-    name="vit_tiny_patch16_224",
-    checkpoint="apps/vit/pretrained/vit_digits.safetensors",
-    img_size=32,
-    overrides={"patch_size": 8, "embed_dim": 96, "depth": 6, "num_heads": 3},
-)
+# The bundled offline model; its architecture comes from the card beside it (vit_digits.json).
+BUNDLED_MODEL = ModelConfig(name="apps/vit/pretrained/vit_digits.safetensors")
 # A short constant-rate SGD run with the paper's momentum and clipping (no warmup: it is only a few steps).
 SHORT_SGD = OptimConfig(name="sgd", lr=0.02, momentum=0.9, warmup_steps=0, scheduler="constant", clip_grad=1.0)
 

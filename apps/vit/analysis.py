@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +35,10 @@ from vitef.bounds import bounds_table, compare, estimate_radius, sequence_length
 from vitef.config import cli_main, option, save_config
 from vitef.data import DataConfig, build_loader, parse_name
 from vitef.errors import ComponentError, ConfigError
-from vitef.models import BLOCK_COMPONENTS, THEORETICAL_RANK, ModelConfig, build_model_from_config
+from vitef.models import BLOCK_COMPONENTS, THEORETICAL_RANK, ModelConfig, build_model_from_config, model_label
 from vitef.models.components import DISPLAY_NAMES
 from vitef.plasticity import MODES, PRECISIONS, measure, resolve_components
-from vitef.utils import atomic_path, atomic_write_json, resolve_device, set_seed
+from vitef.utils import atomic_path, atomic_write_json, resolve_device, safe_name, set_seed
 
 logger = logging.getLogger("apps.vit.analysis")
 
@@ -162,9 +161,7 @@ def model_tag(cfg: AnalysisConfig) -> str:
     """The model part of the folder name: ``tag``, else the model name plus where non-default weights came from."""
     if cfg.tag:
         return cfg.tag
-    name = cfg.model.name
-    if Path(name).expanduser().is_dir():
-        name = Path(name).expanduser().resolve().name  # a local transformers directory: its folder name
+    name = model_label(cfg.model.name)
     if cfg.model.checkpoint:
         ckpt = Path(cfg.model.checkpoint)
         # A run's checkpoint (<run>/checkpoints/<step>/model.safetensors) is named after its run.
@@ -174,12 +171,6 @@ def model_tag(cfg: AnalysisConfig) -> str:
     if not cfg.model.pretrained:
         return f"{name}-random"
     return name
-
-
-def safe_name(text: str) -> str:
-    """``text`` with ``/``, ``:`` and every other character unsafe in a file name replaced (``/`` → ``--``)."""
-    text = text.strip().strip("/").replace("/", "--")
-    return re.sub(r"[^A-Za-z0-9._@+-]", "-", text) or "unnamed"
 
 
 def summarize(df: pd.DataFrame) -> tuple[pd.DataFrame, float, float]:

@@ -23,7 +23,6 @@ import csv
 import dataclasses
 import io
 import logging
-import re
 import time
 from pathlib import Path
 
@@ -34,9 +33,9 @@ from torch.utils.data import DataLoader, Subset
 from vitef.config import cli_main, option, save_config
 from vitef.data import SPLITS, DataConfig, build_dataset
 from vitef.errors import ConfigError, ModelError
-from vitef.models import ModelConfig, build_model, build_model_from_config, num_blocks
+from vitef.models import ModelConfig, build_model, build_model_from_config, model_label, num_blocks
 from vitef.probe import POOLS, PROBE_POINTS, SolverConfig, check_layers, check_points, extract_features, fit_probes
-from vitef.utils import atomic_write_json, atomic_write_text, resolve_device, set_seed
+from vitef.utils import atomic_write_json, atomic_write_text, resolve_device, safe_name, set_seed
 
 logger = logging.getLogger("apps.vit.linear_probing")
 
@@ -103,10 +102,10 @@ class LinearProbingConfig:
 def main(cfg: LinearProbingConfig) -> None:
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    model, dataset_name, model_label, out_dir, config_name = load_source(cfg)
+    model, dataset_name, label, out_dir, config_name = load_source(cfg)
     check_layers(cfg.layers, num_blocks(model))  # fail before any data is read
     img_size = int(model.patch_embed.img_size[0])
-    logger.info("probing %s on %s (%s pooling, %d px) -> %s", model_label, dataset_name, cfg.pool, img_size, out_dir)
+    logger.info("probing %s on %s (%s pooling, %d px) -> %s", label, dataset_name, cfg.pool, img_size, out_dir)
 
     train_loader = make_loader(cfg, model, dataset_name, cfg.train_split, img_size, cfg.max_train_samples)
     test_loader = make_loader(cfg, model, dataset_name, cfg.test_split, img_size, cfg.max_test_samples)
@@ -121,18 +120,24 @@ def main(cfg: LinearProbingConfig) -> None:
     rows = fit_probes(train, test, train_loader.dataset.num_classes, cfg.solver)
     logger.info("solver: %.1f s", _since(start))
     for row in rows:
-        row.update(pool=cfg.pool, dataset=dataset_name, model=model_label)
+        row.update(pool=cfg.pool, dataset=dataset_name, model=label)
 
     write_results(out_dir, rows, cfg, config_name)
     print_summary(rows, out_dir)
+
+
+def probes_dir(cfg: LinearProbingConfig) -> Path:
+    """Where results go: the finetuned run probed, or ``<root>/probes/<model>_<dataset>_<pool>``."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir).expanduser()
+    return Path(cfg.root) / "probes" / f"{model_label(cfg.model.name)}_{safe_name(cfg.dataset_name)}_{cfg.pool}"
 
 
 def load_source(cfg: LinearProbingConfig):
     """The frozen model, dataset name, model label, output directory and config file name."""
     if cfg.run_dir is None:
         model = build_model_from_config(cfg.model)
-        name = f"{_safe(cfg.model.name)}_{_safe(cfg.dataset_name)}_{cfg.pool}"
-        return model, cfg.dataset_name, cfg.model.name, Path(cfg.root) / "probes" / name, "config.yaml"
+        return model, cfg.dataset_name, model_label(cfg.model.name), probes_dir(cfg), "config.yaml"
     run = Path(cfg.run_dir).expanduser()
     run_config = run / "config.yaml"
     weights = run / "checkpoints" / "best" / "model.safetensors"
@@ -238,11 +243,6 @@ def print_summary(rows: list[dict], out_dir: Path) -> None:
     if not_conv:
         print(f"warning: {not_conv} probe(s) did not converge (raise solver.max_iter)")
     print(f"results: {out_dir / 'probes.csv'}")
-
-
-def _safe(name: str | None) -> str:
-    """A filesystem-safe version of a model or dataset name (hub ids and paths included)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-.") or "unnamed"
 
 
 def _since(start: float) -> float:

@@ -39,10 +39,7 @@ def probes_dir(cfg) -> Path:
     """Where apps.vit.linear_probing writes: the finetuned run probed, or <root>/probes/<model>_<dataset>_<pool>."""
     from apps.vit import linear_probing
 
-    if cfg.run_dir:
-        return Path(cfg.run_dir)
-    name = f"{linear_probing._safe(cfg.model.name)}_{linear_probing._safe(cfg.dataset_name)}_{cfg.pool}"
-    return Path(cfg.root) / "probes" / name
+    return linear_probing.probes_dir(cfg)
 
 
 def eval_dir(cfg) -> Path:

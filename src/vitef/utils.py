@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -69,6 +70,12 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
+
+
+def safe_name(text: str) -> str:
+    """``text`` as one file-name component: ``/`` becomes ``--``, other unsafe characters ``-``."""
+    text = str(text).strip().strip("/").replace("/", "--")
+    return re.sub(r"[^A-Za-z0-9._@+=-]", "-", text) or "unnamed"
 
 
 def set_seed(seed: int) -> None:

@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from apps.vit.analysis import AnalysisConfig, main, output_name, safe_name
+from apps.vit.analysis import AnalysisConfig, main, output_name
 from vitef.config import cli_main, load_config
 from vitef.errors import ConfigError
 from vitef.models import BLOCK_COMPONENTS
+from vitef.utils import safe_name
 
 SMALL = [
     "model.name=vit_tiny_patch16_224",

@@ -1,6 +1,13 @@
 """ViT models with named components (arXiv 2602.06883, §3–4)."""
 
-from vitef.models.build import SHORT_NAMES, ModelConfig, build_model, build_model_from_config, save_timm_safetensors
+from vitef.models.build import (
+    SHORT_NAMES,
+    ModelConfig,
+    build_model,
+    build_model_from_config,
+    model_label,
+    save_timm_safetensors,
+)
 from vitef.models.components import (
     BLOCK_COMPONENTS,
     COMPONENTS,
@@ -38,6 +45,7 @@ __all__ = [
     "embed",
     "hf_vit_to_timm",
     "mlp_activation",
+    "model_label",
     "num_blocks",
     "save_timm_safetensors",
     "set_trainable",

@@ -27,6 +27,7 @@ from torch import nn
 from vitef.config import option
 from vitef.errors import ConfigError, ModelError
 from vitef.models.convert import HFViTArch, hf_vit_to_timm
+from vitef.utils import safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,16 @@ class ModelConfig:
             raise ConfigError(f"model.img_size={self.img_size} must be positive")
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
             raise ConfigError(f"model.checkpoint='{self.checkpoint}' does not exist (give a .safetensors file)")
+
+
+def model_label(name: str) -> str:
+    """A short file-name-safe label for a model name: a checkpoint file's stem, a directory's name, or the name."""
+    path = Path(name).expanduser()
+    if path.suffix == ".safetensors":
+        name = path.stem
+    elif path.is_dir():
+        name = path.resolve().name
+    return safe_name(name)
 
 
 def build_model_from_config(cfg: ModelConfig, num_classes: int | None = None) -> VisionTransformer:
