@@ -40,6 +40,7 @@ import pandas as pd
 import yaml
 
 from vitef.errors import VitefError
+from vitef.models.build import model_label
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def read_run(run_dir: str | Path) -> dict | None:
         "optimizer": str(optim.get("name", cfg.get("optimizer", ""))),
         "lr": float(optim.get("lr", cfg.get("lr", math.nan))),
         "seed": int(cfg.get("seed", -1)),
-        "model": str(model.get("name", cfg.get("model_name", ""))),
+        "model": model_label(str(model.get("name", cfg.get("model_name", "")))),
         "status": str(status),
         "best_val_acc": float(ev.get("best_val_acc", math.nan)),
         "test_acc": float(ev.get("acc", math.nan)),
@@ -175,7 +176,7 @@ def collect_probes(root: str | Path) -> pd.DataFrame:
                 raise ResultsError(f"{path} has no '{col}' column (probe results need layer, point, test_acc)")
         model = cfg.get("model") or {}
         df["dataset"] = str(cfg["dataset_name"])
-        df["model"] = str(model.get("name", "")) if isinstance(model, dict) else str(model)
+        df["model"] = model_label(str(model.get("name", "")) if isinstance(model, dict) else str(model))
         if "pool" not in df.columns:
             df["pool"] = str(cfg.get("pool", ""))
         df["seed"] = int(cfg.get("seed", -1))

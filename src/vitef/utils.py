@@ -100,6 +100,13 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def set_console_level(level: int) -> None:
+    """Filter what the console handler of :func:`setup_logging` shows; log files are not affected."""
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "_vitef", False):
+            handler.setLevel(level)
+
+
 def setup_logging(level: int = logging.INFO, log_file: str | os.PathLike | None = None) -> None:
     """Configure the root logger once for an entry point: stderr, plus ``log_file`` when given."""
     root = logging.getLogger()

@@ -1,0 +1,276 @@
+"""A study report (markdown + self-contained HTML) from output folders only (arXiv 2602.06883, §4–5).
+
+    python -m apps.plots.report root=outputs/quickstart
+
+Reads what the apps wrote under ``root`` — analysis folders (plasticity and bounds), the result tables of
+``apps.plots.finetuning`` (accuracy per component, relative gain over linear probing, significance
+tests, missing runs) and every figure — and writes ``<root>/report/report.md`` (figures linked) and
+``report.html`` (figures embedded, one file to send around).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import html
+import logging
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from apps.vit.analysis import summarize
+from vitef.config import cli_main, option
+from vitef.errors import VitefError
+from vitef.models.components import DISPLAY_NAMES
+from vitef.utils import atomic_write_text
+
+logger = logging.getLogger("apps.plots.report")
+
+
+@dataclasses.dataclass
+class ReportConfig:
+    """Write report.md and report.html from a study's output folders."""
+
+    root: str = option("outputs", "study output root (holding analysis/, runs/, results/, figures/)")
+    title: str = option("vitef study", "title of the report")
+    select_on: str = option("val", "which result tables to show: lr chosen on val or on test")
+    out: str = option("", "report folder (default: <root>/report)")
+
+
+CONFIG = ReportConfig
+
+
+class Document:
+    """Blocks rendered both as markdown and as HTML, so the two reports never disagree."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.blocks: list[tuple[str, object]] = []
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.blocks.append(("heading", (level, text)))
+
+    def text(self, text: str) -> None:
+        self.blocks.append(("text", text))
+
+    def table(self, df: pd.DataFrame) -> None:
+        self.blocks.append(("table", df))
+
+    def figure(self, path: Path, caption: str) -> None:
+        self.blocks.append(("figure", (path, caption)))
+
+    def markdown(self) -> str:
+        parts = []
+        for kind, value in self.blocks:
+            if kind == "heading":
+                level, text = value
+                parts.append(f"{'#' * level} {text}")
+            elif kind == "text":
+                parts.append(str(value))
+            elif kind == "table":
+                parts.append(_markdown_table(value))
+            else:
+                path, caption = value
+                rel = Path(_relpath(path, self.out_dir))
+                parts.append(f"![{caption}]({rel.as_posix()})\n\n*{caption}*")
+        return "\n\n".join(parts) + "\n"
+
+    def html(self, title: str) -> str:
+        body = []
+        for kind, value in self.blocks:
+            if kind == "heading":
+                level, text = value
+                body.append(f"<h{level}>{html.escape(text)}</h{level}>")
+            elif kind == "text":
+                body.append(_markdown_block_html(str(value)))
+            elif kind == "table":
+                body.append(value.to_html(index=False, border=0, classes="t", na_rep="—"))
+            else:
+                path, caption = value
+                data = base64.b64encode(Path(path).read_bytes()).decode()
+                body.append(
+                    f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+                )
+        style = (
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+            "table.t{border-collapse:collapse;margin:1em 0;font-size:90%}"
+            "table.t td,table.t th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+            "img{max-width:100%}figure{margin:1.5em 0}figcaption{color:#555;font-size:90%}"
+        )
+        return (
+            f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
+        )
+
+
+def _inline(text: str) -> str:
+    """Escape, then the two inline markups the result tables use: **bold** and `code`."""
+    out = html.escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", out)
+    out = re.sub(r"\*(.+?)\*", r"<i>\1</i>", out)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", out)
+
+
+def _markdown_block_html(text: str) -> str:
+    """HTML of a markdown block made of paragraphs and pipe tables (what the result tables contain)."""
+    out, para, rows = [], [], []
+
+    def flush() -> None:
+        if para:
+            out.append(f"<p>{_inline(' '.join(para))}</p>")
+            para.clear()
+        if rows:
+            head, body = rows[0], [r for r in rows[1:] if not set("".join(r)) <= set("-: ")]
+            cells = "".join(f"<th>{_inline(c)}</th>" for c in head)
+            trs = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
+            out.append(f'<table class="t"><thead><tr>{cells}</tr></thead><tbody>{trs}</tbody></table>')
+            rows.clear()
+
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("|") and stripped.endswith("|"):
+            if para:
+                flush()
+            rows.append([c.strip() for c in stripped[1:-1].split("|")])
+        elif not stripped:
+            flush()
+        else:
+            if rows:
+                flush()
+            para.append(stripped)
+    flush()
+    return "".join(out)
+
+
+def _relpath(path: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(Path(path).resolve(), Path(start).resolve())
+
+
+def _markdown_table(df: pd.DataFrame) -> str:
+    cols = [str(c) for c in df.columns]
+    rows = [["—" if pd.isna(v) else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in r] for r in df.values]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(cfg: ReportConfig) -> Path:
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise VitefError(f"root='{cfg.root}' does not exist: run a study first (python -m apps.vit.study ...)")
+    out_dir = Path(cfg.out) if cfg.out else root / "report"
+    doc = Document(out_dir)
+    doc.heading(cfg.title, 1)
+    doc.text(
+        f"Generated {datetime.datetime.now():%Y-%m-%d %H:%M} from `{root}` by vitef "
+        "(Odonnat et al., *Vision Transformer Finetuning Benefits from Non-Smooth Components*, arXiv 2602.06883)."
+    )
+    sections = [plasticity_section(doc, root), finetuning_section(doc, root, cfg.select_on), figures_section(doc, root)]
+    if not any(sections):
+        raise VitefError(f"nothing to report under {root}: no analysis folders, result tables or figures")
+    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
+    atomic_write_text(md_path, doc.markdown())
+    atomic_write_text(html_path, doc.html(cfg.title))
+    print(f"report: {md_path} and {html_path}")
+    return md_path
+
+
+def plasticity_section(doc: Document, root: Path) -> bool:
+    """Per analysis folder: mean plasticity per component, measured vs theoretical rank, Kendall's tau, bounds."""
+    folders = sorted(p.parent for p in (root / "analysis").glob("*/plasticity.csv"))
+    if not folders:
+        return False
+    doc.heading("Plasticity and theoretical bounds")
+    doc.text(
+        "Plasticity = mean over image pairs (pretraining image, downstream image) of the rate of change "
+        "‖f(x) − f(y)‖ / ‖x − y‖ of each component, averaged over blocks. Theory ranks MHA (1) > FC1 > FC2 > LN2 > "
+        "LN1 (5); Kendall's τ compares the measured ranking with it (1 = identical). The bound is the mean "
+        "over blocks of the component's theoretical upper bound computed from its weights."
+    )
+    rows = []
+    for folder in folders:
+        df = pd.read_csv(folder / "plasticity.csv")
+        per, tau, _ = summarize(df)
+        config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else {}
+        bounds = _mean_bounds(folder)
+        table = pd.DataFrame(
+            {
+                "component": [DISPLAY_NAMES.get(c, c) for c in per["component"]],
+                "plasticity": per["mean_over_layers"].round(3),
+                "measured rank": per["measured_rank"],
+                "theoretical rank": per["theoretical_rank"],
+                "bound": [round(bounds.get(c, float("nan")), 3) for c in per["component"]],
+            }
+        )
+        source = config.get("source", "?")
+        target = config.get("dataset_name", "?")
+        mode = config.get("mode", "?")
+        doc.heading(f"{target} vs {source} ({mode} mode)", 3)
+        doc.table(table)
+        doc.text(f"Kendall's τ (measured vs theoretical ranking) = {tau:.2f}; {int(df['n'].max())} pairs per block.")
+        rows.append({"target": target, "mode": mode, "tau": round(tau, 2)})
+    return True
+
+
+def _mean_bounds(folder: Path) -> dict[str, float]:
+    path = folder / "bounds.csv"
+    if not path.is_file():
+        return {}
+    df = pd.read_csv(path)
+    if "bound" not in df.columns:
+        return {}
+    return df.groupby("component")["bound"].mean().to_dict()
+
+
+def finetuning_section(doc: Document, root: Path, select_on: str) -> bool:
+    """The accuracy table (best lr per cell, mean ± std over seeds), gains over linear probing, tests, missing runs."""
+    tables = sorted((root / "results" / "tables").glob(f"finetuning_*select-{select_on}.md"))
+    if not tables:
+        return False
+    doc.heading("Component-wise finetuning")
+    doc.text(
+        f"Test accuracy (%) of the checkpoint with the best validation accuracy, at the learning rate chosen on "
+        f"{select_on} for each cell, mean ± std over seeds. The relative gain compares each configuration with the "
+        "linear-probing baseline (last block's output) of the same pretrained model."
+    )
+    for path in tables:
+        doc.text(path.read_text().strip())
+        tag = path.stem.removeprefix("finetuning_")
+        for extra, title in ((f"stats_{tag}.md", "Significance tests"), (f"missing_{tag}.md", "Missing runs")):
+            extra_path = path.parent / extra
+            if extra_path.is_file():
+                doc.heading(title, 3)
+                doc.text(extra_path.read_text().strip())
+    return True
+
+
+FIGURE_ORDER = ("analysis", "finetuning", "loss_landscape")
+
+
+def figures_section(doc: Document, root: Path) -> bool:
+    """Every PNG the figure apps wrote, grouped by kind."""
+    pngs = sorted(set((root / "figures").glob("**/*.png")) | set((root / "results" / "figures").glob("**/*.png")))
+    if not pngs:
+        return False
+    doc.heading("Figures")
+    for kind in FIGURE_ORDER:
+        group = [p for p in pngs if kind in p.parts]
+        if group:
+            doc.heading(kind.replace("_", " ").capitalize(), 3)
+        for path in group:
+            doc.figure(path, f"{kind}: {path.stem.replace('_', ' ')} ({path.parent.name})")
+    others = [p for p in pngs if not any(kind in p.parts for kind in FIGURE_ORDER)]
+    for path in others:
+        doc.figure(path, path.stem.replace("_", " "))
+    return True
+
+
+if __name__ == "__main__":
+    cli_main(ReportConfig, main, argv=sys.argv[1:], prog="apps.plots.report")
