@@ -1,0 +1,107 @@
+"""The study runner end to end on a tiny offline study: sweeps, tables, figures (PNG + PDF) and the report."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "apps/vit/pretrained/vit_digits.safetensors"
+
+
+def _write(path: Path, data: dict) -> str:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+def _tiny_study(tmp: Path) -> str:
+    sweeps = [
+        _write(
+            tmp / "plasticity.yaml",
+            {
+                "name": "p",
+                "app": "analysis",
+                "base": ["apps/vit/configs/analysis/digits_pretrained.yaml"],
+                "overrides": {"steps": 1, "batch_size": 16},
+                "grid": {"dataset_name": ["digits_subset-56789"], "mode": ["embedding"]},
+            },
+        ),
+        _write(
+            tmp / "probing.yaml",
+            {
+                "name": "lp",
+                "app": "linear_probing",
+                "base": ["apps/vit/configs/linear_probing_digits.yaml"],
+                "overrides": {"model": {"name": MODEL, "pretrained": True}, "layers": [-1], "points": ["res2", "mha"]},
+                "grid": {"dataset_name": ["digits_subset-56789"]},
+            },
+        ),
+        _write(
+            tmp / "train.yaml",
+            {
+                "name": "ft",
+                "app": "train",
+                "base": ["apps/vit/configs/digits_pretrained.yaml"],
+                "overrides": {"steps": 6, "eval_period": 3, "optim.warmup_steps": 1},
+                "grid": {"trainable": [["mha"], ["ln1"]], "lr": [0.1], "seed": [0, 1]},
+                "run_name": "{trainable}/lr{lr}_seed{seed}",
+            },
+        ),
+    ]
+    landscape = _write(
+        tmp / "landscape.yaml",
+        {"steps": 3, "eval_images": 16, "grid_size": 3, "rate_grid_size": 3, "power_iters": 20, "progress": False},
+    )
+    return _write(
+        tmp / "study.yaml",
+        {
+            "name": "tiny study",
+            "root": str(tmp / "out"),
+            "sweeps": sweeps,
+            "landscapes": ["mha"],
+            "landscape_config": landscape,
+            "threads": 1,
+        },
+    )
+
+
+def test_tiny_study_writes_tables_figures_and_report(run_app, tmp_path):
+    study = _tiny_study(tmp_path)
+    r = run_app("apps.vit.study", f"config={study}", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    report = out / "report" / "report.md"
+    assert f"report: {report}" in r.stdout
+    md = report.read_text()
+    for needle in ("Plasticity and theoretical bounds", "Kendall", "Component-wise finetuning", "gain vs LP", "MHA vs"):
+        assert needle in md, needle
+    # Every figure exists as PNG and PDF, and every PNG is in the report, linked in md and embedded in HTML.
+    pngs = sorted(out.glob("**/*.png"))
+    for folder in ("figures/analysis", "figures/loss_landscape/mha", "results/figures/finetuning"):
+        assert any((out / folder).glob("**/*.png")), folder
+    for png in pngs:
+        assert png.with_suffix(".pdf").is_file(), png
+        assert png.name in md
+    html = (out / "report" / "report.html").read_text()
+    assert len(re.findall(r'<img src="data:image/png;base64,', html)) == len(pngs)
+    assert html.count("<table") >= 3
+    # The accuracy table holds the two configurations that ran.
+    table = next((out / "results" / "tables").glob("finetuning_vit_digits_sgd_select-val.md")).read_text()
+    assert "MHA" in table and "LN1" in table
+
+    # Relaunching skips every finished run and rewrites the report.
+    again = run_app("apps.vit.study", f"config={study}", timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "4 already completed (skipped), 0 launched" in again.stdout
+
+
+def test_study_bad_sweep_file(run_app, tmp_path):
+    r = run_app("apps.vit.study", f"sweeps=[{tmp_path / 'nope.yaml'}]")
+    assert r.returncode == 2 and "nope.yaml' does not exist" in r.stderr
+
+
+def test_report_needs_outputs(run_app, tmp_path):
+    r = run_app("apps.plots.report", f"root={tmp_path / 'missing'}")
+    assert r.returncode == 2 and "does not exist" in r.stderr
