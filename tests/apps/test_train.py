@@ -59,12 +59,13 @@ def initial_model(cfg: train_app.TrainConfig):
     return build_model_from_config(cfg.model, num_classes=5)
 
 
-def test_train_step_reduces_the_loss(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_train_step_reduces_the_loss(tmp_path, precision):
     # The app's own step function on one fixed batch: a few updates of MHA + head lower its loss.
     cfg = tiny_cfg(tmp_path, trainable=["mha"], optim={"lr": 0.05, "scheduler": "constant", "warmup_steps": 0})
     model = initial_model(cfg)
     set_trainable(model, cfg.trainable)
-    stepper = train_app.Stepper.build(model, model, cfg.optim, 10, torch.device("cpu"), "fp32")
+    stepper = train_app.Stepper.build(model, model, cfg.optim, 10, torch.device("cpu"), precision)
     g = torch.Generator().manual_seed(0)
     batch = (torch.randn(16, 3, 16, 16, generator=g), torch.randint(0, 5, (16,), generator=g))
     losses = [train_app.train_step(stepper, iter([batch]))["loss"] for _ in range(10)]
