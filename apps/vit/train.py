@@ -40,6 +40,7 @@ from vitef.models import (
     canonical_list,
     component_of,
     count_parameters,
+    model_label,
     set_trainable,
 )
 from vitef.monitor import (
@@ -144,7 +145,7 @@ class TrainConfig:
             return self.log_dir
         parts = [self.dataset_name]
         if self.model.name != "base":
-            parts.append(Path(self.model.name).name)
+            parts.append(model_label(self.model.name))
         if self.optim.name != "sgd":
             parts.append(self.optim.name)
         parts += ["-".join(canonical_list(self.trainable)), f"lr{self.optim.lr:g}", f"seed{self.seed}"]
