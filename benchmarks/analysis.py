@@ -58,6 +58,7 @@ class BenchConfig:
     device: str = option("cpu", "cpu or cuda")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
     matmul_size: int = option(2048, "side of the square matmul timed for the machine's GFLOP/s")
+    chunk_size: int | None = option(None, "measure's chunk_size: pairs per forward pass (None: whole batch)")
     json_out: str | None = option(None, "also write every figure to this JSON file")
     child: str | None = option(None, "internal: run one variant (or 'matmul') and write its result here")
     child_variant: str = option("", "internal: the variant a child runs")
@@ -143,7 +144,13 @@ def run_child(cfg: BenchConfig) -> dict:
         if kind == "reference":
             return np.concatenate([reference(model, x.to(dev), y.to(dev), autocast) for x, y in batches])
         df = measure(
-            model, [x for x, _ in batches], [y for _, y in batches], precision=precision, keep_samples=True, device=dev
+            model,
+            [x for x, _ in batches],
+            [y for _, y in batches],
+            precision=precision,
+            keep_samples=True,
+            device=dev,
+            chunk_size=cfg.chunk_size,
         )
         return df.attrs["samples"]
 
@@ -227,6 +234,7 @@ def spawn(cfg: BenchConfig, variant: str, tmp: Path) -> dict:
         f"device={cfg.device}",
         f"threads={cfg.threads}",
         f"matmul_size={cfg.matmul_size}",
+        f"chunk_size={'null' if cfg.chunk_size is None else cfg.chunk_size}",
         f"child={result}",
         f"child_variant={variant}",
     ]

@@ -57,3 +57,16 @@ def test_import_does_no_work():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
+
+
+def test_every_app_exposes_config_and_main():
+    # Sweeps and studies run apps in-process through this convention.
+    import dataclasses
+    import importlib
+
+    apps = [p for p in sorted((ROOT / "apps").rglob("*.py")) if "cli_main(" in p.read_text()]
+    assert len(apps) >= 12
+    for path in apps:
+        module = importlib.import_module(".".join(path.relative_to(ROOT).with_suffix("").parts))
+        assert dataclasses.is_dataclass(getattr(module, "CONFIG", None)), path
+        assert callable(getattr(module, "main", None)), path

@@ -8,7 +8,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from vitef.errors import ComponentError, ConfigError
-from vitef.models import BLOCK_COMPONENTS, block_module, embed, mlp_activation
+from vitef.models import BLOCK_COMPONENTS, block_module, build_model, embed, mlp_activation
 from vitef.plasticity import COLUMNS, RunningStats, iter_pairs, measure
 
 
@@ -265,3 +265,16 @@ def test_restores_training_mode_and_rejects_bad_arguments():
         measure(model, [], [x])
     with pytest.raises(ConfigError, match="differ in shape"):
         measure(model, [x], [images(2, 19, size=8)])
+
+
+@pytest.mark.parametrize("mode", ["embedding", "hidden"])
+def test_chunk_size_does_not_change_results(mode):
+    torch.manual_seed(0)
+    model = build_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8, depth=2).eval()
+    x, y = torch.randn(10, 3, 16, 16), torch.randn(10, 3, 16, 16)
+    whole = measure(model, [x], [y], mode=mode, keep_samples=True)
+    chunked = measure(model, [x], [y], mode=mode, keep_samples=True, chunk_size=3)
+    np.testing.assert_allclose(chunked.attrs["samples"], whole.attrs["samples"], rtol=1e-5)
+    assert (chunked["n"] == 10).all()
+    with pytest.raises(ConfigError, match="chunk_size=0 must be positive"):
+        measure(model, [x], [y], chunk_size=0)

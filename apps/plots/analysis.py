@@ -242,5 +242,7 @@ def plot_measured_vs_bound(analyses: list[Analysis]) -> plt.Figure | None:
     return fig
 
 
+CONFIG = PlotConfig
+
 if __name__ == "__main__":
     cli_main(PlotConfig, main, prog="apps.plots.analysis")

@@ -341,5 +341,7 @@ def print_summary(meta: dict, out: Path) -> None:
     )
 
 
+CONFIG = LandscapeConfig
+
 if __name__ == "__main__":
     cli_main(LandscapeConfig, main, prog="apps.plots.loss_landscape")

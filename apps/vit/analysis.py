@@ -66,6 +66,7 @@ class AnalysisConfig:
     seed: int = option(42, "seed of the image order (the paper: 42)")
     sigma: float = option(1.0, "lower bound on the per-token std of LayerNorm inputs, for the LN bound ||g||_inf/sigma")
     keep_samples: bool = option(False, "also save every per-pair ratio to samples.npz")
+    chunk_size: int | None = option(None, "pairs per forward pass (bounds memory; default: the whole batch)")
     root: str = option("outputs", "output root: results go to <root>/analysis/<model>_<source>_<target>_<mode>/")
     tag: str = option("", "model part of the output folder name (default: derived from model.name and weights)")
 
@@ -125,6 +126,7 @@ def main(cfg: AnalysisConfig) -> Path:
             keep_samples=cfg.keep_samples,
             device=device,
             progress=bar.update,
+            chunk_size=cfg.chunk_size,
         )
     if df.attrs["n_pairs"] < n_pairs:
         logger.warning("only %d pairs (a dataset ran out before %d steps)", df.attrs["n_pairs"], cfg.steps)
@@ -262,6 +264,8 @@ def print_summary(summary: pd.DataFrame, tau: float, p_value: float, n: int, rad
     print(f"Kendall's tau (measured vs theoretical ranking): {tau:.3f} (p = {p_value:.3f})")
     print(f"token radius r = {radius:.3f}; results in {out_dir}")
 
+
+CONFIG = AnalysisConfig
 
 if __name__ == "__main__":
     cli_main(AnalysisConfig, main, prog="apps.vit.analysis")

@@ -34,5 +34,7 @@ def main(cfg: ComponentsConfig) -> None:
         print(f"{r['component']:<10}{r['params']:>14,}{r['trainable']:>14,}{r['tensors']:>9}  {r['example']}")
 
 
+CONFIG = ComponentsConfig
+
 if __name__ == "__main__":
     cli_main(ComponentsConfig, main, prog="apps.vit.components")

@@ -41,5 +41,7 @@ def main(cfg: DataInfoConfig) -> None:
     print("\n".join(rows))
 
 
+CONFIG = DataInfoConfig
+
 if __name__ == "__main__":
     cli_main(DataInfoConfig, main, prog="apps.vit.data_info")

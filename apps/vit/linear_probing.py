@@ -249,5 +249,7 @@ def _since(start: float) -> float:
     return time.perf_counter() - start
 
 
+CONFIG = LinearProbingConfig
+
 if __name__ == "__main__":
     cli_main(LinearProbingConfig, main, prog="apps.vit.linear_probing")

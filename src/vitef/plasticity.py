@@ -73,6 +73,7 @@ def measure(
     keep_samples: bool = False,
     device: torch.device | str | None = None,
     progress: Callable[[int], None] | None = None,
+    chunk_size: int | None = None,
 ) -> pd.DataFrame:
     """Estimate the plasticity of every (block, component) of a timm ViT.
 
@@ -100,6 +101,10 @@ def measure(
         Where to compute (default: the model's device). Batches are moved there.
     progress
         Called with the number of pairs after each chunk (e.g. a tqdm bar's ``update``).
+    chunk_size
+        At most this many pairs go through the model at once (default: a whole batch). Smaller chunks
+        bound the activation memory (one block's outputs for ``2 * chunk_size`` images) at some speed
+        cost; results do not depend on it beyond floating-point rounding.
 
     Returns
     -------
@@ -112,6 +117,8 @@ def measure(
         raise ConfigError(f"mode='{mode}' is not a plasticity mode; choose one of {', '.join(MODES)}")
     if precision not in PRECISIONS:
         raise ConfigError(f"precision='{precision}' is not supported; choose one of {', '.join(PRECISIONS)}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ConfigError(f"chunk_size={chunk_size} must be positive (or None for whole batches)")
     if n_pairs is not None and n_pairs <= 0:
         raise ConfigError(f"n_pairs={n_pairs} must be positive (or None for all pairs)")
     comps = resolve_components(components)
@@ -129,7 +136,7 @@ def measure(
             # Built outside autocast: the FC1 QR factors are computed in full precision.
             step = _EmbeddingStep(model, comps, dev) if mode == "embedding" else _HiddenStep(model, comps)
             with step, _autocast(dev, precision):
-                for x, y in iter_pairs(source, target, n_pairs):
+                for x, y in iter_pairs(source, target, n_pairs, chunk_size):
                     images = torch.cat([x, y]).to(dev, non_blocking=True)  # (2B, C, H, W)
                     ratios = step(images, len(x))  # (layers, comps, B)
                     same = (x == y).flatten(1).all(dim=1).to(ratios.device)  # (B,) identical images
@@ -181,12 +188,13 @@ def batch_images(batch: object) -> torch.Tensor:
 
 
 def iter_pairs(
-    source: Iterable, target: Iterable, n_pairs: int | None = None
+    source: Iterable, target: Iterable, n_pairs: int | None = None, chunk_size: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield equal-sized ``(x, y)`` chunks pairing the i-th image of each stream.
 
-    Streams with different batch sizes are re-chunked; iteration stops when either ends or after
-    ``n_pairs`` pairs (no batch beyond what is needed is drawn).
+    Streams with different batch sizes are re-chunked (chunks hold at most ``chunk_size`` pairs when
+    given); iteration stops when either ends or after ``n_pairs`` pairs (no batch beyond what is needed
+    is drawn).
     """
     src, tgt = iter(source), iter(target)
     bx: torch.Tensor | None = None
@@ -206,7 +214,7 @@ def iter_pairs(
                 f"source images {tuple(bx.shape[1:])} and target images {tuple(by.shape[1:])} differ in shape; "
                 "load both at the model's resolution"
             )
-        k = min(len(bx), len(by), remaining if remaining is not None else len(bx))
+        k = min(len(bx), len(by), remaining if remaining is not None else len(bx), chunk_size or len(bx))
         yield bx[:k], by[:k]
         bx, by = bx[k:], by[k:]
         if remaining is not None:
