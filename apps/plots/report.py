@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import html
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -148,8 +149,6 @@ def _markdown_block_html(text: str) -> str:
 
 
 def _relpath(path: Path, start: Path) -> str:
-    import os
-
     return os.path.relpath(Path(path).resolve(), Path(start).resolve())
 
 
@@ -194,7 +193,6 @@ def plasticity_section(doc: Document, root: Path) -> bool:
         "LN1 (5); Kendall's τ compares the measured ranking with it (1 = identical). The bound is the mean "
         "over blocks of the component's theoretical upper bound computed from its weights."
     )
-    rows = []
     for folder in folders:
         df = pd.read_csv(folder / "plasticity.csv")
         per, tau, _ = summarize(df)
@@ -215,7 +213,6 @@ def plasticity_section(doc: Document, root: Path) -> bool:
         doc.heading(f"{target} vs {source} ({mode} mode)", 3)
         doc.table(table)
         doc.text(f"Kendall's τ (measured vs theoretical ranking) = {tau:.2f}; {int(df['n'].max())} pairs per block.")
-        rows.append({"target": target, "mode": mode, "tau": round(tau, 2)})
     return True
 
 
@@ -243,11 +240,19 @@ def finetuning_section(doc: Document, root: Path, select_on: str) -> bool:
     for path in tables:
         doc.text(path.read_text().strip())
         tag = path.stem.removeprefix("finetuning_")
-        for extra, title in ((f"stats_{tag}.md", "Significance tests"), (f"missing_{tag}.md", "Missing runs")):
-            extra_path = path.parent / extra
-            if extra_path.is_file():
-                doc.heading(title, 3)
-                doc.text(extra_path.read_text().strip())
+        stats = path.parent / f"stats_{tag}.md"
+        if stats.is_file():
+            doc.heading("Significance tests", 3)
+            doc.text(stats.read_text().strip())
+        missing = path.parent / f"missing_{tag}.csv"
+        if missing.is_file():
+            doc.heading("Missing runs", 3)
+            df = pd.read_csv(missing)
+            if df.empty:
+                doc.text("None: every (dataset, component, lr, seed) cell has a completed run.")
+            else:
+                doc.text(f"{len(df)} runs are missing or unfinished; their cells are marked and left out of averages.")
+                doc.table(df)
     return True
 
 

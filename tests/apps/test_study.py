@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import yaml
@@ -91,10 +92,25 @@ def test_tiny_study_writes_tables_figures_and_report(run_app, tmp_path):
     table = next((out / "results" / "tables").glob("finetuning_vit_digits_sgd_select-val.md")).read_text()
     assert "MHA" in table and "LN1" in table
 
-    # Relaunching skips every finished run and rewrites the report.
+    # A missing run is listed in the report, not silently averaged.
+    victim = out / "runs" / "ft" / "ln1" / "lr0.1_seed1"
+    (victim / "status.json").write_text('{"status": "failed", "step": 3, "message": "killed"}')
+    (victim / "eval.json").unlink()
+    r2 = run_app("apps.plots.finetuning", "csv", f"root={out}", f"results_dir={out / 'results'}")
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    r2 = run_app("apps.plots.finetuning", "table", f"root={out}", f"results_dir={out / 'results'}")
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    r2 = run_app("apps.plots.report", f"root={out}")
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    md = report.read_text()
+    assert "### Missing runs" in md and "1 runs are missing" in md and "failed" in md
+    shutil.rmtree(victim)
+
+    # Relaunching skips every finished run (and re-trains the removed one), and rewrites the report.
     again = run_app("apps.vit.study", f"config={study}", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "4 already completed (skipped), 0 launched" in again.stdout
+    assert "3 already completed (skipped), 1 launched" in again.stdout
+    assert "None: every (dataset, component, lr, seed) cell has a completed run." in report.read_text()
 
 
 def test_study_bad_sweep_file(run_app, tmp_path):
