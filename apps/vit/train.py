@@ -94,6 +94,7 @@ class TrainConfig:
     eval_period: int = option(500, "validate every this many updates (and at the end)")
     checkpoint_period: int = option(0, "checkpoint every this many updates (0: every eval_period) and at the end")
     keep_last: int = option(1, "step checkpoints kept (the best one is kept besides)")
+    keep_steps: list[int] = option([], "steps checkpointed and kept for good besides keep_last (e.g. log-spaced)")
     seed: int = option(0, "seed of the head initialisation, the data order/split and augmentation")
     precision: str = option("fp32", "autocast: fp32 (the paper's), bf16 or fp16")
     compile: bool = option(False, "torch.compile the model")
@@ -121,6 +122,9 @@ class TrainConfig:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
         if self.eval_period > self.steps:
             raise ConfigError(f"eval_period={self.eval_period} exceeds steps={self.steps}: lower eval_period")
+        bad = [s for s in self.keep_steps if not 1 <= s <= self.steps]
+        if bad:
+            raise ConfigError(f"keep_steps={self.keep_steps}: steps {bad} are not in [1, steps={self.steps}]")
         if not 0 <= self.checkpoint_period <= self.steps:
             raise ConfigError(f"checkpoint_period={self.checkpoint_period} must be in [0, steps={self.steps}]")
         if self.optim.warmup_steps > self.steps:
@@ -302,7 +306,7 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
                 logger.info("step %d loss %.4f lr %.3g grad_norm %.3g", step, row["loss"], row["lr"], row["grad_norm"])
             if step % cfg.eval_period == 0 or step == cfg.steps:
                 _validate(cfg, run, model, val_loader, device, step, progress, metrics, info)
-            if step % (cfg.checkpoint_period or cfg.eval_period) == 0 or step == cfg.steps:
+            if step % (cfg.checkpoint_period or cfg.eval_period) == 0 or step == cfg.steps or step in cfg.keep_steps:
                 progress["step"] = step
                 _checkpoint(cfg, run, model, stepper, batches, progress, info)
     except TrainingError as e:
@@ -459,7 +463,7 @@ def _checkpoint(cfg, run, model, stepper: Stepper, batches, progress, info) -> N
             "rng": rngs,
         }
         save_checkpoint(run.step_dir(progress["step"]), model, state)
-        run.prune_checkpoints(cfg.keep_last)
+        run.prune_checkpoints(cfg.keep_last, keep=cfg.keep_steps)
         run.write_status("running", progress["step"], "checkpointed")
     distributed.barrier()
 

@@ -19,6 +19,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -141,9 +142,14 @@ class RunDir:
         steps = self.checkpoint_steps()
         return self.step_dir(steps[-1]) if steps else None
 
-    def prune_checkpoints(self, keep_last: int) -> None:
-        """Delete all but the newest ``keep_last`` step checkpoints (``best/`` is never touched)."""
-        steps = self.checkpoint_steps()
+    def prune_checkpoints(self, keep_last: int, keep: Iterable[int] = ()) -> None:
+        """Delete all but the newest ``keep_last`` step checkpoints, and those of the steps in ``keep``.
+
+        ``best/`` is never touched; ``keep`` holds steps kept for good (e.g. the log-spaced snapshots of a
+        pretraining run), which do not count towards ``keep_last``.
+        """
+        kept = set(keep)
+        steps = [s for s in self.checkpoint_steps() if s not in kept]
         for step in steps[: max(len(steps) - keep_last, 0)]:
             shutil.rmtree(self.step_dir(step), ignore_errors=True)
         # Leftovers of a save that was killed half-way.
