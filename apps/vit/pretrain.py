@@ -10,6 +10,12 @@ are finetuned one type at a time.
 
 It is the training app (``apps.vit.train``) — same config keys, run directory, resume — followed by an
 export of the best-validation checkpoint and a JSON card next to it (test accuracy, config, SHA-256).
+
+Snapshots. The step checkpoints of ``keep_steps`` (log-spaced, e.g. 10, 30, 100, ...) are exported too, as
+self-describing files ``<export stem>_steps/step_<N>.safetensors`` with their cards, so that plasticity can be
+measured through pretraining (``apps/vit/studies/pretraining_dynamics.yaml``): a model whose linear maps are still
+near their small initialisation has LayerNorms that change fastest, and the paper's ranking (MHA first) only
+appears as pretraining goes on.
 """
 
 from __future__ import annotations
@@ -50,32 +56,54 @@ def card_path(export: str | Path) -> Path:
     return Path(export).with_suffix(".json")
 
 
+def snapshot_path(export: str | Path, step: int) -> Path:
+    """Where the weights of pretraining step ``step`` are exported: ``<stem>_steps/step_<N>.safetensors``."""
+    export = Path(export)
+    return export.parent / f"{export.stem}_steps" / f"step_{step:06d}.safetensors"
+
+
 def main(cfg: PretrainConfig) -> None:
     train.main(cfg)
     run = RunDir.from_log_dir(cfg.root, cfg.run_name)
     evaluation = json.loads(run.eval_path.read_text())
-    with atomic_path(cfg.export) as tmp:
-        shutil.copyfile(run.best_model_path, tmp)
-    digest = hashlib.sha256(Path(cfg.export).read_bytes()).hexdigest()
-    model = to_dict(cfg.model)
-    model["pretrained"] = False
-    atomic_write_json(
-        card_path(cfg.export),
+    common = {
+        "model": {**to_dict(cfg.model), "pretrained": False},
+        "dataset": cfg.dataset_name,
+        "num_classes": _num_classes(cfg),
+        "steps": cfg.steps,
+        "seed": cfg.seed,
+        "made_by": "python -m apps.vit.pretrain " + " ".join(sys.argv[1:]),
+    }
+    export(
+        run.best_model_path,
+        cfg.export,
         {
-            "weights": Path(cfg.export).name,
-            "sha256": digest,
-            "model": model,
-            "dataset": cfg.dataset_name,
-            "num_classes": _num_classes(cfg),
+            **common,
             "test_acc": evaluation["acc"],
             "best_val_acc": evaluation["best_val_acc"],
             "best_step": evaluation["best_step"],
-            "steps": cfg.steps,
-            "seed": cfg.seed,
-            "made_by": "python -m apps.vit.pretrain " + " ".join(sys.argv[1:]),
         },
     )
+    snapshots = {snapshot_path(cfg.export, step): step for step in sorted(set(cfg.keep_steps))}
+    folder = snapshot_path(cfg.export, 0).parent
+    # Snapshots of an earlier export with other keep_steps would be mistaken for this run's.
+    for stale in folder.glob("step_*.*") if folder.is_dir() else ():
+        if stale.with_suffix(".safetensors") not in snapshots:
+            stale.unlink()
+    for step in snapshots.values():
+        export(run.step_dir(step) / "model.safetensors", snapshot_path(cfg.export, step), {**common, "step": step})
     print(f"exported {cfg.export} (test acc {100 * evaluation['acc']:.2f}%, card {card_path(cfg.export)})")
+    if snapshots:
+        print(f"exported {len(snapshots)} snapshots to {folder}")
+
+
+def export(weights: Path, dest: str | Path, card: dict) -> None:
+    """Copy ``weights`` to ``dest`` and write its card (file name and SHA-256 first), both atomically."""
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(weights, tmp)
+    digest = hashlib.sha256(Path(dest).read_bytes()).hexdigest()
+    atomic_write_json(card_path(dest), {"weights": Path(dest).name, "sha256": digest, **card})
 
 
 def _num_classes(cfg: PretrainConfig) -> int:
