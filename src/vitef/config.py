@@ -225,19 +225,50 @@ def split_argv(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], 
     return config_path, pairs, want_help
 
 
-def _read_yaml(path: str) -> dict:
+def read_yaml_file(
+    path: str | Path, what: str = "config file", fix: str = "pass config=PATH to an existing YAML file"
+) -> dict:
+    """Read a YAML file that must hold a mapping of keys; every way it can fail is one :class:`ConfigError`.
+
+    Parameters
+    ----------
+    path
+        The file.
+    what
+        How messages name the file (``"config file"``, ``"base file of sweep 'x'"``).
+    fix
+        What to do when the file does not exist.
+
+    Raises
+    ------
+    ConfigError
+        Missing, unreadable or binary (not UTF-8 text) file, YAML syntax error, or not a mapping.
+    """
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{what} '{path}' is a directory, not a YAML file ({fix})")
     if not p.is_file():
-        raise ConfigError(f"config file not found: '{path}' (pass config=PATH to an existing YAML file)")
+        raise ConfigError(f"{what} not found: '{path}' ({fix})")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} '{path}' is not a text file (not UTF-8): give a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{what} '{path}' cannot be read ({e.strerror or e}): check its permissions") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from e
+        detail = " ".join(str(e).split())  # one line: PyYAML's message spans several
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {detail}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(f"{what} '{path}' must hold a mapping of keys, got {type(data).__name__}")
     return data
+
+
+def _read_yaml(path: str) -> dict:
+    return read_yaml_file(path)
 
 
 def _resolve_verb(cls: type, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:

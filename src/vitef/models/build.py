@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import hashlib
+import inspect
 import json
 import logging
 import os
@@ -19,7 +21,7 @@ from typing import Any
 
 import timm
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -43,7 +45,9 @@ SHORT_NAMES: dict[str, str] = {
 class ModelConfig:
     """Which ViT to build and from which weights."""
 
-    name: str = option("base", "timm ViT name, base/large/huge, HF hub id, or local transformers directory")
+    name: str = option(
+        "base", "timm ViT name, base/large/huge, HF hub id, local transformers directory, or carded .safetensors file"
+    )
     pretrained: bool = option(True, "load pretrained weights (false: random init of the architecture)")
     checkpoint: str | None = option(None, "timm-layout .safetensors file to load instead of the hub weights")
     img_size: int | None = option(None, "input resolution (default: the checkpoint's); pos. embedding is resized")
@@ -56,6 +60,19 @@ class ModelConfig:
             raise ConfigError(f"model.img_size={self.img_size} must be positive")
         if self.checkpoint is not None and not Path(self.checkpoint).is_file():
             raise ConfigError(f"model.checkpoint='{self.checkpoint}' does not exist (give a .safetensors file)")
+        if Path(self.name).suffix == ".safetensors" and not self.pretrained and not self.checkpoint:
+            # Naming a weights file and then not loading it is never what was meant: it silently measured a
+            # random model (issue 10). Random init of an architecture is asked for by naming the architecture.
+            raise ConfigError(
+                f"model.name='{self.name}' is a weights file but model.pretrained=false would not read it and "
+                "would use random weights: set model.pretrained=true to use the file, or, for a random model of the "
+                "same architecture, set model.name (and model.img_size/model.overrides) to the 'model' entry of "
+                f"its card '{Path(self.name).with_suffix('.json').name}'"
+            )
+        try:
+            check_overrides(self.overrides)
+        except ModelError as e:
+            raise ConfigError(str(e)) from None
 
 
 def model_label(name: str) -> str:
@@ -93,64 +110,115 @@ def build_model(
         ``huge``), a Hugging Face hub id of a transformers ViT (``google/vit-base-patch16-224-in21k``),
         or a local directory in transformers layout (``config.json`` + ``model.safetensors``), or a
         timm-layout ``.safetensors`` file with a JSON card beside it naming its architecture (as
-        ``apps.vit.pretrain`` exports).
+        ``apps.vit.pretrain`` exports; the card's ``sha256``, when present, is checked before loading).
     pretrained
         ``True`` loads the source's weights (through timm / huggingface_hub and their cache), ``False``
         builds the architecture with random weights, a path loads a timm-layout ``.safetensors`` file.
     num_classes
-        Replace the head with a fresh linear layer with this many outputs (``0``: no head). ``None``
-        keeps the checkpoint's head.
+        ``None`` keeps the head of the weights that are loaded, with its shape taken from them (no head
+        when they have none, e.g. a transformers ``ViTModel``); without weights, the head the source
+        describes (a card file's head, a transformers config's labels, timm's default). ``0``: no head.
+        ``k``: a fresh, randomly initialised ``k``-class head.
     img_size
         Input resolution; the position embedding is interpolated when it differs from pretraining.
     **overrides
-        Passed to the timm constructor (``drop_path_rate``...).
+        Passed to the timm constructor (``drop_path_rate``, ``patch_size``...): see :func:`check_overrides`.
+
+    Raises
+    ------
+    ModelError
+        Unknown source, unreadable or mismatched weights, or an architecture that cannot be built.
     """
+    check_overrides(overrides)
+    if num_classes is not None and num_classes < 0:
+        raise ModelError(f"num_classes={num_classes} must be >= 0 (0: no head)")
     state: dict[str, torch.Tensor] | None = None
-    build_classes = num_classes
+    head = num_classes
     if isinstance(pretrained, (str, os.PathLike)) and not isinstance(pretrained, bool):
         state = _read_safetensors(Path(pretrained))
         use_source_weights = False
         if num_classes is None:
-            # Keep the file's head: size the model's head from it (0 when the file has none).
-            build_classes = state["head.weight"].shape[0] if "head.weight" in state else 0
+            # Keep the file's head: the head's shape comes from the weights, whatever the source says.
+            head = _head_size(state)
     else:
         use_source_weights = bool(pretrained)
 
     local = Path(name).expanduser()
     if local.suffix == ".safetensors":
-        return _from_card(
-            local,
-            pretrained=state is not None or use_source_weights,
-            num_classes=num_classes,
-            img_size=img_size,
-            overrides=overrides,
-            weights=state,
-        )
-    if local.is_dir():
-        model = _from_transformers_dir(local, use_source_weights, build_classes, img_size, overrides)
+        model = _from_card(local, use_source_weights, head, img_size, overrides)
+    elif local.is_dir():
+        model = _from_transformers_dir(local, use_source_weights, head, img_size, overrides)
     elif "/" in name and not name.startswith(("hf-hub:", "hf_hub:")) and not local.exists():
-        model = _from_transformers_hub(name, use_source_weights, build_classes, img_size, overrides)
+        model = _from_transformers_hub(name, use_source_weights, head, img_size, overrides)
     else:
-        model = _from_timm(SHORT_NAMES.get(name, name), use_source_weights, build_classes, img_size, overrides)
+        model = _from_timm(SHORT_NAMES.get(name, name), use_source_weights, head, img_size, overrides)
     if state is not None:
         _load_state(model, state, str(pretrained), keep_head=num_classes is None)
     return model
 
 
+# Constructor arguments that are not the architecture's to override: the head is sized by num_classes
+# (or the weights), the resolution by img_size (a duplicate keyword would be a TypeError).
+_RESERVED = {
+    "num_classes": "the head is sized by the dataset or the weights; remove it from the overrides",
+    "img_size": "use model.img_size",
+}
+# timm.create_model keywords that are not VisionTransformer arguments.
+_CREATE_MODEL_KEYS = ("pretrained_cfg_overlay",)
+
+
+def check_overrides(overrides: dict) -> None:
+    """Check the keys of ``model.overrides`` against timm's ``VisionTransformer`` arguments.
+
+    Raises
+    ------
+    ModelError
+        Naming the first unknown or reserved key, with the closest valid name and the valid ones.
+    """
+    if not isinstance(overrides, dict):
+        raise ModelError(f"model.overrides={overrides!r} must be a mapping, e.g. {{patch_size: 8, depth: 6}}")
+    valid = _override_keys()
+    for key in overrides:
+        if key in _RESERVED:
+            raise ModelError(f"model.overrides has '{key}': {_RESERVED[key]}")
+        if key not in valid:
+            guess = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" Did you mean '{guess[0]}'?" if guess else ""
+            raise ModelError(
+                f"model.overrides has an unknown key '{key}' (not an argument of timm's VisionTransformer).{hint} "
+                f"Valid keys: {', '.join(valid)}"
+            )
+
+
+@functools.cache
+def _override_keys() -> list[str]:
+    params = inspect.signature(VisionTransformer.__init__).parameters
+    return [k for k in params if k != "self" and k not in _RESERVED] + list(_CREATE_MODEL_KEYS)
+
+
+def _head_size(state: dict[str, torch.Tensor]) -> int:
+    """Classes of the head in a timm-layout state dict (0 when it has none)."""
+    return int(state["head.weight"].shape[0]) if "head.weight" in state else 0
+
+
+def _file_head_size(path: Path) -> int:
+    """Classes of the head in a timm-layout ``.safetensors`` file, from its header only (no tensor is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int(f.get_slice("head.weight").get_shape()[0]) if "head.weight" in f.keys() else 0
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"'{path}' is not a readable .safetensors file ({e}); re-download or re-export it") from e
+
+
 def _from_card(
-    path: Path,
-    *,
-    pretrained: bool,
-    num_classes: int | None,
-    img_size: int | None,
-    overrides: dict,
-    weights: dict[str, torch.Tensor] | None,
+    path: Path, pretrained: bool, num_classes: int | None, img_size: int | None, overrides: dict
 ) -> VisionTransformer:
     """A self-describing checkpoint: ``x.safetensors`` (timm layout) with its card ``x.json`` beside it.
 
     The card's ``model`` entry (timm ``name``, ``img_size``, ``overrides``) gives the architecture, as
-    written by ``apps.vit.pretrain``; the file's own tensors are the weights (unless ``pretrained`` is
-    false, or other weights are given).
+    written by ``apps.vit.pretrain``; the file's own tensors are the weights when ``pretrained`` (after
+    the card's ``sha256`` is checked). Without them, ``num_classes=None`` still sizes the head as the
+    file's: the card describes that model, head included.
     """
     card_path = path.with_suffix(".json")
     if not path.is_file():
@@ -161,20 +229,42 @@ def _from_card(
             f"model.name (e.g. vit_base_patch16_224) and the file as model.checkpoint={path}"
         )
     try:
-        arch = json.loads(card_path.read_text())["model"]
+        card = json.loads(card_path.read_text())
+        arch = card["model"]
         arch_name = arch["name"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        arch_overrides = dict(arch.get("overrides") or {})
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise ModelError(f"card '{card_path}' is not valid: it needs a 'model' entry with a 'name' ({e})") from e
     if Path(arch_name).suffix == ".safetensors":
         raise ModelError(f"card '{card_path}' names another checkpoint as its architecture: give a timm name")
-    kwargs = {**(arch.get("overrides") or {}), **overrides}
-    source: bool | str = str(path) if pretrained and weights is None else False
-    model = build_model(
-        arch_name, pretrained=source, num_classes=num_classes, img_size=img_size or arch.get("img_size"), **kwargs
-    )
-    if weights is not None:
-        _load_state(model, weights, str(path), keep_head=num_classes is None)
-    return model
+    try:
+        check_overrides(arch_overrides)
+    except ModelError as e:
+        raise ModelError(f"card '{card_path}': {e}") from e
+    kwargs = {**arch_overrides, **overrides}
+    size = img_size or arch.get("img_size")
+    if pretrained:
+        _check_sha256(path, card.get("sha256"), card_path)
+        return build_model(arch_name, pretrained=str(path), num_classes=num_classes, img_size=size, **kwargs)
+    head = _file_head_size(path) if num_classes is None else num_classes
+    return build_model(arch_name, pretrained=False, num_classes=head, img_size=size, **kwargs)
+
+
+def _check_sha256(path: Path, expected: Any, card_path: Path) -> None:
+    """Compare a weights file with the digest its card recorded (cards without one are not checked)."""
+    if not expected:
+        return
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != str(expected).lower():
+        raise ModelError(
+            f"'{path}' does not match the sha256 recorded in its card '{card_path}' (file {digest.hexdigest()}, "
+            f"card {expected}): the file was modified or damaged. Restore or re-download the file, re-export it "
+            "with python -m apps.vit.pretrain (which writes both), or, if the change is intended, put the file's "
+            "sha256 in the card"
+        )
 
 
 def _check_vit(model: nn.Module, name: str) -> VisionTransformer:
@@ -183,7 +273,28 @@ def _check_vit(model: nn.Module, name: str) -> VisionTransformer:
             f"model '{name}' is a {type(model).__name__}, not a timm VisionTransformer; "
             "vitef's component registry needs blocks with norm1/attn/norm2/mlp (e.g. vit_base_patch16_224)"
         )
+    if len(model.blocks) == 0:
+        raise ModelError(f"model '{name}' was built with no blocks (depth=0): give model.overrides.depth >= 1")
+    if 0 in tuple(model.patch_embed.grid_size):
+        raise ModelError(
+            f"model '{name}' has a {model.patch_embed.patch_size[0]}-pixel patch, larger than its "
+            f"{model.patch_embed.img_size[0]}-pixel input: lower model.overrides.patch_size or raise model.img_size"
+        )
     return model
+
+
+def _build_error(name: str, kwargs: dict, err: Exception) -> ModelError:
+    """A constructor failure on user-given arguments (``patch_size: 0``, ``num_heads`` not dividing...)."""
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "norm_layer")
+    first = (str(err).splitlines() or [""])[0][:200]
+    return ModelError(
+        f"cannot build '{name}' with {args or 'its defaults'} ({type(err).__name__}: {first}): fix model.overrides "
+        "/ model.img_size (sizes must be positive, embed_dim divisible by num_heads, patch_size at most img_size)"
+    )
+
+
+# What a constructor raises on impossible sizes: timm and torch check with asserts, divisions and shapes.
+_BUILD_ERRORS = (TypeError, ValueError, ZeroDivisionError, AssertionError, RuntimeError)
 
 
 def _hub_error(name: str, err: Exception) -> ModelError:
@@ -217,15 +328,36 @@ def _from_timm(
         kwargs["img_size"] = img_size
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except (RuntimeError, OSError, ValueError, ConnectionError) as e:
-        if not pretrained:
+    except Exception as e:
+        error = _create_error(name, pretrained, kwargs, e)
+        if error is e:
             raise
-        raise _hub_error(name, e) from e
-    except Exception as e:  # huggingface_hub raises its own error classes when offline
-        if not pretrained or "huggingface_hub" not in type(e).__module__:
-            raise
-        raise _hub_error(name, e) from e
+        raise error from e
     return _check_vit(model, name)
+
+
+def _create_error(name: str, pretrained: bool, kwargs: dict, err: Exception) -> Exception:
+    """Tell apart, after ``timm.create_model`` failed, impossible arguments, unfit weights and no hub access."""
+    hub = "huggingface_hub" in type(err).__module__ or isinstance(err, (OSError, ConnectionError))
+    if pretrained and hub:
+        return _hub_error(name, err)
+    if not isinstance(err, _BUILD_ERRORS):
+        return err  # a bug, not an input error: keep its traceback
+    if not pretrained:
+        return _build_error(name, kwargs, err)
+    # timm builds, then loads, in one call: building again without weights (on the meta device: no
+    # memory, no init cost) says which of the two failed.
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, pretrained=False, **kwargs)
+    except _BUILD_ERRORS:
+        return _build_error(name, kwargs, err)
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return ModelError(
+        f"the pretrained weights of '{name}' do not fit the architecture built with {args} "
+        f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}): drop the model.overrides that change "
+        "parameter shapes, or set model.pretrained=false"
+    )
 
 
 def _from_transformers_hub(
@@ -269,15 +401,19 @@ def _build_transformers(
 ) -> VisionTransformer:
     try:
         config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{config_path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_path} must hold a JSON object (a transformers ViTConfig)")
     arch = HFViTArch.from_config(config)
     state = None
     if weights is not None:
         state = hf_vit_to_timm(_read_safetensors(weights), arch.depth, qkv_bias=arch.qkv_bias)
-    # A ViTModel checkpoint has no classifier: keep no head unless one is asked for.
-    has_head = state is None or "head.weight" in state
-    head = (arch.num_labels if has_head else 0) if num_classes is None else num_classes
+    head = num_classes
+    if head is None:
+        # The weights decide (config.json may omit the labels: transformers 5 writes no id2label for its
+        # default two); without weights, the config's own description of its head.
+        head = _head_size(state) if state is not None else arch.num_labels
     kwargs: dict[str, Any] = {
         "img_size": img_size or arch.img_size,
         "patch_size": arch.patch_size,
@@ -293,7 +429,10 @@ def _build_transformers(
         "class_token": True,
     }
     kwargs.update(overrides)
-    model = VisionTransformer(**kwargs)
+    try:
+        model = _check_vit(VisionTransformer(**kwargs), name)
+    except _BUILD_ERRORS as e:
+        raise _build_error(name, kwargs, e) from e
     # mlp_ratio is a float; make sure it reproduced the exact hidden width.
     if model.blocks[0].mlp.fc1.out_features != arch.mlp_dim:
         raise ModelError(f"{name}: cannot build an MLP of width {arch.mlp_dim} with embed_dim {arch.embed_dim}")

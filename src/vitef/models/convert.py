@@ -32,7 +32,7 @@ class HFViTArch:
     in_chans: int
     qkv_bias: bool
     eps: float
-    num_labels: int
+    num_labels: int  # classes of the head the config describes; 0 for a model without one (ViTModel)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> HFViTArch:
@@ -45,7 +45,6 @@ class HFViTArch:
         try:
             img = config.get("image_size", 224)
             patch = config.get("patch_size", 16)
-            labels = config.get("id2label")
             return cls(
                 embed_dim=int(config["hidden_size"]),
                 depth=int(config["num_hidden_layers"]),
@@ -56,10 +55,27 @@ class HFViTArch:
                 in_chans=int(config.get("num_channels", 3)),
                 qkv_bias=bool(config.get("qkv_bias", True)),
                 eps=float(config.get("layer_norm_eps", 1e-12)),
-                num_labels=len(labels) if labels else int(config.get("num_labels", 0)),
+                num_labels=_num_labels(config),
             )
         except KeyError as e:
             raise ModelError(f"config.json lacks the key {e.args[0]!r} needed to build the ViT") from e
+        except (TypeError, ValueError) as e:
+            raise ModelError(f"config.json has a value of the wrong type for a ViT ({e})") from e
+
+
+def _num_labels(config: Mapping[str, Any]) -> int:
+    """The head size a ``config.json`` describes (only used when no weights say it).
+
+    ``architectures`` tells a classifier from a bare ``ViTModel`` (which may still list labels). A
+    classifier's labels are ``id2label``, else ``num_labels``, else transformers' default of two:
+    transformers 5 omits both from ``config.json`` when they are the default.
+    """
+    labels = config.get("id2label")
+    count = len(labels) if labels else int(config.get("num_labels") or 0)
+    archs = config.get("architectures") or []
+    if any(str(a).endswith("ForImageClassification") for a in archs):
+        return count or 2
+    return 0 if archs else count
 
 
 # transformers-name suffix (inside encoder.layer.N.) -> timm suffix (inside blocks.N.)
