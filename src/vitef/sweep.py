@@ -66,9 +66,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from vitef.config import aliases_of, build_config, option, save_config, validate
+from vitef.config import aliases_of, build_config, option, read_yaml_file, save_config, validate
 from vitef.errors import ConfigError, VitefError
 from vitef.utils import atomic_write_json
 
@@ -354,13 +352,8 @@ def expand(sweep: SweepConfig, module: str, run_dir: Callable[[Any], Path] | Non
 
     def read_yaml(path: str) -> dict:
         if path not in yaml_cache:
-            p = Path(path)
-            if not p.is_file():
-                raise SweepError(f"config file '{path}' named by sweep '{sweep.name}' does not exist")
-            data = yaml.safe_load(p.read_text()) or {}
-            if not isinstance(data, dict):
-                raise SweepError(f"config file '{path}' must hold a mapping of keys")
-            yaml_cache[path] = data
+            # One clear error for missing, binary or invalid YAML files (vitef.config.read_yaml_file).
+            yaml_cache[path] = read_yaml_file(path, f"config file named by sweep '{sweep.name}'", "fix its path")
         return yaml_cache[path]
 
     base_layers = [(f"in {p}", read_yaml(p)) for p in sweep.base]
