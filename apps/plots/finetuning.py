@@ -5,10 +5,13 @@
     python -m apps.plots.finetuning table select_on=test   # the authors' choice of lr (on test)
     python -m apps.plots.finetuning stat                   # MHA vs each component: paired t-test, Wilcoxon
     python -m apps.plots.finetuning figures                # accuracy, robustness, training curves (PNG + PDF)
+    python -m apps.plots.finetuning predictors             # which signal ranks the components as finetuning does
 
 ``csv`` reads run directories (``<root>/runs/<runs_glob>/``: config.yaml, status.json, eval.json)
 and probe results (``<root>/probes/**/probes.csv``); the other verbs read what ``csv`` wrote, plus the
-runs' metrics.jsonl for the training curves. How the learning rate is chosen, the std (ddof), missing
+runs' metrics.jsonl for the training curves. ``predictors`` also reads the analysis folders
+(``<root>/analysis/*``) and ranks the components by plasticity, gradient norm and bound against the
+finetuning results (:mod:`vitef.predictors`). How the learning rate is chosen, the std (ddof), missing
 runs and the relative gain are defined in :mod:`vitef.results`.
 """
 
@@ -22,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from apps.plots.common import STYLE, component_color, grid_shape, save_figure
+from vitef import predictors as P
 from vitef import results as R
 from vitef.config import cli_main, option
 from vitef.errors import ConfigError
@@ -29,14 +33,14 @@ from vitef.utils import atomic_path, atomic_write_text, safe_name
 
 logger = logging.getLogger(__name__)
 
-COMMANDS = ("csv", "table", "stat", "figures")
+COMMANDS = ("csv", "table", "stat", "figures", "predictors")
 
 
 @dataclasses.dataclass
 class FinetuningPlotsConfig:
     """Aggregate finetuning runs into CSVs, the paper's accuracy table, significance tests and figures."""
 
-    command: str = option("csv", "what to do: csv, table, stat or figures")
+    command: str = option("csv", "what to do: csv, table, stat, figures or predictors")
     root: str = option("outputs", "output root holding runs/ (finetuning) and probes/ (linear probing)")
     runs_glob: str = option("**", "which run directories under <root>/runs to read (glob), e.g. 'main/**'")
     results_dir: str = option("results", "where CSVs, tables and figures are written")
@@ -48,6 +52,7 @@ class FinetuningPlotsConfig:
     lrs: list[float] = option([], "expected learning-rate grid (empty: every lr seen for the dataset)")
     seeds: list[int] = option([], "expected seeds (empty: every seed seen for the dataset)")
     lp_pool: str = option("", "pooling of the linear-probing baseline when several were probed")
+    first_steps: int = option(10, "predictors: gradient norms averaged over this many first updates of each run")
 
     def validate(self) -> None:
         if self.command not in COMMANDS:
@@ -56,13 +61,22 @@ class FinetuningPlotsConfig:
             raise ConfigError(f"select_on={self.select_on!r} must be one of {', '.join(R.SELECT_ON)}")
         if self.ddof < 0:
             raise ConfigError(f"ddof={self.ddof} must be >= 0")
+        if self.first_steps < 1:
+            raise ConfigError(f"first_steps={self.first_steps} must be >= 1")
 
 
 CONFIG = FinetuningPlotsConfig
 
 
 def main(cfg: FinetuningPlotsConfig) -> None:
-    {"csv": write_csvs, "table": write_table, "stat": write_stats, "figures": write_figures}[cfg.command](cfg)
+    commands = {
+        "csv": write_csvs,
+        "table": write_table,
+        "stat": write_stats,
+        "figures": write_figures,
+        "predictors": write_predictors,
+    }
+    commands[cfg.command](cfg)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -167,6 +181,65 @@ def write_stats(cfg: FinetuningPlotsConfig) -> None:
     _write_csv(tests, out / f"stats_{tag}.csv")
     print(md)
     print(f"wrote {out / f'stats_{tag}'}.{{md,csv}}")
+
+
+def write_predictors(cfg: FinetuningPlotsConfig) -> None:
+    """Kendall's tau of each signal's component ranking against the finetuning ranking, per task and pooled."""
+    cells, _, _, tag = summarize(cfg)
+    runs, _, _ = load_results(cfg)
+    model = runs["model"].iloc[0] if len(runs) else ""
+    signals = pd.concat(
+        [
+            P.analysis_signals(P.collect_analyses(cfg.root), model),
+            P.grad_norm_signals(runs, cells, cfg.first_steps),
+        ],
+        ignore_index=True,
+    )
+    taus = P.kendall_table(signals, cells, R.order_datasets(cells["dataset"].unique()))
+    out = Path(cfg.results_dir) / "tables"
+    _write_csv(signals, out / f"predictor_signals_{tag}.csv")
+    _write_csv(taus, out / f"predictors_{tag}.csv")
+    md = predictors_markdown(taus, signals, cfg)
+    atomic_write_text(out / f"predictors_{tag}.md", md)
+    print(md)
+    print(f"wrote {out / f'predictors_{tag}'}.{{md,csv}} and {out / f'predictor_signals_{tag}.csv'}")
+
+
+def predictors_markdown(taus: pd.DataFrame, signals: pd.DataFrame, cfg: FinetuningPlotsConfig) -> str:
+    """One table per target: rows (task, signal) with the signal's ranking, the target's, tau and p."""
+    labels = {
+        "plasticity_embedding": "plasticity (embedding)",
+        "plasticity_hidden": "plasticity (hidden)",
+        "grad_norm": f"gradient norm (first {cfg.first_steps} steps)",
+        "bound": "theoretical bound",
+    }
+    parts = [
+        f"Kendall's tau between each signal's ranking of the five components and the finetuning ranking "
+        f"(lr chosen on {cfg.select_on}); p two-sided. `all`: every (task, component) pair pooled."
+    ]
+    for target, title in (("acc", "best-LR test accuracy"), ("gain", "relative gain over linear probing")):
+        t = taus[taus["target"] == target]
+        header = ["task", "signal", "signal ranking", f"{title} ranking", "tau", "p", "n"]
+        body = []
+        for r in t.itertuples():
+            ok = r.status == "ok"
+            body.append([
+                R.dataset_label(r.dataset) if r.dataset != "all" else "all",
+                labels[r.signal],
+                r.signal_ranking if ok else f"— ({r.status})",
+                r.target_ranking if ok else "",
+                f"{r.tau:+.2f}" if ok else "—",
+                f"{r.p_value:.3f}" if ok else "—",
+                str(r.n),
+            ])  # fmt: skip
+        parts.append(f"**Against the {title}**\n\n{R.to_markdown(header, body)}")
+    missing = taus[(taus["status"] != "ok")]
+    if len(missing):
+        parts.append(
+            "Missing inputs: "
+            + "; ".join(sorted({f"{r.dataset}: {r.status}" for r in missing.itertuples() if r.dataset != "all"}))
+        )
+    return "\n\n".join(parts) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------

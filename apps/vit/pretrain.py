@@ -12,7 +12,7 @@ It is the training app (``apps.vit.train``) — same config keys, run directory,
 export of the best-validation checkpoint and a JSON card next to it (test accuracy, config, SHA-256).
 
 Snapshots. The step checkpoints of ``keep_steps`` (log-spaced, e.g. 10, 30, 100, ...) are exported too, as
-self-describing files ``<export stem>_steps/step_<N>.safetensors`` with their cards, so that plasticity can be
+self-describing files ``<stem>_steps/<stem>_step<N>.safetensors`` with their cards, so that plasticity can be
 measured through pretraining (``apps/vit/studies/pretraining_dynamics.yaml``): a model whose linear maps are still
 near their small initialisation has LayerNorms that change fastest, and the paper's ranking (MHA first) only
 appears as pretraining goes on.
@@ -57,9 +57,12 @@ def card_path(export: str | Path) -> Path:
 
 
 def snapshot_path(export: str | Path, step: int) -> Path:
-    """Where the weights of pretraining step ``step`` are exported: ``<stem>_steps/step_<N>.safetensors``."""
+    """Where the weights of pretraining step ``step`` go: ``<stem>_steps/<stem>_step<N>.safetensors`` (N 6 digits).
+
+    The stem is repeated so that output folders named after a model file (analysis) say which model it is.
+    """
     export = Path(export)
-    return export.parent / f"{export.stem}_steps" / f"step_{step:06d}.safetensors"
+    return export.parent / f"{export.stem}_steps" / f"{export.stem}_step{step:06d}.safetensors"
 
 
 def main(cfg: PretrainConfig) -> None:
@@ -87,7 +90,7 @@ def main(cfg: PretrainConfig) -> None:
     snapshots = {snapshot_path(cfg.export, step): step for step in sorted(set(cfg.keep_steps))}
     folder = snapshot_path(cfg.export, 0).parent
     # Snapshots of an earlier export with other keep_steps would be mistaken for this run's.
-    for stale in folder.glob("step_*.*") if folder.is_dir() else ():
+    for stale in folder.glob(f"{Path(cfg.export).stem}_step*.*") if folder.is_dir() else ():
         if stale.with_suffix(".safetensors") not in snapshots:
             stale.unlink()
     for step in snapshots.values():
