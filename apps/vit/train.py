@@ -54,6 +54,8 @@ from vitef.monitor import (
     save_best,
     save_checkpoint,
 )
+from vitef.monitor.checkpoint import remove_leftovers
+from vitef.monitor.lock import run_lock
 from vitef.optim import (
     OptimConfig,
     build_optimizer,
@@ -63,13 +65,26 @@ from vitef.optim import (
     load_scheduler_state,
     scheduler_state,
 )
-from vitef.utils import atomic_write_json, resolve_device, set_seed, setup_logging
+from vitef.utils import atomic_write_json, check_writable, resolve_device, set_seed, setup_logging
 
 logger = logging.getLogger("apps.vit.train")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Keys that may change between a run and its resumption (they do not change the result).
-RESUME_FREE_KEYS = ("overwrite", "device", "compile", "data.num_workers", "data.download", "data.root", "log_every")
+# Under fp16 an overflowing gradient is routine: GradScaler skips that update and halves its loss scale.
+# That only helps while the scale still magnifies the loss: once it is at or below this, the gradients
+# overflow on their own and halving further cannot recover, so a non-finite gradient norm fails the run.
+MIN_LOSS_SCALE = 1.0
+RESUME_FREE_KEYS = (
+    "root",  # the output root: a run folder moved under another root still resumes
+    "overwrite",
+    "device",
+    "compile",
+    "data.num_workers",
+    "data.download",
+    "data.root",
+    "log_every",
+)
 
 
 @dataclasses.dataclass
@@ -201,13 +216,17 @@ class Stepper:
         )
 
 
-def train_step(s: Stepper, batches: Iterator) -> dict[str, Any]:
+def train_step(s: Stepper, batches: Iterator, step: int | None = None) -> dict[str, Any]:
     """One optimiser update over ``grad_accumulation`` micro-batches drawn from ``batches``.
 
     Returns the metrics row (without ``step``): mean loss over the full batch (averaged over processes),
     the learning rate of this update, the pre-clipping global gradient norm and its per-component norms.
-    Raises :class:`TrainingError`, before updating the weights, when the loss is NaN or infinite.
+    Raises :class:`TrainingError`, before updating the weights, when the loss or the gradient norm is NaN
+    or infinite (under fp16, a non-finite norm only once the loss scale is down to ``MIN_LOSS_SCALE``:
+    before that GradScaler skips the update and lowers its scale). ``step`` (the number of this update)
+    is named in that message.
     """
+    where = f"step {step}: " if step is not None else ""
     s.model.train()
     s.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=s.device)
@@ -227,17 +246,28 @@ def train_step(s: Stepper, batches: Iterator) -> dict[str, Any]:
     loss_value = distributed.all_reduce_mean(loss_sum).item()
     if not math.isfinite(loss_value):
         raise TrainingError(
-            f"the training loss is {loss_value}: training diverged. Lower the learning rate (lr=...), "
+            f"{where}the training loss is {loss_value}: training diverged. Lower the learning rate (lr=...), "
             "keep gradient clipping on (optim.clip_grad=1.0) or use precision=fp32"
         )
     s.scaler.unscale_(s.optimizer)
     total, per_component = grad_norms(s.named_params, s.groups)
+    norm = total.item()
+    # Clipping by an infinite norm zeroes every update (and NaN spreads into the weights): a run that goes
+    # on after this only looks finished, so it fails as a NaN loss does.
+    if not math.isfinite(norm) and not (s.scaler.is_enabled() and s.scaler.get_scale() > MIN_LOSS_SCALE):
+        clip = "" if s.clip_grad else ", enable gradient clipping (optim.clip_grad=1.0)"
+        fp16 = f" even at loss scale {s.scaler.get_scale():g}" if s.scaler.is_enabled() else ""
+        raise TrainingError(
+            f"{where}the gradient norm is {norm}{fp16} (loss {loss_value:.4g}): training diverged. "
+            f"Lower the learning rate (lr={s.optimizer.param_groups[0]['lr']:g} now){clip}"
+            + (" or use precision=bf16 or fp32" if s.scaler.is_enabled() else "")
+        )
     clip_gradients([p for _, p in s.named_params], s.clip_grad, total)
     lr = s.optimizer.param_groups[0]["lr"]
     s.scaler.step(s.optimizer)
     s.scaler.update()
     s.scheduler.step()
-    row: dict[str, Any] = {"loss": loss_value, "lr": lr, "grad_norm": total.item()}
+    row: dict[str, Any] = {"loss": loss_value, "lr": lr, "grad_norm": norm}
     row.update({f"grad_norm/{c}": v.item() for c, v in per_component.items()})
     return row
 
@@ -250,7 +280,9 @@ def train_step(s: Stepper, batches: Iterator) -> dict[str, Any]:
 def main(cfg: TrainConfig) -> None:
     info, device = distributed.init_distributed(cfg.device)
     try:
-        train(cfg, info, device)
+        # One process per run for its whole life (docs/ARCHITECTURE.md, run.lock); the main process holds it.
+        with run_lock(RunDir.from_log_dir(cfg.root, cfg.run_name).path, "apps.vit.train", enabled=info.is_main):
+            train(cfg, info, device)
     finally:
         distributed.destroy_distributed()
 
@@ -259,6 +291,8 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
     run = RunDir.from_log_dir(cfg.root, cfg.run_name)
     if not cfg.overwrite and _already_complete(run, info):
         return
+    # Before any compute: a read-only root (or a file in the way) would otherwise only fail at the first write.
+    check_writable(run.path, "root" if run.path == Path(cfg.root) / "runs" / cfg.run_name else "log_dir")
     micro_batch = _micro_batch(cfg, info)
 
     # Build everything that can fail on user input before the run directory is touched.
@@ -297,7 +331,7 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            row = train_step(stepper, batches)
+            row = train_step(stepper, batches, step=step + 1)
             step += 1
             row = {"step": step, **row, "images_per_s": cfg.batch_size / (time.perf_counter() - t0)}
             metrics.log(row)
@@ -355,6 +389,13 @@ def _loaders(cfg: TrainConfig, info: DistInfo, model: nn.Module, size: int, micr
     test = build_loader(cfg.dataset_name, "test", batch_size=cfg.eval_batch_size, shuffle=False, **common)
     if info.is_main:
         distributed.barrier()
+    # With drop_last a split smaller than one micro-batch yields nothing: say so before the run directory
+    # exists (the same answer on every process: each holds at least len // world_size images).
+    if len(train.dataset) // info.world_size < micro_batch:
+        raise ConfigError(
+            f"batch_size={cfg.batch_size} is larger than the train split of {cfg.dataset_name} "
+            f"({len(train.dataset)} images, {micro_batch} needed per process and micro-batch): lower batch_size"
+        )
     return train, val, test
 
 
@@ -366,6 +407,8 @@ def _prepare_run_dir(cfg: TrainConfig, run: RunDir, info: DistInfo) -> Path | No
             run.remove()
         elif run.config_path.is_file():
             _check_same_config(cfg, run)
+            # Temporaries and half-pruned step folders of a killed process are never read: free their space.
+            remove_leftovers(run.path)
             resume = run.latest_checkpoint()
         if resume is None and run.exists():
             # Killed before its first checkpoint: nothing to keep.

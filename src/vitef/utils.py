@@ -1,4 +1,4 @@
-"""Small shared utilities: atomic writes, seeding, device selection, logging setup."""
+"""Small shared utilities: atomic writes, output-folder checks, seeding, device selection, logging setup."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from vitef.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +38,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         # mkstemp creates 0600 files; give results the usual permissions (0666 less the umask).
         if tmp_path.exists():
-            os.chmod(tmp_path, 0o666 & ~_umask())
+            os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (``os.umask`` can only be read by setting it, so it is set back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -72,6 +75,61 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
 
 
+def check_writable(path: str | os.PathLike, key: str = "root") -> Path:
+    """Fail at once, with one clear message, when an app could not write its results under ``path``.
+
+    Apps call this at the start of ``main``, before any compute, so that a read-only output root or a
+    file where a folder should be is reported before minutes of work are thrown away. ``path`` is the
+    folder the app will create (if needed) and write into. Nothing is created: the first existing
+    folder on the way up must accept new files, which is checked by creating and deleting an empty
+    probe file there (permission bits alone miss read-only mounts, ACLs and squashed network shares).
+
+    Parameters
+    ----------
+    path
+        The output folder.
+    key
+        The config key that chose it, named in the message (``root``, ``out_dir``, ...).
+
+    Returns
+    -------
+    Path
+        ``path`` with ``~`` expanded.
+
+    Raises
+    ------
+    ConfigError
+        When ``path`` or one of its ancestors is a file, or the existing ancestor is not writable.
+    """
+    path = Path(path).expanduser()
+    hint = f"choose another {key}"
+    existing = path
+    try:
+        while not existing.exists():  # ends: a relative path reaches ".", an absolute one "/"
+            existing = existing.parent
+        is_dir = existing.is_dir()
+    except OSError as e:  # e.g. a parent folder without search (x) permission
+        raise ConfigError(f"cannot write results to '{path}' ({e.strerror}): {hint}") from None
+    if not is_dir:
+        where = "it is a file" if existing == path else f"'{existing}' is a file"
+        raise ConfigError(f"cannot write results to '{path}': {where}, not a folder; {hint} or move that file away")
+    error = _write_error(existing)
+    if error is not None:
+        raise ConfigError(f"cannot write results to '{path}': '{existing}' is not writable ({error}); {hint}")
+    return path
+
+
+def _write_error(directory: Path) -> str | None:
+    """Why no file can be created in ``directory`` (``None`` when one can)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".vitef-write-check.", suffix=".tmp", dir=directory)
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
 def safe_name(text: str) -> str:
     """``text`` as one file-name component: ``/`` becomes ``--``, other unsafe characters ``-``."""
     text = str(text).strip().strip("/").replace("/", "--")
@@ -87,8 +145,6 @@ def set_seed(seed: int) -> None:
 
 def resolve_device(device: str) -> torch.device:
     """Turn ``"auto"`` into ``cuda`` when available (else ``cpu``); validate explicit names."""
-    from vitef.errors import ConfigError
-
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -6,6 +6,11 @@ numbers, strings, lists and dicts only, read back with ``torch.load(weights_only
 directory is written under a temporary name and renamed, so a killed save never leaves a
 half-written ``step_<N>/``. The best checkpoint ``best/`` holds ``model.safetensors`` (loadable by
 ``vitef.models.build_model(name, pretrained=path, num_classes=...)``) and ``best.json``.
+
+A process killed mid-write can still leave hidden temporary files (``.<name>.<random>.tmp``, one of
+them possibly a full copy of the weights) and, when killed while pruning old checkpoints, a
+``step_<N>/`` holding only one of its two files; :func:`remove_leftovers` deletes both kinds when
+the run starts again.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,13 +32,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vitef.errors import CheckpointError
-from vitef.utils import atomic_path, atomic_write_json
+from vitef.utils import atomic_path, atomic_write_json, current_umask
 
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
 BEST_FILE = "best.json"
+# What tempfile.mkstemp / mkdtemp name the temporaries of vitef.utils.atomic_path and save_checkpoint:
+# ".<target name>.<8 random characters>.tmp".
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+_STEP_DIR = re.compile(r"^step_\d+$")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -130,6 +140,9 @@ def save_checkpoint(directory: str | Path, model: nn.Module, state: dict[str, An
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
+        # mkdtemp creates 0700 folders; give the checkpoint the permissions of every other folder of the run
+        # (0777 less the umask), so that others on a shared machine can read it when the umask allows.
+        os.chmod(tmp, 0o777 & ~current_umask())
         save_weights(model, tmp / MODEL_FILE)
         torch.save(state, tmp / STATE_FILE)
         if directory.exists():
@@ -139,6 +152,42 @@ def save_checkpoint(directory: str | Path, model: nn.Module, state: dict[str, An
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def remove_leftovers(run_path: str | Path) -> list[Path]:
+    """Delete what killed writes left in a run directory; returns what was deleted.
+
+    - hidden temporaries ``.<name>.<random>.tmp`` (files of :func:`vitef.utils.atomic_path`, folders of
+      :func:`save_checkpoint`) anywhere in the run directory;
+    - ``checkpoints/step_<N>/`` folders that lack ``model.safetensors`` or ``state.pt`` (a prune killed
+      half-way through deleting them; a complete checkpoint is renamed into place whole, so an
+      incomplete one can never be resumed from).
+
+    Only call it while no other process writes to the run (at the start of a run that owns it).
+    """
+    run_path = Path(run_path)
+    removed: list[Path] = []
+    if not run_path.is_dir():
+        return removed
+    for folder, dirs, files in os.walk(run_path):
+        for name in [*files, *dirs]:
+            if _TEMPORARY.match(name):
+                removed.append(Path(folder) / name)
+        dirs[:] = [d for d in dirs if not _TEMPORARY.match(d)]
+    checkpoints = run_path / "checkpoints"
+    if checkpoints.is_dir():
+        for child in sorted(checkpoints.iterdir()):
+            complete = (child / MODEL_FILE).is_file() and (child / STATE_FILE).is_file()
+            if _STEP_DIR.match(child.name) and child.is_dir() and not complete:
+                removed.append(child)
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if removed:
+        logger.info("removed %d leftover(s) of interrupted writes in %s", len(removed), run_path)
+    return removed
 
 
 def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -1,0 +1,123 @@
+"""apps.vit.train: a diverging run fails (status, message, exit 2) instead of ending "completed" at chance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from apps.vit import train as train_app
+from vitef.config import cli_main
+from vitef.errors import TrainingError
+from vitef.monitor import RunDir, read_metrics
+from vitef.optim import OptimConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class LinearHead(nn.Module):
+    """A 4 -> 3 linear classifier named like a ViT's head (so the component registry groups it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+def linear_stepper(clip_grad: float | None = 1.0):
+    torch.manual_seed(0)
+    model = LinearHead()
+    cfg = OptimConfig(lr=0.1, warmup_steps=0, scheduler="constant", clip_grad=clip_grad)
+    return model, train_app.Stepper.build(model, model, cfg, 10, torch.device("cpu"), "fp32")
+
+
+def huge_batches():
+    # Inputs of 1e20: loss ~1e20 (finite), gradients ~1e20 per element, their squared sum 1e40 > float32 max.
+    x, y = torch.full((8, 4), 1e20), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    while True:
+        yield x, y
+
+
+def test_an_infinite_gradient_norm_fails_the_step_before_any_update():
+    model, stepper = linear_stepper()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TrainingError) as err:
+        train_app.train_step(stepper, huge_batches(), step=7)
+    msg = str(err.value)
+    assert msg.startswith("step 7: the gradient norm is inf (loss ") and "Lower the learning rate (lr=0.1 now)" in msg
+    assert "optim.clip_grad" not in msg  # clipping is on: it cannot help, only a lower lr can
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_without_clipping_the_message_suggests_it():
+    _, stepper = linear_stepper(clip_grad=None)
+    with pytest.raises(TrainingError, match=r"lr=0.1 now\), enable gradient clipping \(optim.clip_grad=1.0\)$"):
+        train_app.train_step(stepper, huge_batches(), step=1)
+
+
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)`")
+def test_fp16_overflow_is_skipped_while_the_scaler_can_lower_its_scale():
+    # Two layers: x = 1e3 and W1 = 1e-6 keep the fp16 forward and the loss finite, W2 = ±1e3 makes the first
+    # layer's gradient ~1e6, past fp16's 65504 at any loss scale >= 1. GradScaler skips the overflowing updates
+    # and halves its scale (4 -> 2 -> 1); at scale 1 the gradients overflow on their own: the run fails there.
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 3, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(1e-6)
+        model[1].weight.copy_(torch.tensor([[1e3], [-1e3], [0.0]]).expand(3, 4))  # logits (16, -16, 0)
+    named = list(model.named_parameters())
+    optimizer = torch.optim.SGD([p for _, p in named], lr=0.1)
+    stepper = train_app.Stepper(
+        model=model,
+        named_params=named,
+        groups={n: "head" for n, _ in named},
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        scaler=torch.amp.GradScaler("cpu", init_scale=4.0),
+        device=torch.device("cpu"),
+        precision="fp16",
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.full((8, 4), 1e3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    batches = iter([(x, y)] * 3)
+    rows = [train_app.train_step(stepper, batches, step=i) for i in (1, 2)]
+    assert [r["grad_norm"] for r in rows] == [float("inf")] * 2
+    assert all(0 < r["loss"] < 100 for r in rows)
+    assert stepper.scaler.get_scale() == 1.0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # both updates skipped
+    with pytest.raises(TrainingError, match=r"^step 3: the gradient norm is inf even at loss scale 1 \(loss "):
+        train_app.train_step(stepper, batches, step=3)
+
+
+def test_mha_at_lr_1e6_fails_the_run_with_exit_2(tmp_path, capsys):
+    # The issue's case on the bundled model: the loss climbs past 1e10 and the gradient norm overflows at
+    # step 5; before, clipping by an infinite norm zeroed every update and the run "completed" at chance.
+    argv = [
+        f"config={ROOT / 'apps/vit/configs/digits_pretrained.yaml'}",
+        f"model.name={ROOT / 'apps/vit/pretrained/vit_digits.safetensors'}",
+        f"root={tmp_path}",
+        "log_dir=run",
+        "trainable=[mha]",
+        "lr=1e6",
+        "steps=20",
+        "eval_period=20",
+        "batch_size=16",
+        "optim.warmup_steps=0",
+        "device=cpu",
+    ]
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(train_app.TrainConfig, train_app.main, argv=argv, prog="apps.vit.train")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: step 5: the gradient norm is inf" in err and "Traceback" not in err
+    run = RunDir(tmp_path / "runs" / "run")
+    status = json.loads(run.status_path.read_text())
+    assert status["status"] == "failed" and status["step"] == 4
+    assert status["message"].startswith("step 5: the gradient norm is inf (loss ")
+    assert status["message"].endswith("training diverged. Lower the learning rate (lr=904508 now)")
+    assert [r["step"] for r in read_metrics(run.metrics_path)] == [1, 2, 3, 4]
+    assert not run.eval_path.exists()
