@@ -163,6 +163,8 @@ _RESERVED = {
     "num_classes": "the head is sized by the dataset or the weights; remove it from the overrides",
     "img_size": "use model.img_size",
 }
+# Sizes that must be positive (0 divides by zero deep in timm, negatives make negative shapes).
+_POSITIVE = ("patch_size", "embed_dim", "depth", "num_heads", "in_chans", "mlp_ratio")
 # timm.create_model keywords that are not VisionTransformer arguments.
 _CREATE_MODEL_KEYS = ("pretrained_cfg_overlay",)
 
@@ -188,6 +190,17 @@ def check_overrides(overrides: dict) -> None:
                 f"model.overrides has an unknown key '{key}' (not an argument of timm's VisionTransformer).{hint} "
                 f"Valid keys: {', '.join(valid)}"
             )
+        if key in _POSITIVE and not _positive(overrides[key], integer=key != "mlp_ratio", pair=key == "patch_size"):
+            kind = "a positive number" if key == "mlp_ratio" else "a positive integer"
+            raise ModelError(f"model.overrides.{key}={overrides[key]!r} must be {kind}")
+
+
+def _positive(value: Any, *, integer: bool, pair: bool) -> bool:
+    if pair and isinstance(value, (list, tuple)) and len(value) == 2:
+        return all(_positive(v, integer=integer, pair=False) for v in value)
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    return value > 0
 
 
 @functools.cache
