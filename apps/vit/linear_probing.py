@@ -10,6 +10,12 @@ the train split's statistics, and one multinomial logistic regression (scikit-le
 objective, fitted for all probes at once by :mod:`vitef.probe.solver`) is fit on the train split and
 scored on the test split per probe. The last block's ``res2`` probe is the paper's baseline.
 
+The model is ``model`` (any source of :func:`vitef.models.build_model`), or the best checkpoint of
+``run_dir`` rebuilt with the run's architecture and its own head (its shape read from the weights).
+``model.name=<file>.safetensors`` with ``model.pretrained=false`` is refused rather than probing a
+random model that never read the file: set ``model.pretrained=true``, or name the card's timm
+architecture to probe a random model of it.
+
 Outputs (written atomically at the end; nothing is written if anything fails):
 - a finetuned run: ``probes.csv``, ``probes.json`` and ``probes_config.yaml`` in its run directory
   (its own ``config.yaml`` is left alone); rows of another dataset/pool already there are kept;

@@ -48,7 +48,9 @@ class ModelConfig:
     name: str = option(
         "base", "timm ViT name, base/large/huge, HF hub id, local transformers directory, or carded .safetensors file"
     )
-    pretrained: bool = option(True, "load pretrained weights (false: random init of the architecture)")
+    pretrained: bool = option(
+        True, "load pretrained weights (false: random init of the architecture; refused when name is a weights file)"
+    )
     checkpoint: str | None = option(None, "timm-layout .safetensors file to load instead of the hub weights")
     img_size: int | None = option(None, "input resolution (default: the checkpoint's); pos. embedding is resized")
     overrides: dict = option({}, "extra timm constructor arguments, e.g. {patch_size: 8, depth: 6, embed_dim: 96}")
