@@ -1,7 +1,8 @@
 """A tiny app that follows the sweep convention and the run-directory contract, for the sweep tests.
 
 It "trains" for ``steps`` steps, checkpointing after each one, and resumes from its checkpoint like
-apps.vit.train does; ``kill_at`` makes it SIGKILL its own process once at that step (a killed job).
+apps.vit.train does (``overwrite`` starts afresh); ``kill_at`` makes it SIGKILL its own process once at
+that step (a killed job); ``sleep`` makes it write its pid to ``pid`` and sleep (a long run).
 It imports neither torch nor vitef.config so that the subprocess backends start it in a fraction of a
 second; its command line only takes ``config=FILE.yaml`` (what the sweep passes).
 """
@@ -13,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -40,6 +42,8 @@ class FakeConfig:
     fail: bool = False
     kill_at: int = -1
     write_status: bool = True
+    overwrite: bool = False
+    sleep: float = 0.0
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -53,6 +57,8 @@ def main(cfg: FakeConfig) -> None:
     run = Path(cfg.root) / "runs" / cfg.log_dir
     run.mkdir(parents=True, exist_ok=True)
     ckpt = run / "ckpt.json"
+    if cfg.overwrite and ckpt.exists():
+        ckpt.unlink()
     start = json.loads(ckpt.read_text())["step"] if ckpt.exists() else 0
     if cfg.write_status:
         atomic_write_json(run / "status.json", {"status": "running", "step": start, "message": ""})
@@ -62,6 +68,9 @@ def main(cfg: FakeConfig) -> None:
         atomic_write_json(run / "status.json", {"status": "failed", "step": start, "message": "fake failure"})
     if cfg.fail:
         raise TrainingError(f"fake failure in {cfg.log_dir}")
+    if cfg.sleep:
+        (run / "pid").write_text(str(os.getpid()))
+        time.sleep(cfg.sleep)
     for step in range(start, cfg.steps):
         if step == cfg.kill_at and not (run / "killed").exists():
             (run / "killed").touch()

@@ -178,7 +178,7 @@ def test_gpu_pinning(tmp_path, monkeypatch):
 
     lock, running, seen = threading.Lock(), [], []
 
-    def fake_run(cmd, run_dir, log, env=None):
+    def fake_run(cmd, status, log, env=None, *lock_args):
         with lock:
             assert env["CUDA_VISIBLE_DEVICES"] not in running  # one run per GPU at a time
             running.append(env["CUDA_VISIBLE_DEVICES"])
@@ -210,3 +210,77 @@ def test_submitit_backend(tmp_path, cluster):
     assert [r.status for r in expand(s, APP)] == ["completed", "failed"]
     again = launch(s, APP)
     assert len(again.skipped) == 1 and len(again.launched) == 1
+
+
+def test_finished_run_with_a_changed_config_is_stale_not_reused(tmp_path):
+    s = sweep(tmp_path, grid={"seed": [0, 1]}, overrides={"steps": 3}, run_name="s{seed}")
+    assert len(launch(s, APP).launched) == 2
+    runs = expand(s, APP)
+    statuses = [r.status_path.read_bytes() for r in runs]
+    changed = sweep(tmp_path, grid={"seed": [0, 1]}, overrides={"steps": 2}, run_name="s{seed}")
+    result = launch(changed, APP)
+    assert (result.skipped, result.launched, result.failures) == ([], [], [])  # never silently reused
+    assert [(st.status, st.differences) for st in result.stale] == [("completed", [("steps", 3, 2)])] * 2
+    assert result.stale[0].describe() == "steps: 3 -> 2"
+    assert [r.status_path.read_bytes() for r in runs] == statuses and [starts(r) for r in runs] == [[0], [0]]
+    # a moved output root is not a change
+    moved = sweep(tmp_path, grid={"seed": [0, 1]}, overrides={"steps": 3}, run_name="s{seed}")
+    assert launch(dataclasses.replace(moved, root=str(tmp_path / "moved")), APP).stale == []
+    # rerun when asked: from scratch (overwrite=true), then the runs are current
+    rerun = launch(dataclasses.replace(changed, rerun_stale=True), APP)
+    assert (len(rerun.launched), rerun.stale, rerun.failures) == (2, [], [])
+    assert [starts(r) for r in runs] == [[0, 0], [0, 0]]
+    assert [json.loads((r.run_dir / "ckpt.json").read_text())["step"] for r in runs] == [2, 2]
+    again = launch(changed, APP)
+    assert (len(again.skipped), again.stale) == (2, [])
+
+
+def test_unfinished_stale_run_keeps_its_status_and_moved_root_resumes(tmp_path):
+    """The real training app: an unfinished run resumes under a moved root; with a changed config it is
+    listed as stale and its status.json is left as it was (it used to become 'failed, step null')."""
+    overrides = {
+        "dataset_name": "digits_subset-56789",
+        "model": {"name": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
+                  "overrides": {"patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2}},
+        "steps": 2, "eval_period": 2, "batch_size": 8, "eval_batch_size": 256, "device": "cpu",
+        "optim.warmup_steps": 1, "tensorboard": False,
+    }  # fmt: skip
+    spec = {"name": "m", "app": "train", "root": str(tmp_path / "a"), "overrides": overrides, "grid": {"seed": [0]}}
+    first = build_config(SweepConfig, {**spec, "run_name": "s{seed}"})
+    assert launch(first, "apps.vit.train").failures == []
+
+    def interrupt(root: Path) -> Path:  # as if killed after its last checkpoint, before the test evaluation
+        run = root / "runs" / "m" / "s0"
+        (run / "status.json").write_text(json.dumps({"status": "running", "step": 2, "message": "checkpointed"}))
+        (run / "eval.json").unlink()
+        return run
+
+    interrupt(tmp_path / "a")
+    (tmp_path / "a").rename(tmp_path / "b")
+    moved = dataclasses.replace(first, root=str(tmp_path / "b"))
+    result = launch(moved, "apps.vit.train")
+    assert (len(result.launched), result.failures, result.stale) == (1, [], [])
+    run = tmp_path / "b" / "runs" / "m" / "s0"
+    assert json.loads((run / "status.json").read_text())["status"] == "completed"
+    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]  # resumed, not retrained
+
+    interrupt(tmp_path / "b")
+    before = (run / "status.json").read_bytes()
+    changed = dataclasses.replace(moved, overrides={**overrides, "steps": 4, "eval_period": 4})
+    result = launch(changed, "apps.vit.train")
+    assert (result.launched, result.failures) == ([], [])
+    assert [st.differences for st in result.stale] == [[("eval_period", 2, 4), ("steps", 2, 4)]]
+    assert (run / "status.json").read_bytes() == before
+
+
+def test_sweep_file_app_is_restricted_to_the_projects_apps(monkeypatch):
+    from apps.vit.sweep import TEST_APPS_ENV, app_module
+
+    assert app_module("train") == "apps.vit.train"
+    assert app_module("apps.vit.pretrain") == "apps.vit.pretrain"
+    for bad in ("os", "sweep_fake_app", "apps.vit.nope", "apps.vit.train; rm", "vitef.utils"):
+        with pytest.raises(ConfigError, match=r"is unknown: choose one of train, eval, analysis, linear_probing or a"):
+            app_module(bad)
+    monkeypatch.setenv(TEST_APPS_ENV, "sweep_fake_app")  # the test suite's hook for its fake app
+    assert app_module("sweep_fake_app") == "sweep_fake_app"

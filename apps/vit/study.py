@@ -8,6 +8,10 @@ sweep file run by ``apps.vit.sweep`` (in order, with ``root`` set to the study's
 draws the plasticity figures, ``apps.plots.loss_landscape`` draws the landscapes of ``landscapes``, and
 ``apps.plots.report`` writes ``report.md`` and ``report.html`` (arXiv 2602.06883 in miniature for the
 quickstart). Relaunching skips finished runs, like every sweep.
+
+The whole study is checked before anything runs or is written: every sweep file parses and expands
+into runs whose configs validate, and every landscape component exists. A mistake in the last
+sweep file or in ``landscapes`` is one error at once, not after hours of runs.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from apps.plots import finetuning, loss_landscape, report
 from apps.vit import sweep as sweep_app
 from vitef.config import build_config, cli_main, load_config, option, save_config
 from vitef.errors import ConfigError, VitefError
-from vitef.sweep import SweepConfig
-from vitef.utils import set_console_level
+from vitef.sweep import SweepConfig, expand
+from vitef.utils import check_writable, set_console_level
 
 logger = logging.getLogger("apps.vit.study")
 
@@ -65,8 +69,10 @@ CONFIG = StudyConfig
 
 def main(cfg: StudyConfig) -> None:
     start = time.perf_counter()
+    check_writable(cfg.root, "root")
     if cfg.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
+    check_study(cfg)  # the whole study, before anything runs or is written
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if not cfg.verbose:
@@ -85,7 +91,38 @@ def main(cfg: StudyConfig) -> None:
     print(f"study {cfg.name} done in {time.perf_counter() - start:.0f} s")
     print(f"report: {out}")
     if failures:
-        raise VitefError(f"{len(failures)} sweep(s) had failed runs: {'; '.join(failures)} (see the report)")
+        raise VitefError(f"{len(failures)} sweep(s) did not finish cleanly: {'; '.join(failures)} (see the report)")
+
+
+def check_study(cfg: StudyConfig) -> None:
+    """Validate everything the study will run, before it runs anything.
+
+    Raises
+    ------
+    ConfigError
+        A sweep file that does not parse, names an unknown app, or expands into an invalid run config
+        (the file is named), or a landscape component that does not exist.
+    """
+    for path in cfg.sweeps:
+        try:
+            sweep_cfg = load_config(SweepConfig, [f"config={path}", f"root={cfg.root}"])
+            module = sweep_app.app_module(sweep_cfg.app)
+            expand(sweep_cfg, module, sweep_app.RUN_DIRS.get(sweep_cfg.app))
+        except VitefError as e:
+            raise ConfigError(f"sweeps: '{path}': {e}") from None
+    for component in cfg.landscapes:
+        try:
+            landscape_config(cfg, component)
+        except VitefError as e:
+            raise ConfigError(f"landscapes: {e}") from None
+
+
+def landscape_config(cfg: StudyConfig, component: str) -> loss_landscape.LandscapeConfig:
+    """The config of apps.plots.loss_landscape for one component of ``landscapes``."""
+    argv = [f"config={cfg.landscape_config}"] if cfg.landscape_config else []
+    out_dir = Path(cfg.root) / "figures" / "loss_landscape" / component
+    argv += [f"component={component}", f"root={cfg.root}", f"out_dir={out_dir}"]
+    return load_config(loss_landscape.LandscapeConfig, argv)
 
 
 def run_sweeps(cfg: StudyConfig) -> list[str]:
@@ -128,9 +165,7 @@ def draw_figures(cfg: StudyConfig) -> None:
             )
         )
     for component in cfg.landscapes:
-        argv = [f"config={cfg.landscape_config}"] if cfg.landscape_config else []
-        argv += [f"component={component}", f"root={cfg.root}", f"out_dir={figures / 'loss_landscape' / component}"]
-        loss_landscape.main(load_config(loss_landscape.LandscapeConfig, argv))
+        loss_landscape.main(landscape_config(cfg, component))
 
 
 if __name__ == "__main__":

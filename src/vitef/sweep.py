@@ -9,14 +9,26 @@ to the same run directories:
 - a run whose ``status.json`` says ``"completed"`` is skipped;
 - any other run (never started, ``running`` when its job was killed, ``failed``) is launched again:
   the training app resumes from its last checkpoint;
-- a failed run does not stop the others; failures are collected with their run dir and message.
+- a run whose saved config differs from the sweep's (``steps`` changed in the sweep file, say) is
+  *stale*, finished or not: it is listed with the differing keys and left alone, unless
+  ``rerun_stale=true`` runs it again from scratch (``overwrite=true`` where the app has that key).
+  The saved config is the run's ``config.yaml`` for apps that keep a run directory, else the sweep's
+  record ``<root>/sweeps/<log_dir>.yaml``. ``root`` and the app's ``RESUME_FREE_KEYS`` (device,
+  workers, ...) do not count: a moved output root still resumes;
+- a run that another process works on (it holds the run directory's ``run.lock``,
+  :mod:`vitef.monitor.lock`) is skipped and listed as running elsewhere, and nothing of it is touched;
+- a failed run does not stop the others; failures are collected with their run dir and message. The
+  sweep writes a run's status only for an attempt it made itself, never over another process's.
 
 Backends
 --------
 ``local``
     in sequence, in this process (the app module's ``main(cfg)`` is called directly: no interpreter
     start-up per run), or ``local.max_parallel`` runs at once as subprocesses, each pinned to one GPU
-    of ``local.gpus`` through ``CUDA_VISIBLE_DEVICES``.
+    of ``local.gpus`` through ``CUDA_VISIBLE_DEVICES``. Each subprocess gets its own process group;
+    when the sweep is stopped (Ctrl-C, SIGTERM, SIGHUP, an exception) it ends them (SIGTERM, then
+    SIGKILL after a few seconds) before it exits. Only a SIGKILL of the sweep itself leaves them
+    running: their run locks then keep a relaunch off those runs until they end.
 ``slurm``
     one submitit job array, each task running the same command as a local subprocess run.
 
@@ -27,6 +39,9 @@ contract), unless the caller (or the module, as ``run_dir(cfg)``) gives another 
 the app is not expected to write ``status.json`` and the sweep keeps the run's status in
 ``<root>/sweeps/<log_dir>.status.json`` (so probing a finetuned run never touches that run's status).
 When ``main`` returns the sweep records ``completed`` where the app did not.
+
+Locks: an app that keeps its own ``status.json`` holds its run directory's lock itself (the training
+app does); for the other apps the sweep holds the lock of their output directory while they run.
 
 Sweep file layout (YAML; dotted keys and the app's ``ALIASES`` such as ``lr`` are accepted)::
 
@@ -48,6 +63,7 @@ resolved config; each run's ``log_dir`` is ``<name>/<rendered run_name>`` made f
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import gc
@@ -58,16 +74,21 @@ import logging
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from vitef.config import aliases_of, build_config, option, read_yaml_file, save_config, validate
+import yaml
+
+from vitef.config import aliases_of, build_config, option, read_yaml_file, save_config, to_yaml, validate
 from vitef.errors import ConfigError, VitefError
+from vitef.monitor.lock import LOCKED_MARK, RunLock, RunLockedError, describe_holder, holder
 from vitef.utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -76,6 +97,9 @@ BACKENDS = ("local", "slurm")
 SUBMITIT_CLUSTERS = ("slurm", "local", "debug")
 CONFIG_KEY = "config"  # grid key whose values are YAML files layered under the other keys
 COMPLETED = "completed"
+# Config keys that never make a run stale: where the outputs live, and whether to start afresh.
+ALWAYS_FREE_KEYS = ("root", "overwrite")
+STOP_GRACE_S = 5.0  # how long stopped subprocesses get between SIGTERM and SIGKILL
 _SAFE = re.compile(r"[^A-Za-z0-9._+=-]")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.]+)\}")
 
@@ -137,7 +161,7 @@ class SweepConfig:
     """A grid of runs of one app, launched idempotently (finished runs are skipped, unfinished resumed)."""
 
     name: str = option("", "sweep name: the first part of every run's log_dir")
-    app: str = option("train", "app to run: train, eval, analysis, linear_probing (or a module path)")
+    app: str = option("train", "app to run: train, eval, analysis, linear_probing (or a module of the apps package)")
     base: list[str] = option([], "YAML config files of the app, merged in order under everything else")
     overrides: dict[str, Any] = option({}, "fixed config keys for every run (nested or dotted keys)")
     grid: dict[str, Any] = option({}, "one grid: key -> list of values (the key 'config' lists YAML files)")
@@ -149,6 +173,9 @@ class SweepConfig:
     slurm: SlurmBackendConfig = option(SlurmBackendConfig(), "slurm backend (submitit)")
     dry_run: bool = option(False, "print the runs and their status, run nothing")
     limit: int | None = option(None, "launch at most this many pending runs (after skipping completed ones)")
+    rerun_stale: bool = option(
+        False, "rerun runs whose saved config differs from the sweep's, from scratch (default: list them, run nothing)"
+    )
 
     def validate(self) -> None:
         if not self.name or _SAFE.sub("_", self.name) != self.name:
@@ -191,6 +218,7 @@ class Run:
     log_dir: str
     run_dir: Path
     status_path: Path  # <run_dir>/status.json, or the sweep's own record for apps that do not write one
+    own_status: bool = True  # the app writes status.json in run_dir and holds the run's lock itself
 
     @property
     def status(self) -> str:
@@ -204,14 +232,48 @@ class Failure:
 
 
 @dataclasses.dataclass
+class Stale:
+    """A run whose saved config differs from the sweep's: ``differences`` are (key, saved, now)."""
+
+    run: Run
+    status: str
+    differences: list[tuple[str, Any, Any]]
+
+    def describe(self, limit: int = 8) -> str:
+        shown = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, a, b in self.differences[:limit])
+        more = len(self.differences) - limit
+        return shown + (f"; and {more} more" if more > 0 else "")
+
+
+@dataclasses.dataclass
+class Busy:
+    """A run another process works on (it holds the run directory's lock)."""
+
+    run: Run
+    holder: str
+
+
+@dataclasses.dataclass
 class SweepResult:
-    """What a launch did: runs skipped as completed, launched, failed (with messages), or submitted."""
+    """What a launch did: runs skipped as completed, launched, failed (with messages), or submitted.
+
+    ``stale`` runs (config changed since they ran) and ``busy`` ones (running elsewhere) were left alone.
+    """
 
     total: int
     skipped: list[Run]
     launched: list[Run]
     failures: list[Failure]
     submitted: list[str] = dataclasses.field(default_factory=list)  # job ids (slurm, no wait)
+    stale: list[Stale] = dataclasses.field(default_factory=list)
+    busy: list[Busy] = dataclasses.field(default_factory=list)
+
+
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else repr(value)
 
 
 def load_app(module: str) -> Any:
@@ -374,7 +436,15 @@ def expand(sweep: SweepConfig, module: str, run_dir: Callable[[Any], Path] | Non
         cfg = dataclasses.replace(cfg, **changes)
         out_dir, own_status = _run_dir(mod, cfg, run_dir)
         status_path = out_dir / "status.json" if own_status else _sweep_file(sweep, log_dir, ".status.json")
-        run = Run(index=len(runs), point=point, cfg=cfg, log_dir=log_dir, run_dir=out_dir, status_path=status_path)
+        run = Run(
+            index=len(runs),
+            point=point,
+            cfg=cfg,
+            log_dir=log_dir,
+            run_dir=out_dir,
+            status_path=status_path,
+            own_status=own_status,
+        )
         if out_dir in by_dir:
             other = by_dir[out_dir]
             if other.cfg == cfg:
@@ -494,23 +564,159 @@ def _status_message(path: Path) -> str:
         return ""
 
 
-def _record_outcome(status_path: Path, error: str | None) -> str | None:
-    """After a run: write ``status.json`` where the app did not, and return the failure message (or None).
+def _snapshot(path: Path) -> tuple | None:
+    """What identifies the current version of a status file (None: no file): did an attempt write it?"""
+    try:
+        st = path.stat()
+        return st.st_ino, st.st_mtime_ns, st.st_size, path.read_bytes()
+    except OSError:
+        return None
+
+
+def _record_outcome(
+    status_path: Path, error: str | None, before: tuple | None = None, lock_dir: Path | None = None
+) -> str | None:
+    """After an attempt: write ``status.json`` where the app did not, and return the failure message (or None).
 
     A run that returned normally is completed unless the app itself recorded something else; a run
-    that raised is failed (the app's own ``failed`` message is kept when it wrote one).
+    that raised is failed (the app's own ``failed`` message is kept when it wrote one). ``before`` is
+    the status file's :func:`_snapshot` from before the attempt: a failed attempt that never wrote it
+    (the app refused the run before starting it: another process holds it, or its config changed)
+    leaves the status of whoever ran the run last. ``lock_dir``: the run directory of an app that
+    keeps its own status (it has released its lock by now); the status is written only while holding
+    that lock, and only into a directory that exists (an app that failed on bad input left none).
     """
+    if lock_dir is None:
+        return _write_outcome(status_path, error, before, own_record=True)
+    if not Path(lock_dir).is_dir():
+        return error
+    try:
+        lock = RunLock(lock_dir, "vitef.sweep: recording a run's outcome").acquire()
+    except RunLockedError:
+        logger.warning("%s: another process took the run over; its status is left to that process", lock_dir)
+        return error
+    try:
+        return _write_outcome(status_path, error, before, own_record=False)
+    finally:
+        lock.release()
+
+
+def _write_outcome(status_path: Path, error: str | None, before: tuple | None, own_record: bool) -> str | None:
     status = read_status(status_path)
     if error is None:
-        if status == "missing":
+        if status == "missing" or (own_record and status != COMPLETED):
             atomic_write_json(status_path, {"status": COMPLETED, "step": None, "message": "sweep: done"})
             return None
         if status == COMPLETED:
             return None
         return f"the app returned but {status_path} says '{status}': {_status_message(status_path)}".rstrip(": ")
-    if status in ("missing", "running", "unreadable", COMPLETED):
+    touched = _snapshot(status_path) != before
+    if own_record or (touched and status != "failed") or status == "missing":
         atomic_write_json(status_path, {"status": "failed", "step": None, "message": error})
     return error
+
+
+# ---------------------------------------------------------------------------------------------------
+# Staleness and locks
+# ---------------------------------------------------------------------------------------------------
+
+
+def free_keys(module: str) -> tuple[str, ...]:
+    """Config keys whose change does not make a run stale: :data:`ALWAYS_FREE_KEYS` + the app's ``RESUME_FREE_KEYS``."""
+    return (*ALWAYS_FREE_KEYS, *getattr(load_app(module), "RESUME_FREE_KEYS", ()))
+
+
+def saved_config_path(sweep: SweepConfig, run: Run) -> Path | None:
+    """The config a run ran with: its ``config.yaml`` (apps that keep a run directory), else the sweep's record."""
+    if run.own_status and (run.run_dir / "config.yaml").is_file():
+        return run.run_dir / "config.yaml"
+    record = launch_files(sweep, run)[0]
+    return record if record.is_file() else None
+
+
+def config_differences(saved: Any, cfg: Any, free: Sequence[str] = ALWAYS_FREE_KEYS) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, value now) for every key that differs, ignoring ``free`` keys (and their sub-keys).
+
+    A key present on one side only differs too (its absent side is shown as ``(absent)``).
+    """
+    now = _flatten(yaml.safe_load(to_yaml(cfg)) or {})  # through YAML, as the saved side went
+    old = _flatten(saved) if isinstance(saved, dict) else {}
+    out = []
+    for key in sorted(set(old) | set(now)):
+        if any(key == k or key.startswith(k + ".") for k in free):
+            continue
+        a, b = old.get(key, _ABSENT), now.get(key, _ABSENT)
+        if a != b:
+            out.append((key, a, b))
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def stale_differences(sweep: SweepConfig, run: Run, free: Sequence[str]) -> list[tuple[str, Any, Any]]:
+    """How the config a started run ran with differs from the sweep's now ([] when it does not, or never ran)."""
+    if run.status == "missing":
+        return []  # never ran (or the app left nothing): nothing stale to reuse
+    path = saved_config_path(sweep, run)
+    if path is None:
+        return []
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        return [(str(path), f"unreadable ({type(e).__name__})", "the sweep's config")]
+    return config_differences(saved, run.cfg, free)
+
+
+@dataclasses.dataclass
+class Plan:
+    """Runs sorted before a launch: ``done`` (completed), ``todo`` (to launch), ``stale``, ``busy``."""
+
+    done: list[Run]
+    todo: list[Run]
+    stale: list[Stale]
+    busy: list[Busy]
+    state: dict[int, str]  # run index -> completed, stale, running elsewhere, or its status (missing, failed...)
+
+
+def plan_runs(sweep: SweepConfig, module: str, runs: Iterable[Run]) -> Plan:
+    """Sort runs: running elsewhere (locked) first, then stale (config changed), completed, and the rest to launch.
+
+    Stale runs go to ``todo`` (with ``overwrite=true`` where the app has that key) when ``sweep.rerun_stale``.
+    Creates nothing (the locks are probed without creating a lock file).
+    """
+    free = free_keys(module)
+    plan = Plan([], [], [], [], {})
+    for run in runs:
+        who = holder(run.run_dir)
+        if who is not None:
+            plan.busy.append(Busy(run, describe_holder(who)))
+            plan.state[run.index] = "running elsewhere"
+            continue
+        status = run.status
+        diffs = stale_differences(sweep, run, free)
+        if diffs and not sweep.rerun_stale:
+            plan.stale.append(Stale(run, status, diffs))
+            plan.state[run.index] = "stale"
+        elif diffs:
+            if any(f.name == "overwrite" for f in dataclasses.fields(run.cfg)):
+                run.cfg = dataclasses.replace(run.cfg, overwrite=True)
+            plan.todo.append(run)
+            plan.state[run.index] = "stale"
+        elif status == COMPLETED:
+            plan.done.append(run)
+            plan.state[run.index] = COMPLETED
+        else:
+            plan.todo.append(run)
+            plan.state[run.index] = status
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -518,32 +724,58 @@ def _record_outcome(status_path: Path, error: str | None) -> str | None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def run_in_process(module: str, cfg: Any, status_path: Path) -> str | None:
+def run_in_process(
+    module: str,
+    cfg: Any,
+    status_path: Path,
+    run_dir: Path | None = None,
+    own_status: bool = True,
+    record: Path | None = None,
+) -> str | None:
     """Call the app's ``main(cfg)`` here; return None on success or the failure message.
+
+    With ``run_dir``, the run's lock is respected: an app that keeps its own status holds it itself
+    (``own_status``), for the others the sweep holds it around the call. ``record``: where to save the
+    config that ran (the sweep's record, compared on relaunch to find stale runs).
 
     Log handlers the app adds (its run's log file) are removed afterwards so that runs do not log
     into each other's files; CUDA memory is released between runs.
+
+    Raises
+    ------
+    RunLockedError
+        Another process works on the run; nothing of it was touched.
     """
     mod = load_app(module)
-    root_logger = logging.getLogger()
-    handlers = list(root_logger.handlers)
-    level = root_logger.level
-    error: str | None = None
+    held = RunLock(run_dir, f"vitef.sweep: {module}").acquire() if run_dir is not None and not own_status else None
     try:
-        mod.main(cfg)
-    except VitefError as e:
-        error = f"{type(e).__name__}: {e}"
-    except Exception as e:  # a bug in one run must not stop the others; the traceback goes to the log
-        logger.exception("run %s crashed", status_path.parent)
-        error = f"{type(e).__name__}: {e}"
+        if record is not None:
+            save_config(cfg, record)
+        before = _snapshot(status_path)
+        root_logger = logging.getLogger()
+        handlers = list(root_logger.handlers)
+        level = root_logger.level
+        error: str | None = None
+        try:
+            mod.main(cfg)
+        except RunLockedError:
+            raise  # the run belongs to another process: record nothing
+        except VitefError as e:
+            error = f"{type(e).__name__}: {e}"
+        except Exception as e:  # a bug in one run must not stop the others; the traceback goes to the log
+            logger.exception("run %s crashed", status_path.parent)
+            error = f"{type(e).__name__}: {e}"
+        finally:
+            for h in root_logger.handlers[:]:
+                if h not in handlers:
+                    root_logger.removeHandler(h)
+                    h.close()
+            root_logger.setLevel(level)
+            _release_memory()
+        return _record_outcome(status_path, error, before, run_dir if own_status else None)
     finally:
-        for h in root_logger.handlers[:]:
-            if h not in handlers:
-                root_logger.removeHandler(h)
-                h.close()
-        root_logger.setLevel(level)
-        _release_memory()
-    return _record_outcome(status_path, error)
+        if held is not None:
+            held.release()
 
 
 def _release_memory() -> None:
@@ -555,24 +787,109 @@ def _release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def run_command(cmd: Sequence[str], status_path: str, log_path: str, env: dict[str, str] | None = None) -> str | None:
+class _Stopped(Exception):
+    """The sweep is stopping: no new subprocess is started."""
+
+
+class _Children:
+    """The subprocesses of a parallel sweep, each in its own process group, so that stopping ends them all."""
+
+    def __init__(self) -> None:
+        self._procs: set[subprocess.Popen] = set()
+        self._guard = threading.Lock()
+        self.stopping = False
+
+    def start(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen:
+        with self._guard:  # no child may start after stop() took the list
+            if self.stopping:
+                raise _Stopped()
+            # Its own process group: the whole tree (e.g. data-loader workers) can be signalled at once,
+            # and a Ctrl-C in the terminal reaches the sweep, which then ends it.
+            proc = subprocess.Popen(list(cmd), start_new_session=True, **kwargs)
+            self._procs.add(proc)
+        return proc
+
+    def done(self, proc: subprocess.Popen) -> None:
+        with self._guard:
+            self._procs.discard(proc)
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM every running child's process group, then SIGKILL what is left after ``grace_s``."""
+        with self._guard:
+            self.stopping = True
+            procs = list(self._procs)
+        for proc in procs:
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc, signal.SIGKILL)  # the group may hold more than the child itself
+        if procs:
+            logger.warning("sweep stopped: ended %d running subprocess(es)", len(procs))
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_command(
+    cmd: Sequence[str],
+    status_path: str,
+    log_path: str,
+    env: dict[str, str] | None = None,
+    run_dir: str | None = None,
+    own_status: bool = True,
+    children: _Children | None = None,
+) -> str | None:
     """Run one app as a subprocess (the local parallel and slurm backends); None on success, else why not.
 
     stdout and stderr go to ``log_path``. The message of a failure is the app's ``error: ...`` line
-    (or the last line of its output) and how it ended.
+    (or the last line of its output) and how it ended. ``run_dir`` and ``own_status``: the run's lock,
+    as in :func:`run_in_process`. ``children``: the parallel backend's registry, which starts the
+    subprocess in its own process group and ends it when the sweep is stopped.
+
+    Raises
+    ------
+    RunLockedError
+        Another process works on the run (found by the sweep, or by the app: its error line says so).
     """
     log = Path(log_path)
     log.parent.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, **(env or {})}
     cwd = os.getcwd()
     full_env["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, full_env.get("PYTHONPATH", "")) if p)
-    with open(log, "w") as fh:
-        rc = subprocess.call(list(cmd), stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=cwd)
-    error = None
-    if rc != 0:
-        how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
-        error = f"{_last_error_line(log)} ({how}; log: {log})".lstrip()
-    return _record_outcome(Path(status_path), error)
+    lock_dir = Path(run_dir) if run_dir is not None else None
+    held = RunLock(lock_dir, f"vitef.sweep: {' '.join(cmd[2:3])}").acquire() if lock_dir and not own_status else None
+    try:
+        status = Path(status_path)
+        before = _snapshot(status)
+        with open(log, "w") as fh:
+            kwargs = dict(stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=cwd)
+            if children is None:
+                rc = subprocess.call(list(cmd), **kwargs)
+            else:
+                proc = children.start(cmd, **kwargs)
+                try:
+                    rc = proc.wait()
+                finally:
+                    children.done(proc)
+        error = None
+        if rc != 0:
+            how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+            line = _last_error_line(log)
+            if LOCKED_MARK in line and _snapshot(status) == before:
+                raise RunLockedError(line.removeprefix("error:").strip())
+            error = f"{line} ({how}; log: {log})".lstrip()
+        return _record_outcome(status, error, before, lock_dir if own_status else None)
+    finally:
+        if held is not None:
+            held.release()
 
 
 def _last_error_line(log: Path) -> str:
@@ -587,7 +904,7 @@ def _last_error_line(log: Path) -> str:
 
 
 def launch_files(sweep: SweepConfig, run: Run) -> tuple[Path, Path]:
-    """Where a subprocess run's full config and its console log live: ``<root>/sweeps/<log_dir>.{yaml,log}``."""
+    """Where a run's config (the sweep's record of it) and console log live: ``<root>/sweeps/<log_dir>.{yaml,log}``."""
     return _sweep_file(sweep, run.log_dir, ".yaml"), _sweep_file(sweep, run.log_dir, ".log")
 
 
@@ -599,7 +916,7 @@ def command_for(sweep: SweepConfig, run: Run, module: str) -> list[str]:
 
 
 def pending_runs(runs: Iterable[Run]) -> tuple[list[Run], list[Run]]:
-    """Split runs into (completed: skipped, pending: to launch)."""
+    """Split runs into (completed: skipped, pending: to launch) by status alone (see :func:`plan_runs`)."""
     done, todo = [], []
     for run in runs:
         (done if run.status == COMPLETED else todo).append(run)
@@ -614,47 +931,109 @@ def launch(
 ) -> SweepResult:
     """Launch every run of ``sweep`` that is not completed, on its backend; never stops at a failure.
 
-    ``progress(iterable, total)`` wraps the loop over runs (e.g. tqdm); identity by default.
+    Runs that are stale (config changed; unless ``sweep.rerun_stale``) or running elsewhere are left
+    alone and returned in ``stale`` and ``busy``. ``progress(iterable, total)`` wraps the loop over runs
+    (e.g. tqdm); identity by default.
     """
     runs = list(runs) if runs is not None else expand(sweep, module)
-    done, todo = pending_runs(runs)
+    plan = plan_runs(sweep, module, runs)
+    todo = plan.todo
     if sweep.limit is not None:
         todo = todo[: sweep.limit]
     wrap = progress or (lambda it, total: it)
-    logger.info("sweep %s: %d runs, %d completed (skipped), %d to launch", sweep.name, len(runs), len(done), len(todo))
+    logger.info(
+        "sweep %s: %d runs, %d completed (skipped), %d stale, %d running elsewhere, %d to launch",
+        sweep.name, len(runs), len(plan.done), len(plan.stale), len(plan.busy), len(todo),
+    )  # fmt: skip
+    for st in plan.stale:
+        logger.warning("run %s is stale (%s): %s", st.run.run_dir, st.status, st.describe())
     failures: list[Failure] = []
+    busy = list(plan.busy)
     submitted: list[str] = []
     if sweep.backend == "local" and sweep.local.max_parallel == 1 and sweep.local.in_process:
         for run in wrap(todo, len(todo)):
             logger.info("sweep %s: run %s", sweep.name, run.run_dir)
-            err = run_in_process(module, run.cfg, run.status_path)
+            try:
+                err = run_in_process(
+                    module, run.cfg, run.status_path, run.run_dir, run.own_status, launch_files(sweep, run)[0]
+                )
+            except RunLockedError as e:
+                logger.warning("run %s is running elsewhere: %s", run.run_dir, e)
+                busy.append(Busy(run, str(e)))
+                continue
             if err is not None:
                 logger.error("run %s failed: %s", run.run_dir, err)
                 failures.append(Failure(run.run_dir, err))
     elif sweep.backend == "local":
-        failures = _launch_parallel(sweep, module, todo, wrap)
+        failures, found_busy = _launch_parallel(sweep, module, todo, wrap)
+        busy += found_busy
     else:
-        failures, submitted = _launch_submitit(sweep, module, todo, wrap)
-    return SweepResult(total=len(runs), skipped=done, launched=todo, failures=failures, submitted=submitted)
+        failures, submitted, found_busy = _launch_submitit(sweep, module, todo, wrap)
+        busy += found_busy
+    found = {b.run.index for b in busy}
+    return SweepResult(
+        total=len(runs),
+        skipped=plan.done,
+        launched=[r for r in todo if r.index not in found],
+        failures=failures,
+        submitted=submitted,
+        stale=plan.stale,
+        busy=busy,
+    )
 
 
-def _launch_parallel(sweep: SweepConfig, module: str, todo: list[Run], wrap: Callable) -> list[Failure]:
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise ``SystemExit(128 + signal)`` in the main thread while the block runs, so the
+    sweep can end its subprocesses before it exits (SIGINT raises KeyboardInterrupt already)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _launch_parallel(
+    sweep: SweepConfig, module: str, todo: list[Run], wrap: Callable
+) -> tuple[list[Failure], list[Busy]]:
     slots: queue.Queue[int] = queue.Queue()
     for i in range(sweep.local.max_parallel):
         slots.put(i)
     failures: list[Failure] = []
+    busy: list[Busy] = []
     lock = threading.Lock()
     finished: queue.Queue[Run] = queue.Queue()
+    children = _Children()
 
     def work(run: Run) -> None:
         slot = slots.get()
         try:
+            if children.stopping:
+                return
             env = {}
             if sweep.local.gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(sweep.local.gpus[slot % len(sweep.local.gpus)])
             _, log_path = launch_files(sweep, run)
             try:
-                err = run_command(command_for(sweep, run, module), str(run.status_path), str(log_path), env)
+                cmd = command_for(sweep, run, module)
+                err = run_command(
+                    cmd, str(run.status_path), str(log_path), env, str(run.run_dir), run.own_status, children
+                )
+            except _Stopped:
+                return
+            except RunLockedError as e:
+                logger.warning("run %s is running elsewhere: %s", run.run_dir, e)
+                with lock:
+                    busy.append(Busy(run, str(e)))
+                return
             except Exception as e:  # e.g. the log file cannot be written: still this run's failure only
                 err = f"{type(e).__name__}: {e}"
             if err is not None:
@@ -666,17 +1045,30 @@ def _launch_parallel(sweep: SweepConfig, module: str, todo: list[Run], wrap: Cal
             finished.put(run)
 
     threads = [threading.Thread(target=work, args=(run,), daemon=True) for run in todo]
-    for t in threads:
-        t.start()
-    for _ in wrap(range(len(todo)), len(todo)):
-        finished.get()
+    try:
+        with _stop_on_signals():
+            for t in threads:
+                t.start()
+            for _ in wrap(range(len(todo)), len(todo)):
+                finished.get()
+    except BaseException:
+        # Stopped (Ctrl-C, SIGTERM, an error in the progress display...): end every child, let the threads
+        # record those runs as failed (killed), then go on stopping.
+        children.stop()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for t in threads:
+            if t.is_alive():
+                t.join(timeout=max(deadline - time.monotonic(), 0.01))
+        raise
     for t in threads:
         t.join()
     order = {r.run_dir: r.index for r in todo}
-    return sorted(failures, key=lambda f: order[f.run_dir])
+    return sorted(failures, key=lambda f: order[f.run_dir]), busy
 
 
-def _launch_submitit(sweep: SweepConfig, module: str, todo: list[Run], wrap: Callable) -> tuple[list[Failure], list]:
+def _launch_submitit(
+    sweep: SweepConfig, module: str, todo: list[Run], wrap: Callable
+) -> tuple[list[Failure], list[str], list[Busy]]:
     import submitit
 
     s = sweep.slurm
@@ -698,24 +1090,29 @@ def _launch_submitit(sweep: SweepConfig, module: str, todo: list[Run], wrap: Cal
         params["slurm_additional_parameters"] = dict(s.additional)
     executor.update_parameters(**params)
     if not todo:
-        return [], []
+        return [], [], []
     jobs = []
     with executor.batch():
         for run in todo:
             _, log_path = launch_files(sweep, run)
             cmd = command_for(sweep, run, module)
-            jobs.append(executor.submit(run_command, cmd, str(run.status_path), str(log_path), None))
+            args = (cmd, str(run.status_path), str(log_path), None, str(run.run_dir), run.own_status)
+            jobs.append(executor.submit(run_command, *args))
     ids = [str(j.job_id) for j in jobs]
     logger.info("sweep %s: submitted %d runs as job array %s (logs: %s)", sweep.name, len(jobs), ids[0], folder)
     if not (s.wait or s.cluster == "debug"):
-        return [], ids
-    failures = []
+        return [], ids, []
+    failures, busy = [], []
     for run, job in wrap(list(zip(todo, jobs, strict=True)), len(jobs)):
         try:
             err = job.result()
-        except Exception as e:  # the job itself died (timeout, preemption, node failure)
-            err = f"job {job.job_id} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e!r}"
-            _record_outcome(run.status_path, err)
+        except Exception as e:  # the job itself died (timeout, preemption, node failure), or found the run locked
+            text = str(e).strip()
+            if LOCKED_MARK in text:
+                busy.append(Busy(run, next(ln for ln in text.splitlines() if LOCKED_MARK in ln).strip()))
+                continue
+            err = f"job {job.job_id} failed: {text.splitlines()[-1] if text else repr(e)}"
+            _record_outcome(run.status_path, err, None, run.run_dir if run.own_status else None)
         if err is not None:
             failures.append(Failure(run.run_dir, err))
-    return failures, ids
+    return failures, ids, busy

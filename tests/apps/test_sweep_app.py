@@ -13,7 +13,8 @@ import yaml
 
 TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
-ENV = {"PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"}  # the fake app lives in tests/
+# the fake app lives in tests/; sweep files may name it through the test hook only
+ENV = {"PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}", "VITEF_SWEEP_TEST_APPS": "sweep_fake_app"}
 
 
 def write_sweep(tmp_path: Path, **kw) -> Path:

@@ -10,6 +10,7 @@ Layout (docs/ARCHITECTURE.md, "Run directory")::
       params.json     parameters per component: total and trainable
       checkpoints/    step_<N>/ (model.safetensors + state.pt) and best/ (model.safetensors + best.json)
       eval.json       test metrics of the best checkpoint
+      run.lock        held (flock) by the process working on the run: see vitef.monitor.lock
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vitef.errors import ConfigError
+from vitef.monitor.lock import LOCK_FILE
 from vitef.utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ STATUSES = ("running", "completed", "failed")
 # Everything a run may write (a folder holding anything else is not deleted by ``remove``).
 RUN_FILES = frozenset(
     {"config.yaml", "metrics.jsonl", "train.log", "status.json", "params.json", "checkpoints", "eval.json"}
-    | {"tensorboard"}
+    | {"tensorboard", LOCK_FILE}
 )
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -111,13 +113,14 @@ class RunDir:
 
     # --- state -------------------------------------------------------------------------------------
     def exists(self) -> bool:
-        return self.path.is_dir() and any(self.path.iterdir())
+        """True when the directory holds anything besides its lock file."""
+        return self.path.is_dir() and any(p.name != LOCK_FILE for p in self.path.iterdir())
 
     def read_status(self) -> dict[str, Any] | None:
         """The parsed ``status.json``, or ``None`` when there is none (or it is unreadable)."""
         try:
             data = json.loads(self.status_path.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # JSONDecodeError, or bytes that are not text
             return None
         return data if isinstance(data, dict) else None
 
@@ -166,7 +169,11 @@ class RunDir:
         return not names or "config.yaml" in names or names <= RUN_FILES
 
     def remove(self) -> None:
-        """Delete the whole run directory (``overwrite=true``); refuses folders that are not runs."""
+        """Delete the run directory's contents (``overwrite=true``); refuses folders that are not runs.
+
+        The lock file stays: the process that removes a run holds its lock, and a new lock file would let
+        a second process lock the run while this one starts it afresh.
+        """
         if not self.path.exists():
             return
         if not self.path.is_dir():
@@ -176,4 +183,13 @@ class RunDir:
                 f"'{self.path}' is not a run directory (no config.yaml) and is not empty: refusing to delete it; "
                 "choose another log_dir or root"
             )
-        shutil.rmtree(self.path)
+        if not (self.path / LOCK_FILE).exists():
+            shutil.rmtree(self.path)
+            return
+        for child in self.path.iterdir():
+            if child.name == LOCK_FILE:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
