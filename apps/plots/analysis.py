@@ -29,7 +29,7 @@ from vitef.config import cli_main, option  # noqa: E402
 from vitef.errors import ConfigError  # noqa: E402
 from vitef.models import THEORETICAL_RANK  # noqa: E402
 from vitef.models.components import DISPLAY_NAMES  # noqa: E402
-from vitef.utils import atomic_path  # noqa: E402
+from vitef.utils import atomic_path, check_writable  # noqa: E402
 
 logger = logging.getLogger("apps.plots.analysis")
 
@@ -106,6 +106,7 @@ def load(path: Path) -> Analysis:
 
 
 def main(cfg: PlotConfig) -> list[Path]:
+    check_writable(cfg.out, "out")
     analyses = [load(p) for p in find_dirs(cfg.dirs)]
     out = Path(cfg.out)
     written = []

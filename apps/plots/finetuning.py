@@ -29,7 +29,7 @@ from vitef import predictors as P
 from vitef import results as R
 from vitef.config import cli_main, option
 from vitef.errors import ConfigError
-from vitef.utils import atomic_path, atomic_write_text, safe_name
+from vitef.utils import atomic_path, atomic_write_text, check_writable, safe_name
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ CONFIG = FinetuningPlotsConfig
 
 
 def main(cfg: FinetuningPlotsConfig) -> None:
+    check_writable(cfg.results_dir, "results_dir")
     commands = {
         "csv": write_csvs,
         "table": write_table,

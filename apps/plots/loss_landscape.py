@@ -46,7 +46,7 @@ from vitef.landscape import (
 from vitef.models import BLOCK_COMPONENTS, ModelConfig, build_model_from_config, canonical, embed, num_blocks
 from vitef.models.components import DISPLAY_NAMES
 from vitef.optim import OptimConfig
-from vitef.utils import atomic_path, atomic_write_json, resolve_device, set_seed
+from vitef.utils import atomic_path, atomic_write_json, check_writable, resolve_device, set_seed
 
 logger = logging.getLogger("apps.plots.loss_landscape")
 
@@ -123,7 +123,7 @@ class LandscapeConfig:
 
 
 def main(cfg: LandscapeConfig) -> None:
-    out = cfg.output_dir()
+    out = check_writable(cfg.output_dir(), "out_dir" if cfg.out_dir else "root")
     if cfg.command == "plot":
         arrays, meta = read_results(out)
         save_figure(arrays, meta, out)

@@ -27,7 +27,7 @@ from apps.vit.analysis import summarize
 from vitef.config import cli_main, option
 from vitef.errors import VitefError
 from vitef.models.components import DISPLAY_NAMES
-from vitef.utils import atomic_write_text
+from vitef.utils import atomic_write_text, check_writable
 
 logger = logging.getLogger("apps.plots.report")
 
@@ -164,7 +164,7 @@ def main(cfg: ReportConfig) -> Path:
     root = Path(cfg.root)
     if not root.is_dir():
         raise VitefError(f"root='{cfg.root}' does not exist: run a study first (python -m apps.vit.study ...)")
-    out_dir = Path(cfg.out) if cfg.out else root / "report"
+    out_dir = check_writable(Path(cfg.out) if cfg.out else root / "report", "out" if cfg.out else "root")
     doc = Document(out_dir)
     doc.heading(cfg.title, 1)
     doc.text(

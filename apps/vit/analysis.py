@@ -38,7 +38,7 @@ from vitef.errors import ComponentError, ConfigError
 from vitef.models import BLOCK_COMPONENTS, THEORETICAL_RANK, ModelConfig, build_model_from_config, model_label
 from vitef.models.components import DISPLAY_NAMES
 from vitef.plasticity import MODES, PRECISIONS, measure, resolve_components
-from vitef.utils import atomic_path, atomic_write_json, resolve_device, safe_name, set_seed
+from vitef.utils import atomic_path, atomic_write_json, check_writable, resolve_device, safe_name, set_seed
 
 logger = logging.getLogger("apps.vit.analysis")
 
@@ -94,7 +94,7 @@ def main(cfg: AnalysisConfig) -> Path:
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
     comps = resolve_components(cfg.components)
-    out_dir = Path(cfg.root) / "analysis" / output_name(cfg)
+    out_dir = check_writable(Path(cfg.root) / "analysis" / output_name(cfg), "root")  # before the measurement
     model = build_model_from_config(cfg.model, num_classes=0).to(device).eval()
     size = int(model.patch_embed.img_size[0])
     source = make_loader(cfg, cfg.source, cfg.source_split, size, model)

@@ -21,7 +21,7 @@ from vitef.errors import CheckpointError, ConfigError, VitefError
 from vitef.evaluation import evaluate
 from vitef.models import build_model
 from vitef.monitor import RunDir, read_best
-from vitef.utils import atomic_write_json
+from vitef.utils import atomic_write_json, check_writable
 
 CHECKPOINTS = ("best", "last")
 
@@ -52,6 +52,7 @@ def main(cfg: EvalConfig) -> None:
     try:
         run = RunDir.from_log_dir(cfg.root, cfg.run_name)
         trained = load_run_config(run)
+        check_writable(run.path, "log_dir")  # the result goes into the run directory
         weights, step = _checkpoint_file(run, cfg.checkpoint)
         dataset = cfg.eval_dataset or trained.dataset_name
         model = build_model(

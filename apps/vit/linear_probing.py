@@ -41,7 +41,7 @@ from vitef.data import SPLITS, DataConfig, build_dataset
 from vitef.errors import ConfigError, ModelError
 from vitef.models import ModelConfig, build_model, build_model_from_config, model_label, num_blocks
 from vitef.probe import POOLS, PROBE_POINTS, SolverConfig, check_layers, check_points, extract_features, fit_probes
-from vitef.utils import atomic_write_json, atomic_write_text, resolve_device, safe_name, set_seed
+from vitef.utils import atomic_write_json, atomic_write_text, check_writable, resolve_device, safe_name, set_seed
 
 logger = logging.getLogger("apps.vit.linear_probing")
 
@@ -106,6 +106,7 @@ class LinearProbingConfig:
 
 
 def main(cfg: LinearProbingConfig) -> None:
+    check_writable(probes_dir(cfg), "run_dir" if cfg.run_dir else "root")  # before minutes of features
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
     model, dataset_name, label, out_dir, config_name = load_source(cfg)
@@ -158,7 +159,7 @@ def load_source(cfg: LinearProbingConfig):
         )
     try:
         train_cfg = yaml.safe_load(run_config.read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{run_config} is not valid YAML: {e}") from e
     model_cfg = train_cfg.get("model") if isinstance(train_cfg, dict) else None
     if not isinstance(model_cfg, dict) or not model_cfg.get("name"):
@@ -217,17 +218,21 @@ def _read_rows(path: Path) -> list[dict]:
     """Rows of an existing probes.csv, typed as written (missing or foreign file: none)."""
     if not path.is_file():
         return []
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
-            logger.warning("%s has other columns than this version writes; it will be replaced", path)
-            return []
-        rows = list(reader)
-    ints, floats = ("layer", "n_train", "n_test", "dim", "iterations"), ("train_acc", "test_acc", "loss")
-    for r in rows:
-        r.update({k: int(r[k]) for k in ints})
-        r.update({k: float(r[k]) for k in floats})
-        r["converged"] = r["converged"] == "True"
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
+                logger.warning("%s has other columns than this version writes; it will be replaced", path)
+                return []
+            rows = list(reader)
+        ints, floats = ("layer", "n_train", "n_test", "dim", "iterations"), ("train_acc", "test_acc", "loss")
+        for r in rows:
+            r.update({k: int(r[k]) for k in ints})
+            r.update({k: float(r[k]) for k in floats})
+            r["converged"] = r["converged"] == "True"
+    except (UnicodeDecodeError, csv.Error, ValueError, TypeError) as e:  # damaged: like a foreign file
+        logger.warning("%s cannot be read (%s); it will be replaced", path, e)
+        return []
     return rows
 
 

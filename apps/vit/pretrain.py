@@ -31,7 +31,7 @@ from apps.vit import train
 from vitef.config import cli_main, option, to_dict
 from vitef.errors import ConfigError
 from vitef.monitor import RunDir
-from vitef.utils import atomic_path, atomic_write_json
+from vitef.utils import atomic_path, atomic_write_json, check_writable
 
 
 @dataclasses.dataclass
@@ -66,6 +66,7 @@ def snapshot_path(export: str | Path, step: int) -> Path:
 
 
 def main(cfg: PretrainConfig) -> None:
+    check_writable(Path(cfg.export).parent, "export")  # before training, not after it
     train.main(cfg)
     run = RunDir.from_log_dir(cfg.root, cfg.run_name)
     evaluation = json.loads(run.eval_path.read_text())

@@ -420,7 +420,7 @@ def _prepare_run_dir(cfg: TrainConfig, run: RunDir, info: DistInfo) -> Path | No
 def _check_same_config(cfg: TrainConfig, run: RunDir) -> None:
     try:
         saved = yaml.safe_load(run.config_path.read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{run.config_path} is not valid YAML ({e}); use overwrite=true to start afresh") from e
     diffs = _diff(_flatten(saved), _flatten(to_dict(cfg)))
     diffs = [d for d in diffs if not any(d[0] == k or d[0].startswith(k + ".") for k in RESUME_FREE_KEYS)]
@@ -550,7 +550,7 @@ def load_run_config(run: RunDir) -> TrainConfig:
         raise ConfigError(f"no run at {run.path} (config.yaml missing): train it first or fix log_dir/root")
     try:
         saved = yaml.safe_load(run.config_path.read_text()) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{run.config_path} is not valid YAML ({e})") from e
     if isinstance(saved, dict):
         saved["device"] = "auto"  # the run may have trained on a device this machine lacks

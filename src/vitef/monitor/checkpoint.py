@@ -215,8 +215,13 @@ def read_best(directory: str | Path) -> dict[str, Any]:
     """``best.json`` of a best-checkpoint directory."""
     path = Path(directory) / BEST_FILE
     try:
-        return json.loads(path.read_text())
+        info = json.loads(path.read_text())
     except FileNotFoundError as e:
         raise CheckpointError(f"'{path}' not found: the run has no best checkpoint yet") from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"'{path}' is not valid JSON ({e})") from e
+    except ValueError as e:  # invalid JSON, or not even text
+        raise CheckpointError(f"'{path}' is not valid JSON ({e}); retrain the run (overwrite=true)") from e
+    if not isinstance(info, dict):
+        raise CheckpointError(
+            f"'{path}' holds {type(info).__name__}, not the best checkpoint's record; retrain the run"
+        )
+    return info

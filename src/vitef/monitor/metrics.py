@@ -24,7 +24,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    # Undecodable bytes (a damaged file) become U+FFFD, so such a line is skipped like a partial one.
+    for line in path.read_text(errors="replace").splitlines():
         line = line.strip()
         if not line:
             continue
