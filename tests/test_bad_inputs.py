@@ -13,7 +13,6 @@ in its own empty working directory holding the files a case refers to:
     {sweep}     the case's own sweep file (written from the case's ``sweep`` mapping); {sweep_ok} a valid one
 
 After each case the working directory (and the finished run) must hold exactly the same files as before.
-Cases whose fix belongs to work in progress elsewhere are marked xfail (not strict), with the owner.
 """
 
 from __future__ import annotations
@@ -78,9 +77,6 @@ TINY = {
 }
 SWEEP = {"name": "s", "app": "train", "base": ["{tiny}"], "grid": {"lr": [0.01, 0.02]}}
 
-A_MODELS = "engineer A (models/config: override typos, card/HF heads, config files) fix in progress"
-B_SWEEPS = "engineer B (sweep/study validation) fix in progress"
-
 
 @dataclasses.dataclass
 class Case:
@@ -89,11 +85,9 @@ class Case:
     argv: list[str]
     match: str  # a regular expression the error line must contain
     sweep: dict | None = None  # content of {sweep}
-    owner: str | None = None  # xfail reason while another engineer's fix is in progress
 
     def param(self):
-        marks = [pytest.mark.xfail(strict=False, reason=self.owner)] if self.owner else []
-        return pytest.param(self, id=f"{self.app}-{self.id}", marks=marks)
+        return pytest.param(self, id=f"{self.app}-{self.id}")
 
 
 def train_cases() -> list[Case]:
@@ -319,8 +313,7 @@ def sweep_cases() -> list[Case]:
         ("root-is-file", s(root="{file}"), "is a file"),
         ("root-read-only", s(root="{ro}"), "not writable"),
     ]
-    owners = {"base-syntax": B_SWEEPS, "base-binary": B_SWEEPS}
-    cases = [Case(i, "sweep", ["config={sweep}"], m, sweep=sw, owner=owners.get(i)) for i, sw, m in c]
+    cases = [Case(i, "sweep", ["config={sweep}"], m, sweep=sw) for i, sw, m in c]
     cases += [
         Case("missing-file", "sweep", ["config={tmp}/none.yaml"], "config file not found"),
         Case("syntax", "sweep", ["config={bad_yaml}"], "not valid YAML"),
@@ -347,15 +340,7 @@ def study_cases() -> list[Case]:
         ("sweeps-not-list", ["sweeps=3"], "sweeps"),
         ("config-missing", ["config={tmp}/none.yaml"], "config file not found"),
     ]
-    owners = {
-        "landscape-component": B_SWEEPS,
-        "sweep-invalid": B_SWEEPS,
-        "sweeps-second-invalid": B_SWEEPS,
-    }
-    return [
-        Case(i, "study", base + argv, m, sweep=rest[0] if rest else None, owner=owners.get(i))
-        for i, argv, m, *rest in c
-    ]
+    return [Case(i, "study", base + argv, m, sweep=rest[0] if rest else None) for i, argv, m, *rest in c]
 
 
 def plots_cases() -> list[Case]:
