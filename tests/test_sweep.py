@@ -284,3 +284,14 @@ def test_sweep_file_app_is_restricted_to_the_projects_apps(monkeypatch):
             app_module(bad)
     monkeypatch.setenv(TEST_APPS_ENV, "sweep_fake_app")  # the test suite's hook for its fake app
     assert app_module("sweep_fake_app") == "sweep_fake_app"
+
+
+def test_config_differences_across_code_versions():
+    import importlib
+
+    from vitef.sweep import config_differences
+
+    cfg = build_config(importlib.import_module(APP).CONFIG, {"steps": 2, "log_dir": "x"})
+    # saved before most fields existed (they count as their defaults), with a field since removed (ignored)
+    saved = {"root": "/elsewhere", "log_dir": "x", "steps": 3, "removed_knob": 1, "optim": {"lr": 0.01, "gone": 0}}
+    assert config_differences(saved, cfg) == [("steps", 3, 2)]

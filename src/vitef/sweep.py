@@ -637,18 +637,44 @@ def saved_config_path(sweep: SweepConfig, run: Run) -> Path | None:
 def config_differences(saved: Any, cfg: Any, free: Sequence[str] = ALWAYS_FREE_KEYS) -> list[tuple[str, Any, Any]]:
     """(dotted key, saved value, value now) for every key that differs, ignoring ``free`` keys (and their sub-keys).
 
-    A key present on one side only differs too (its absent side is shown as ``(absent)``).
+    A key present on one side only differs too (its absent side is shown as ``(absent)``), except across
+    code versions: a config field added since the run was saved counts as its default, and a saved
+    field that the config class no longer has is ignored (no sweep file can set it).
     """
     now = _flatten(yaml.safe_load(to_yaml(cfg)) or {})  # through YAML, as the saved side went
     old = _flatten(saved) if isinstance(saved, dict) else {}
+    try:
+        defaults = _flatten(yaml.safe_load(to_yaml(type(cfg))) or {})
+    except Exception:  # a class whose defaults cannot be listed: compare strictly
+        defaults = {}
     out = []
     for key in sorted(set(old) | set(now)):
         if any(key == k or key.startswith(k + ".") for k in free):
             continue
         a, b = old.get(key, _ABSENT), now.get(key, _ABSENT)
+        if a is _ABSENT and key in defaults:
+            a = defaults[key]
+        if b is _ABSENT and _removed_field(type(cfg), key):
+            continue
         if a != b:
             out.append((key, a, b))
     return out
+
+
+def _removed_field(cls: type, dotted: str) -> bool:
+    """True when ``dotted`` names no field of the dataclass tree ``cls`` (a key inside a dict field is a value)."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return False
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return True
+        tp = hints[part]
+        args = [t for t in typing.get_args(tp) if t is not type(None)]
+        if typing.get_origin(tp) is not None and len(args) == 1 and dataclasses.is_dataclass(args[0]):
+            tp = args[0]  # Optional[SubConfig]
+    return False
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
