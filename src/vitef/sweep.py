@@ -595,6 +595,9 @@ def _record_outcome(
     except RunLockedError:
         logger.warning("%s: another process took the run over; its status is left to that process", lock_dir)
         return error
+    except VitefError as e:  # e.g. the run directory became read-only: its status cannot be written either
+        logger.warning("%s: cannot record the run's outcome: %s", lock_dir, e)
+        return error
     try:
         return _write_outcome(status_path, error, before, own_record=False)
     finally:
@@ -773,10 +776,19 @@ def run_in_process(
         Another process works on the run; nothing of it was touched.
     """
     mod = load_app(module)
-    held = RunLock(run_dir, f"vitef.sweep: {module}").acquire() if run_dir is not None and not own_status else None
+    held = None
     try:
+        if run_dir is not None and not own_status:
+            held = RunLock(run_dir, f"vitef.sweep: {module}").acquire()
         if record is not None:
             save_config(cfg, record)
+    except RunLockedError:
+        raise
+    except (VitefError, OSError) as e:  # e.g. an output folder that cannot be written: this run's failure only
+        if held is not None:
+            held.release()
+        return f"{type(e).__name__}: {e}"
+    try:
         before = _snapshot(status_path)
         root_logger = logging.getLogger()
         handlers = list(root_logger.handlers)
@@ -1011,7 +1023,8 @@ def launch(
 @contextlib.contextmanager
 def _stop_on_signals() -> Iterator[None]:
     """SIGTERM and SIGHUP raise ``SystemExit(128 + signal)`` in the main thread while the block runs, so the
-    sweep can end its subprocesses before it exits (SIGINT raises KeyboardInterrupt already)."""
+    sweep can end its subprocesses before it exits (SIGINT raises KeyboardInterrupt already). A signal that
+    is ignored (``nohup``) or handled by someone else keeps its handler."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -1019,7 +1032,11 @@ def _stop_on_signals() -> Iterator[None]:
     def stop(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {
+        sig: signal.signal(sig, stop)
+        for sig in (signal.SIGTERM, signal.SIGHUP)
+        if signal.getsignal(sig) == signal.SIG_DFL
+    }
     try:
         yield
     finally:
