@@ -295,3 +295,21 @@ def test_config_differences_across_code_versions():
     # saved before most fields existed (they count as their defaults), with a field since removed (ignored)
     saved = {"root": "/elsewhere", "log_dir": "x", "steps": 3, "removed_knob": 1, "optim": {"lr": 0.01, "gone": 0}}
     assert config_differences(saved, cfg) == [("steps", 3, 2)]
+
+
+def test_a_run_the_app_refused_keeps_the_status_of_whoever_ran_it(tmp_path):
+    """An attempt that fails before touching the run (here: before writing any status) leaves the status
+    another process wrote; it used to become 'failed, step null'."""
+    from vitef.sweep import run_in_process
+
+    s = sweep(tmp_path, grid={"seed": [0]}, overrides={"fail": True, "write_status": False}, run_name="s{seed}")
+    (run,) = expand(s, APP)
+    run.run_dir.mkdir(parents=True)
+    theirs = json.dumps({"status": "running", "step": 5, "message": "another process"})
+    run.status_path.write_text(theirs)
+    err = run_in_process(APP, run.cfg, run.status_path, run.run_dir, own_status=True)
+    assert "fake failure" in err and run.status_path.read_text() == theirs
+    # an attempt that runs writes its own status as usual
+    ok = dataclasses.replace(run.cfg, write_status=True, fail=False)
+    assert run_in_process(APP, ok, run.status_path, run.run_dir) is None
+    assert json.loads(run.status_path.read_text())["status"] == "completed"
