@@ -39,6 +39,8 @@ class PretrainConfig(train.TrainConfig):
     """Pretrain a ViT (random init, every component trains) and export its best checkpoint."""
 
     export: str = option("", "where to write the weights (.safetensors); a .json card is written beside it")
+    card_analysis: str = option("", "analysis config (apps.vit.analysis) whose plasticity results go in the card")
+    card_targets: list[str] = option([], "downstream datasets analysed for the card, in both modes")
 
     def validate(self) -> None:
         super().validate()
@@ -46,6 +48,11 @@ class PretrainConfig(train.TrainConfig):
             raise ConfigError(f"export={self.export!r} must be a path ending in .safetensors")
         if self.model.pretrained or self.model.checkpoint:
             raise ConfigError("pretraining starts from random weights: set model.pretrained=false, no checkpoint")
+        if self.card_targets and not Path(self.card_analysis).is_file():
+            raise ConfigError(
+                f"card_analysis={self.card_analysis!r} is not a file: give an analysis config for card_targets, "
+                "e.g. apps/vit/configs/analysis/digits_pretrained.yaml"
+            )
 
 
 CONFIG = PretrainConfig
@@ -76,6 +83,7 @@ def main(cfg: PretrainConfig) -> None:
         "num_classes": _num_classes(cfg),
         "steps": cfg.steps,
         "seed": cfg.seed,
+        "log_dir": cfg.run_name,
         "made_by": "python -m apps.vit.pretrain " + " ".join(sys.argv[1:]),
     }
     export(
@@ -86,8 +94,14 @@ def main(cfg: PretrainConfig) -> None:
             "test_acc": evaluation["acc"],
             "best_val_acc": evaluation["best_val_acc"],
             "best_step": evaluation["best_step"],
+            "snapshot_steps": sorted(set(cfg.keep_steps)),
+            "card_analysis": cfg.card_analysis,
         },
     )
+    if cfg.card_targets:
+        # Measured on the exported file itself (which needs its card to load), then added to that card.
+        card = json.loads(card_path(cfg.export).read_text())
+        atomic_write_json(card_path(cfg.export), {**card, "plasticity": card_plasticity(cfg)})
     snapshots = {snapshot_path(cfg.export, step): step for step in sorted(set(cfg.keep_steps))}
     folder = snapshot_path(cfg.export, 0).parent
     # Snapshots of an earlier export with other keep_steps would be mistaken for this run's.
@@ -108,6 +122,33 @@ def export(weights: Path, dest: str | Path, card: dict) -> None:
         shutil.copyfile(weights, tmp)
     digest = hashlib.sha256(Path(dest).read_bytes()).hexdigest()
     atomic_write_json(card_path(dest), {"weights": Path(dest).name, "sha256": digest, **card})
+
+
+def card_plasticity(cfg: PretrainConfig) -> dict:
+    """Kendall's tau (measured vs theoretical ranking) and per-component plasticity of the exported weights.
+
+    One entry per target dataset and mode, measured by ``apps.vit.analysis`` with ``card_analysis`` (seeded, so
+    re-running that analysis on the shipped weights gives the same numbers; a test checks it).
+    """
+    from apps.vit import analysis
+    from vitef.config import load_config
+
+    out: dict = {}
+    for target in cfg.card_targets:
+        for mode in analysis.MODES:
+            acfg = load_config(
+                analysis.AnalysisConfig,
+                [f"config={cfg.card_analysis}", f"model.name={cfg.export}", f"dataset_name={target}", f"mode={mode}",
+                 f"root={Path(cfg.root) / 'card_analysis'}"],
+            )  # fmt: skip
+            result = json.loads((analysis.main(acfg) / "plasticity.json").read_text())
+            out.setdefault(target, {})[mode] = {
+                "kendall_tau": result["kendall_tau"],
+                "kendall_pvalue": result["kendall_pvalue"],
+                "n_pairs": result["n_pairs"],
+                "mean_over_layers": {s["component"]: s["mean_over_layers"] for s in result["summary"]},
+            }
+    return out
 
 
 def _num_classes(cfg: PretrainConfig) -> int:
