@@ -31,6 +31,7 @@ from apps.plots.common import STYLE, component_color, save_figure
 from vitef.config import cli_main, option
 from vitef.errors import ConfigError
 from vitef.models import THEORETICAL_RANK
+from vitef.models.build import pretraining_step
 from vitef.models.components import DISPLAY_NAMES
 from vitef.utils import atomic_path
 
@@ -89,7 +90,7 @@ def collect(patterns: list[str]) -> pd.DataFrame:
             meta = json.loads(path.read_text())
         except ValueError as e:
             raise ConfigError(f"{path} is not valid JSON ({e}): re-run that analysis") from e
-        step = _snapshot_step(str(meta.get("model", "")))
+        step = pretraining_step(str(meta.get("model", "")))
         if step is None:
             skipped.append(folder.name)
             continue
@@ -112,17 +113,6 @@ def collect(patterns: list[str]) -> pd.DataFrame:
             "`apps.vit.pretrain keep_steps=[...]` and analyse them (apps/vit/studies/pretraining_dynamics.yaml)"
         )
     return pd.DataFrame(rows, columns=COLUMNS).sort_values(["target", "mode", "step"], ignore_index=True)
-
-
-def _snapshot_step(model: str) -> int | None:
-    card = Path(model).with_suffix(".json")
-    if Path(model).suffix != ".safetensors" or not card.is_file():
-        return None
-    try:
-        step = json.loads(card.read_text()).get("step")
-    except ValueError:
-        return None
-    return int(step) if isinstance(step, int) else None
 
 
 def _num(value) -> float:

@@ -27,6 +27,7 @@ from apps.vit.analysis import summarize
 from vitef.config import cli_main, option
 from vitef.errors import VitefError
 from vitef.models.components import DISPLAY_NAMES
+from vitef.predictors import is_snapshot_analysis
 from vitef.utils import atomic_write_text, check_writable
 
 logger = logging.getLogger("apps.plots.report")
@@ -171,7 +172,13 @@ def main(cfg: ReportConfig) -> Path:
         f"Generated {datetime.datetime.now():%Y-%m-%d %H:%M} from `{root}` by vitef "
         "(Odonnat et al., *Vision Transformer Finetuning Benefits from Non-Smooth Components*, arXiv 2602.06883)."
     )
-    sections = [plasticity_section(doc, root), finetuning_section(doc, root, cfg.select_on), figures_section(doc, root)]
+    sections = [
+        plasticity_section(doc, root),
+        finetuning_section(doc, root, cfg.select_on),
+        predictors_section(doc, root, cfg.select_on),
+        pretraining_section(doc, root),
+        figures_section(doc, root),
+    ]
     if not any(sections):
         raise VitefError(f"nothing to report under {root}: no analysis folders, result tables or figures")
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
@@ -183,7 +190,10 @@ def main(cfg: ReportConfig) -> Path:
 
 def plasticity_section(doc: Document, root: Path) -> bool:
     """Per analysis folder: mean plasticity per component, measured vs theoretical rank, Kendall's tau, bounds."""
-    folders = sorted(p.parent for p in (root / "analysis").glob("*/plasticity.csv"))
+    # Analyses of pretraining snapshots have their own section (pretraining_section).
+    folders = sorted(
+        p.parent for p in (root / "analysis").glob("*/plasticity.csv") if not is_snapshot_analysis(p.parent)
+    )
     if not folders:
         return False
     doc.heading("Plasticity and theoretical bounds")
@@ -256,7 +266,48 @@ def finetuning_section(doc: Document, root: Path, select_on: str) -> bool:
     return True
 
 
-FIGURE_ORDER = ("analysis", "finetuning", "loss_landscape")
+def predictors_section(doc: Document, root: Path, select_on: str) -> bool:
+    """Which signal ranks the components as finetuning does (apps.plots.finetuning predictors)."""
+    tables = sorted((root / "results" / "tables").glob(f"predictors_*select-{select_on}.md"))
+    if not tables:
+        return False
+    doc.heading("Which signal predicts finetuning")
+    doc.text(
+        "Each signal ranks the five components of every block of the pretrained model: plasticity in the paper's "
+        "embedding mode and in hidden mode, the mean gradient norm of the component over the first updates of its "
+        "own finetuning runs, and the theoretical bound. Kendall's τ compares each ranking with the ranking by "
+        "best-LR test accuracy and by relative gain over linear probing (τ = 1: the signal orders the components "
+        "exactly as finetuning does). With five components, τ = 1 has p ≈ 0.017."
+    )
+    for path in tables:
+        doc.text(path.read_text().strip())
+    return True
+
+
+def pretraining_section(doc: Document, root: Path) -> bool:
+    """Plasticity through pretraining: Kendall's tau and token radius per snapshot (apps.plots.pretraining)."""
+    path = root / "figures" / "pretraining" / "pretraining_dynamics.csv"
+    if not path.is_file():
+        return False
+    df = pd.read_csv(path)
+    doc.heading("Plasticity through pretraining")
+    doc.text(
+        "The same plasticity, measured on snapshots of the model at log-spaced steps of its pretraining. Early on "
+        "the linear maps are still close to their small initialisation and the LayerNorms change fastest; the "
+        "paper's ranking (MHA first, LayerNorms last) emerges as pretraining goes on. Kendall's τ of the measured "
+        "vs theoretical ranking per snapshot (rows: target and mode), and the token radius r of the target data:"
+    )
+    per = df.drop_duplicates(["target", "mode", "step"])
+    tau = per.pivot_table(index=["target", "mode"], columns="step", values="tau").round(2)
+    tau.columns = [f"step {c}" for c in tau.columns]
+    doc.table(tau.reset_index())
+    radius = per[per["mode"] == per["mode"].iloc[0]].pivot_table(index="target", columns="step", values="radius")
+    radius.columns = [f"step {c}" for c in radius.columns]
+    doc.table(radius.round(2).reset_index().rename(columns={"target": "token radius r"}))
+    return True
+
+
+FIGURE_ORDER = ("analysis", "pretraining", "finetuning", "loss_landscape")
 
 
 def figures_section(doc: Document, root: Path) -> bool:

@@ -27,9 +27,11 @@ import torch
 
 from apps.plots import analysis as analysis_plots
 from apps.plots import finetuning, loss_landscape, report
+from apps.plots import pretraining as pretraining_plots
 from apps.vit import sweep as sweep_app
 from vitef.config import build_config, cli_main, load_config, option, save_config
 from vitef.errors import ConfigError, VitefError
+from vitef.predictors import is_snapshot_analysis
 from vitef.sweep import SweepConfig, expand
 from vitef.utils import check_writable, set_console_level
 
@@ -140,12 +142,12 @@ def run_sweeps(cfg: StudyConfig) -> list[str]:
 
 
 def write_results(cfg: StudyConfig) -> None:
-    """CSVs, the accuracy table and the significance tests of the finetuning runs (if any)."""
+    """CSVs, the accuracy table, the significance tests and the predictors of the finetuning runs (if any)."""
     if not any((Path(cfg.root) / "runs").glob("**/eval.json")):
         logger.info("no finetuning runs under %s: no result tables", cfg.root)
         return
     results_dir = str(Path(cfg.root) / "results")
-    for command in ("csv", "table", "stat", "figures"):
+    for command in ("csv", "table", "stat", "figures", "predictors"):
         finetuning.main(
             build_config(
                 finetuning.FinetuningPlotsConfig,
@@ -155,13 +157,21 @@ def write_results(cfg: StudyConfig) -> None:
 
 
 def draw_figures(cfg: StudyConfig) -> None:
-    """Plasticity figures from the analysis folders, and the loss landscapes asked for."""
+    """Plasticity figures of the analysis folders, plasticity through pretraining, and the loss landscapes asked for.
+
+    Analyses of pretraining snapshots (weights whose card has a ``step``) go to the pretraining figures only.
+    """
     figures = Path(cfg.root) / "figures"
-    if any((Path(cfg.root) / "analysis").glob("*/plasticity.csv")):
-        analysis_plots.main(
+    folders = sorted(p.parent for p in (Path(cfg.root) / "analysis").glob("*/plasticity.csv"))
+    snapshots = [f for f in folders if is_snapshot_analysis(f)]
+    models = [str(f) for f in folders if f not in snapshots]
+    if models:
+        analysis_plots.main(build_config(analysis_plots.PlotConfig, {"dirs": models, "out": str(figures / "analysis")}))
+    if snapshots:
+        pretraining_plots.main(
             build_config(
-                analysis_plots.PlotConfig,
-                {"dirs": [str(Path(cfg.root) / "analysis" / "*")], "out": str(figures / "analysis")},
+                pretraining_plots.PretrainingPlotsConfig,
+                {"dirs": [str(f) for f in snapshots], "out": str(figures / "pretraining")},
             )
         )
     for component in cfg.landscapes:

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import kendalltau
 
-from vitef.models.build import model_label
+from vitef.models.build import model_label, pretraining_step
 from vitef.models.components import BLOCK_COMPONENTS
 
 logger = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def collect_analyses(root: str | Path) -> pd.DataFrame:
     Columns: ``dataset`` (the target dataset), ``model`` (:func:`model_label` of the analysed model),
     ``mode``, ``component``, ``plasticity`` and ``bound`` (means over blocks; ``bound`` NaN without
     ``bounds.csv``), ``folder``. Folders analysing random or finetuned weights (``-random`` or ``@run``
-    tags) are left out: the signals are about the pretrained model.
+    tags) or pretraining snapshots are left out: the signals are about the pretrained model.
     """
     rows = []
     for path in sorted((Path(root) / "analysis").glob("*/plasticity.json")):
@@ -69,7 +69,7 @@ def collect_analyses(root: str | Path) -> pd.DataFrame:
             logger.warning("%s is not valid JSON: that analysis is left out (rerun it)", path)
             continue
         model = model_label(str(info.get("model", "")))
-        if str(info.get("tag", model)) != model:
+        if str(info.get("tag", model)) != model or is_snapshot_analysis(path.parent):
             continue
         bounds = _bounds_per_component(path.parent / "bounds.csv")
         dataset = str(info.get("target", "")).rsplit("/", 1)[0]
@@ -86,6 +86,15 @@ def collect_analyses(root: str | Path) -> pd.DataFrame:
                 "folder": str(path.parent),
             })  # fmt: skip
     return pd.DataFrame(rows, columns=ANALYSIS_COLUMNS)
+
+
+def is_snapshot_analysis(folder: str | Path) -> bool:
+    """True for an analysis folder of a pretraining snapshot (weights whose card records a pretraining ``step``)."""
+    try:
+        model = json.loads((Path(folder) / "plasticity.json").read_text()).get("model", "")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return pretraining_step(str(model)) is not None
 
 
 def _bounds_per_component(path: Path) -> dict[str, float]:

@@ -87,6 +87,29 @@ def model_label(name: str) -> str:
     return safe_name(name)
 
 
+def read_card(name: str | os.PathLike) -> dict | None:
+    """The JSON card beside a ``.safetensors`` weights file (``apps.vit.pretrain`` writes it), or None.
+
+    None when ``name`` is not a ``.safetensors`` path, has no card, or the card is not a JSON object: the
+    callers (reports, plots) describe models, they do not load them (:func:`build_model` checks cards strictly).
+    """
+    path = Path(name)
+    card = path.with_suffix(".json")
+    if path.suffix != ".safetensors" or not card.is_file():
+        return None
+    try:
+        data = json.loads(card.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def pretraining_step(name: str | os.PathLike) -> int | None:
+    """The pretraining step of a snapshot exported by ``apps.vit.pretrain`` (its card's ``step``), else None."""
+    step = (read_card(name) or {}).get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def build_model_from_config(cfg: ModelConfig, num_classes: int | None = None) -> VisionTransformer:
     """:func:`build_model` from a :class:`ModelConfig`."""
     pretrained: bool | str = cfg.checkpoint if cfg.checkpoint else cfg.pretrained
