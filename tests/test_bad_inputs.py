@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import io
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -607,6 +609,24 @@ def test_check_writable_on_a_really_read_only_folder(tmp_path):
             subprocess.run(["chattr", "-i", str(ro)], check=True)
         ro.chmod(0o755)
     assert list(ro.iterdir()) == []
+
+
+def test_setup_logging_follows_a_replaced_stderr(monkeypatch):
+    # Entry points run in-process one after another (sweeps, studies, these tests): each must log to the
+    # current sys.stderr, not to the stream of the first one (closed by now under pytest's capture).
+    first, second = io.StringIO(), io.StringIO()
+    with _isolated_logging():
+        monkeypatch.setattr(sys, "stderr", first)
+        vitef.utils.setup_logging()
+        logging.getLogger("vitef.test").warning("one")
+        got_first = first.getvalue()
+        first.close()
+        monkeypatch.setattr(sys, "stderr", second)
+        vitef.utils.setup_logging()
+        logging.getLogger("vitef.test").warning("two")
+        assert sum(getattr(h, "_vitef", False) for h in logging.getLogger().handlers) == 1
+    assert got_first.endswith("W vitef.test: one\n")
+    assert second.getvalue().endswith("W vitef.test: two\n")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -167,11 +167,18 @@ def setup_logging(level: int = logging.INFO, log_file: str | os.PathLike | None 
     """Configure the root logger once for an entry point: stderr, plus ``log_file`` when given."""
     root = logging.getLogger()
     fmt = logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    if not any(getattr(h, "_vitef", False) for h in root.handlers):
+    console = [h for h in root.handlers if getattr(h, "_vitef", False)]
+    if not console:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(fmt)
         handler._vitef = True  # type: ignore[attr-defined]
         root.addHandler(handler)
+    for handler in console:
+        # An entry point run again in-process after sys.stderr was replaced (pytest's capture, a notebook's
+        # redirect) logs to the current stream, not to one that may be closed by now.
+        if isinstance(handler, logging.StreamHandler) and handler.stream is not sys.stderr:
+            with handler.lock:  # not setStream: it flushes the old stream, which raises once that is closed
+                handler.stream = sys.stderr
     if log_file is not None:
         log_file = Path(log_file)
         if not any(getattr(h, "baseFilename", None) == str(log_file.resolve()) for h in root.handlers):
