@@ -1,4 +1,4 @@
-"""The bundled digits model: its card is honest and the pretrain command reproduces it."""
+"""The bundled digits model: its card is honest, its plasticity is the paper's, and the pretrain command remakes it."""
 
 from __future__ import annotations
 
@@ -6,15 +6,21 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
+from apps.vit import analysis
+from vitef.config import load_config
 from vitef.data import build_loader
 from vitef.evaluation import evaluate
 from vitef.models import build_model
+from vitef.monitor import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = ROOT / "apps/vit/pretrained/vit_digits.safetensors"
 CARD = json.loads(WEIGHTS.with_suffix(".json").read_text())
+RECIPE = "apps/vit/configs/pretrain_digits.yaml"
 
 
 def test_card_matches_the_shipped_weights():
@@ -28,17 +34,51 @@ def test_card_matches_the_shipped_weights():
     assert abs(result.acc - CARD["test_acc"]) < 1e-6
 
 
-def test_pretrain_command_reproduces_the_bundled_model(run_app, tmp_path):
+@pytest.mark.parametrize("target", sorted(CARD["plasticity"]))
+def test_card_plasticity_is_reproduced_and_is_the_papers_ranking(tmp_path, target):
+    """Re-running the seeded analysis on the shipped weights gives the card's numbers, and MHA ranks first."""
+    for mode, want in CARD["plasticity"][target].items():
+        cfg = load_config(
+            analysis.AnalysisConfig,
+            [f"config={CARD['card_analysis']}", f"model.name={WEIGHTS}", f"dataset_name={target}", f"mode={mode}",
+             f"root={tmp_path}"],
+        )  # fmt: skip
+        got = json.loads((analysis.main(cfg) / "plasticity.json").read_text())
+        assert got["kendall_tau"] == pytest.approx(want["kendall_tau"], abs=1e-9)
+        means = {s["component"]: s["mean_over_layers"] for s in got["summary"]}
+        assert means == pytest.approx(want["mean_over_layers"], rel=1e-4)
+    emb = CARD["plasticity"][target]["embedding"]
+    ranked = sorted(emb["mean_over_layers"], key=emb["mean_over_layers"].get, reverse=True)
+    # The paper's qualitative finding (issue: the offline study must show it): MHA most plastic, both
+    # LayerNorms below MHA, FC1 and FC2, tau >= 0.6 against the theoretical ranking.
+    assert ranked[0] == "mha" and set(ranked[-2:]) == {"ln1", "ln2"}, ranked
+    assert emb["kendall_tau"] >= 0.6
+
+
+def test_pretrain_command_remakes_a_model_with_the_same_properties(run_app, tmp_path):
+    """Across platforms the weights differ in the last bits, so check what survives them: accuracy near
+    saturation and MHA above both LayerNorms in embedding mode; and the snapshots are the step checkpoints."""
     export = tmp_path / "again.safetensors"
+    target = "digits_subset-56789"
     r = run_app(
         "apps.vit.pretrain",
-        "config=apps/vit/configs/pretrain_digits.yaml",
+        f"config={RECIPE}",
         f"root={tmp_path}",
         f"export={export}",
+        f"card_targets=[{target}]",
         env={"OMP_NUM_THREADS": "1"},
-        timeout=600,
+        timeout=900,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     card = json.loads(export.with_suffix(".json").read_text())
-    assert abs(card["test_acc"] - CARD["test_acc"]) <= 0.01
+    assert card["test_acc"] >= 0.95
     assert card["model"] == CARD["model"] and card["dataset"] == CARD["dataset"]
+    emb = card["plasticity"][target]["embedding"]["mean_over_layers"]
+    assert emb["mha"] > max(emb["ln1"], emb["ln2"]), emb
+    snapshots = sorted((tmp_path / "again_steps").glob("*.safetensors"))
+    steps = [json.loads(p.with_suffix(".json").read_text())["step"] for p in snapshots]
+    assert steps == sorted(CARD["snapshot_steps"])
+    run = tmp_path / "runs" / card["log_dir"]
+    last = load_file(RunDir(run).step_dir(steps[-1]) / "model.safetensors")
+    snap = load_file(snapshots[-1])
+    assert snap.keys() == last.keys() and all(torch.equal(snap[k], last[k]) for k in snap)
