@@ -48,7 +48,7 @@ class StudyConfig:
     landscapes: list[str] = option([], "components whose loss landscape is drawn (e.g. [mha, ln1]); [] for none")
     landscape_config: str = option("", "config file of apps.plots.loss_landscape used for those components")
     select_on: str = option("val", "choose each cell's learning rate on val (sound) or test (the authors')")
-    threads: int = option(0, "torch CPU threads (0: torch's default); 1 is fastest for tiny models")
+    threads: int = option(0, "torch CPU threads (0: torch's default); 1-2 are fastest for tiny models")
     offline: bool = option(True, "forbid hub downloads (HF_HUB_OFFLINE=1): the study must run on local files")
     verbose: bool = option(False, "log every run's progress (default: warnings, one line per run, progress bars)")
 

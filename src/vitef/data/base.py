@@ -93,6 +93,14 @@ class ArraySource(ImageSource):
         return t.permute(2, 0, 1).contiguous() if self.channels_last else t
 
 
+# Largest in-memory pool whose corrupted images are kept (CIFAR-size arrays fit; ImageNet-size ones do not).
+CORRUPTION_CACHE_BYTES = 512 * 2**20
+
+
+def _nbytes(images: np.ndarray | torch.Tensor) -> int:
+    return int(images.nbytes) if isinstance(images, np.ndarray) else images.numel() * images.element_size()
+
+
 class VitefDataset(Dataset):
     """One split of a named dataset: ``(image (3, size, size) float32, label int)`` with ``.num_classes``.
 
@@ -134,6 +142,11 @@ class VitefDataset(Dataset):
         self.name = name
         self.split = split
         self.targets = self.source.targets[self.indices]
+        # Corruptions are deterministic per image, so an in-memory pool (ArraySource: the bundled digits, small
+        # arrays) keeps each corrupted image after its first use: the offline study draws every training image
+        # about six times per run, and corrupting it is most of the cost of a step (e.g. impulse noise).
+        small = isinstance(source, ArraySource) and _nbytes(source.images) <= CORRUPTION_CACHE_BYTES
+        self._corrupted: dict[int, torch.Tensor] | None = {} if small else None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -141,9 +154,13 @@ class VitefDataset(Dataset):
     def raw_image(self, i: int) -> torch.Tensor:
         """The (possibly corrupted) uint8 source image of item ``i``, before transforms."""
         src = int(self.indices[i])
-        img = self.source.image(src)
-        if self.corruption is not None:
-            img = self.corruption(img, mix_seed(self.corruption_seed, src))
+        if self.corruption is None:
+            return self.source.image(src)
+        if self._corrupted is not None and src in self._corrupted:
+            return self._corrupted[src]
+        img = self.corruption(self.source.image(src), mix_seed(self.corruption_seed, src))
+        if self._corrupted is not None:
+            self._corrupted[src] = img
         return img
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
