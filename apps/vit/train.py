@@ -70,11 +70,14 @@ from vitef.utils import atomic_write_json, check_writable, resolve_device, set_s
 logger = logging.getLogger("apps.vit.train")
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-# Keys that may change between a run and its resumption (they do not change the result).
 # Under fp16 an overflowing gradient is routine: GradScaler skips that update and halves its loss scale.
 # That only helps while the scale still magnifies the loss: once it is at or below this, the gradients
 # overflow on their own and halving further cannot recover, so a non-finite gradient norm fails the run.
 MIN_LOSS_SCALE = 1.0
+# A mean cross-entropy this large needs logit gaps of about this size: no run that is still learning gets there,
+# while a diverging one can stay finite (e.g. loss 1e13 with finite gradient norms) and end "completed" at chance.
+MAX_LOSS = 1e4
+# Keys that may change between a run and its resumption (they do not change the result).
 RESUME_FREE_KEYS = (
     "root",  # the output root: a run folder moved under another root still resumes
     "overwrite",
@@ -221,7 +224,8 @@ def train_step(s: Stepper, batches: Iterator, step: int | None = None) -> dict[s
 
     Returns the metrics row (without ``step``): mean loss over the full batch (averaged over processes),
     the learning rate of this update, the pre-clipping global gradient norm and its per-component norms.
-    Raises :class:`TrainingError`, before updating the weights, when the loss or the gradient norm is NaN
+    Raises :class:`TrainingError`, before updating the weights, when the loss is above ``MAX_LOSS`` or the
+    loss or the gradient norm is NaN
     or infinite (under fp16, a non-finite norm only once the loss scale is down to ``MIN_LOSS_SCALE``:
     before that GradScaler skips the update and lowers its scale). ``step`` (the number of this update)
     is named in that message.
@@ -244,9 +248,9 @@ def train_step(s: Stepper, batches: Iterator, step: int | None = None) -> dict[s
             s.scaler.scale(loss).backward()
         loss_sum += loss.detach()
     loss_value = distributed.all_reduce_mean(loss_sum).item()
-    if not math.isfinite(loss_value):
+    if not math.isfinite(loss_value) or loss_value > MAX_LOSS:
         raise TrainingError(
-            f"{where}the training loss is {loss_value}: training diverged. Lower the learning rate (lr=...), "
+            f"{where}the training loss is {loss_value:.4g}: training diverged. Lower the learning rate (lr=...), "
             "keep gradient clipping on (optim.clip_grad=1.0) or use precision=fp32"
         )
     s.scaler.unscale_(s.optimizer)

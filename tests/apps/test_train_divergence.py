@@ -33,12 +33,15 @@ class LinearHead(nn.Module):
 def linear_stepper(clip_grad: float | None = 1.0):
     torch.manual_seed(0)
     model = LinearHead()
+    with torch.no_grad():  # tied logits: the loss stays ln 3 whatever the input, only the gradients blow up
+        model.head.weight.zero_()
+        model.head.bias.zero_()
     cfg = OptimConfig(lr=0.1, warmup_steps=0, scheduler="constant", clip_grad=clip_grad)
     return model, train_app.Stepper.build(model, model, cfg, 10, torch.device("cpu"), "fp32")
 
 
 def huge_batches():
-    # Inputs of 1e20: loss ~1e20 (finite), gradients ~1e20 per element, their squared sum 1e40 > float32 max.
+    # Inputs of 1e20 into a zero head: loss ln 3, gradients ~1e20 per element, their squared sum 1e40 > float32 max.
     x, y = torch.full((8, 4), 1e20), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     while True:
         yield x, y
@@ -52,6 +55,17 @@ def test_an_infinite_gradient_norm_fails_the_step_before_any_update():
     msg = str(err.value)
     assert msg.startswith("step 7: the gradient norm is inf (loss ") and "Lower the learning rate (lr=0.1 now)" in msg
     assert "optim.clip_grad" not in msg  # clipping is on: it cannot help, only a lower lr can
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_huge_finite_loss_fails_the_step_before_any_update(monkeypatch):
+    # A diverging run can keep its loss and gradients finite (the tiny ViT at lr=1e6 reaches loss 1e13).
+    model, stepper = linear_stepper()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(train_app, "MAX_LOSS", 1.0)  # ln 3 = 1.0986 is above it
+    batches = iter([(torch.ones(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))])
+    with pytest.raises(TrainingError, match=r"^step 2: the training loss is 1.099: training diverged"):
+        train_app.train_step(stepper, batches, step=2)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -95,8 +109,9 @@ def test_fp16_overflow_is_skipped_while_the_scaler_can_lower_its_scale():
 
 
 def test_mha_at_lr_1e6_fails_the_run_with_exit_2(tmp_path, capsys):
-    # The case on the bundled model: the loss climbs past 1e10 and the gradient norm overflows at
-    # step 5; before, clipping by an infinite norm zeroed every update and the run "completed" at chance.
+    # The case on the bundled model: the loss climbs past 1e9 at step 2 (MAX_LOSS) and the gradient norm
+    # overflows a few steps later; before, clipping by an infinite norm zeroed every update and the run
+    # "completed" at chance.
     argv = [
         f"config={ROOT / 'apps/vit/configs/digits_pretrained.yaml'}",
         f"model.name={ROOT / 'apps/vit/pretrained/vit_digits.safetensors'}",
@@ -117,14 +132,15 @@ def test_mha_at_lr_1e6_fails_the_run_with_exit_2(tmp_path, capsys):
     assert "Traceback" not in err
     run = RunDir(tmp_path / "runs" / "run")
     status = json.loads(run.status_path.read_text())
-    # The step where the norm overflows depends on float summation order (CPU threads): 5 on 1 or 2 threads.
+    # Whichever comes first (the step where the norm overflows depends on float summation order, i.e. threads).
     m = re.fullmatch(
-        r"step (\d+): the gradient norm is inf \(loss [0-9.]+e\+\d+\): training diverged\. "
+        r"step (\d+): the training loss is [0-9.]+e\+\d+: training diverged\. Lower the learning rate .*"
+        r"|step (\d+): the gradient norm is inf \(loss [0-9.]+e\+\d+\): training diverged\. "
         r"Lower the learning rate \(lr=\d+ now\)",
         status["message"],
     )
     assert m, status
-    failed_at = int(m.group(1))
+    failed_at = int(m.group(1) or m.group(2))
     assert 2 <= failed_at < 20 and status["status"] == "failed" and status["step"] == failed_at - 1
     assert f"error: {status['message']}\n" in err
     assert [r["step"] for r in read_metrics(run.metrics_path)] == list(range(1, failed_at))
