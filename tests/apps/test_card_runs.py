@@ -130,8 +130,9 @@ def test_probing_a_card_file_with_pretrained_false_is_refused(tmp_path, in_repo,
     assert "model.pretrained=false would not read it" in err and "set model.pretrained=true" in err
     assert list(tmp_path.iterdir()) == []
 
-    # With pretrained=true the probed model is the file's.
-    cfg = load_config(probe_app.LinearProbingConfig, [*argv, "model.pretrained=true"])
+    # With pretrained=true (and no random-model overrides) the probed model is the file's.
+    pretrained = "config=apps/vit/configs/linear_probing_digits_pretrained.yaml"
+    cfg = load_config(probe_app.LinearProbingConfig, [pretrained, f"root={tmp_path}"])
     model, *_ = probe_app.load_source(cfg)
     file = load_file(str(CARD))
     assert sorted(model.state_dict()) == sorted(file)
