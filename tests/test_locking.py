@@ -171,16 +171,17 @@ def test_two_sweeps_on_one_grid_train_each_run_once(tmp_path):
         assert log.count("training ") == 1 and "resumed" not in log
 
 
-def test_stopping_a_parallel_sweep_ends_its_children(tmp_path):
+@pytest.mark.parametrize("fork", [False, True], ids=["subprocesses", "forked"])
+def test_stopping_a_parallel_sweep_ends_its_children(tmp_path, fork):
     path = tmp_path / "slow.yaml"
     sweep = {
         "name": "slow",
         "app": "sweep_fake_app",
         "root": str(tmp_path / "out"),
         "overrides": {"sleep": 120},
-        "grid": {"seed": [0, 1]},
+        "grid": {"seed": [0, 1, 2]},
         "run_name": "s{seed}",
-        "local": {"max_parallel": 2},
+        "local": {"max_parallel": 2, "fork": fork},
     }
     path.write_text(yaml.safe_dump(sweep))
     env = {**os.environ, **ENV, "OMP_NUM_THREADS": "1"}
@@ -188,7 +189,7 @@ def test_stopping_a_parallel_sweep_ends_its_children(tmp_path):
         [sys.executable, "-m", "apps.vit.sweep", f"config={path}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    runs = [tmp_path / "out" / "runs" / "slow" / f"s{i}" for i in (0, 1)]
+    runs = [tmp_path / "out" / "runs" / "slow" / f"s{i}" for i in (0, 1)]  # s2 waits for a free slot
     deadline = time.monotonic() + 120
     while not all((r / "pid").is_file() and (r / "pid").read_text() for r in runs):
         assert sweep_proc.poll() is None and time.monotonic() < deadline, sweep_proc.communicate()
@@ -199,6 +200,8 @@ def test_stopping_a_parallel_sweep_ends_its_children(tmp_path):
     out, err = sweep_proc.communicate(timeout=60)
     assert sweep_proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert all(_gone(pid) for pid in children)
+    assert sweep_proc.pid not in children  # each run had a process of its own
     for r in runs:  # recorded as killed, so a relaunch runs them again
         status = json.loads((r / "status.json").read_text())
         assert status["status"] == "failed" and "killed by signal 15" in status["message"]
+    assert not (runs[0].parent / "s2").exists()  # no run started once the sweep was stopped

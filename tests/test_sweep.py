@@ -313,3 +313,143 @@ def test_a_run_the_app_refused_keeps_the_status_of_whoever_ran_it(tmp_path):
     ok = dataclasses.replace(run.cfg, write_status=True, fail=False)
     assert run_in_process(APP, ok, run.status_path, run.run_dir) is None
     assert json.loads(run.status_path.read_text())["status"] == "completed"
+
+
+def _outputs(root: Path) -> dict[str, object]:
+    """Every file a sweep wrote under ``root`` (status.json without its time), by relative path."""
+    out: dict[str, object] = {}
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.suffix == ".log" or path.name == "pid":
+            continue  # console logs and pids differ by design
+        rel = str(path.relative_to(root))
+        if path.name.endswith("status.json"):
+            status = json.loads(path.read_text())
+            status.pop("time", None)
+            out[rel] = status
+        elif path.suffix == ".yaml":
+            out[rel] = path.read_text().replace(str(root), "<root>")
+        else:
+            out[rel] = path.read_bytes()
+    return out
+
+
+def test_forked_runs_record_what_in_process_runs_record(tmp_path):
+    import os
+
+    grid = {"dataset_name": ["a", "b"], "seed": [0, 1], "fail": [False, True]}
+    spec = dict(grid=grid, run_name="{dataset_name}/s{seed}_fail{fail}", overrides={"sleep": 0.01})
+    seq = sweep(tmp_path / "seq", **spec)
+    forked = sweep(tmp_path / "fork", **spec, local={"max_parallel": 2, "fork": True})
+    probes = lambda cfg: Path(cfg.root) / "probes" / cfg.log_dir  # noqa: E731 (the sweep keeps their status)
+    results = {}
+    for name, s in (("seq", seq), ("fork", forked)):
+        results[name] = (launch(s, APP), launch(s, APP, expand(s, APP, run_dir=probes)))
+    for a, b in zip(results["seq"], results["fork"], strict=True):
+        assert (a.total, len(a.launched), len(a.skipped), a.busy, a.stale) == (8, 8, 0, [], [])
+        assert (b.total, len(b.launched), len(b.skipped), b.busy, b.stale) == (8, 8, 0, [], [])
+        assert [f.message for f in a.failures] == [f.message for f in b.failures]
+        assert len(b.failures) == 4 and all("TrainingError: fake failure in t/" in f.message for f in b.failures)
+        assert [f.run_dir.relative_to(tmp_path / "fork") for f in b.failures] == [
+            f.run_dir.relative_to(tmp_path / "seq") for f in a.failures
+        ]
+    seq_files, fork_files = _outputs(tmp_path / "seq"), _outputs(tmp_path / "fork")
+    assert fork_files == seq_files
+    assert len([k for k in fork_files if k.startswith("out/sweeps/") and k.endswith(".status.json")]) == 8
+    # each run ran in a child of its own, not in this process
+    pids = {int(p.read_text()) for p in (tmp_path / "fork").rglob("pid")}
+    assert len(pids) == 4 and os.getpid() not in pids  # the 4 runs that do not fail write it
+    assert {int(p.read_text()) for p in (tmp_path / "seq").rglob("pid")} == {os.getpid()}
+    again = launch(forked, APP)  # completed runs skipped, failed ones retried
+    assert (len(again.skipped), len(again.launched), len(again.failures)) == (4, 4, 4)
+
+
+def test_forked_child_failures_are_that_runs_failures(tmp_path, monkeypatch):
+    """A child that calls sys.exit, exits or is killed is its run's failure, recorded; the others complete."""
+    import importlib
+    import os
+
+    fake = importlib.import_module(APP)
+    real_main = fake.main
+
+    def main(cfg):  # the children are forks of this process: they run this patch
+        if cfg.seed in (1, 2):  # started, then ended without a word
+            run = Path(cfg.root) / "runs" / cfg.log_dir
+            run.mkdir(parents=True)
+            fake.atomic_write_json(run / "status.json", {"status": "running", "step": 0, "message": ""})
+        if cfg.seed == 1:
+            sys.exit("bye")
+        if cfg.seed == 2:
+            os._exit(3)
+        real_main(dataclasses.replace(cfg, kill_at=2) if cfg.seed == 3 else cfg)
+
+    monkeypatch.setattr(fake, "main", main)
+    s = sweep(tmp_path, grid={"seed": [0, 1, 2, 3]}, overrides={"steps": 4}, run_name="s{seed}",
+              local={"max_parallel": 2, "fork": True})  # fmt: skip
+    result = launch(s, APP)
+    assert len(result.launched) == 4
+    messages = {f.run_dir.name: f.message for f in result.failures}
+    assert sorted(messages) == ["s1", "s2", "s3"]
+    assert messages["s1"] == "SystemExit: bye"
+    assert messages["s2"].startswith("(exit status 3; log: ") and messages["s2"].endswith("s2.log)")
+    assert "(killed by signal 9; log: " in messages["s3"]
+    runs = expand(s, APP)
+    assert [r.status for r in runs] == ["completed", "failed", "failed", "failed"]
+    for r in runs[1:]:  # the app wrote 'running', never finished: the sweep recorded the failure
+        assert json.loads(r.status_path.read_text())["message"] == messages[r.run_dir.name]
+    monkeypatch.setattr(fake, "main", real_main)
+    again = launch(s, APP)
+    assert (again.failures, len(again.launched)) == ([], 3)
+    assert [starts(r) for r in runs] == [[0], [0], [0], [0, 2]]  # s3 resumed from its checkpoint
+
+
+def test_fork_refuses_gpus_and_falls_back_where_fork_is_missing(tmp_path, monkeypatch, caplog):
+    import multiprocessing
+    import os
+
+    with pytest.raises(ConfigError, match=r"local.fork=true cannot be used with local.gpus=\[0\]: CUDA cannot"):
+        sweep(tmp_path, local={"max_parallel": 2, "fork": True, "gpus": [0]})
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    s = sweep(tmp_path, grid={"seed": [0, 1]}, overrides={"sleep": 0.01}, run_name="s{seed}",
+              local={"max_parallel": 2, "fork": True})  # fmt: skip
+    with caplog.at_level("WARNING", logger="vitef.sweep"):
+        result = launch(s, APP)
+    assert "local.fork=true: this platform cannot fork processes; the runs go in sequence" in caplog.text
+    assert result.failures == [] and len(result.launched) == 2
+    assert {int(p.read_text()) for p in (tmp_path / "out").rglob("pid")} == {os.getpid()}
+
+
+def test_forked_training_runs_are_bit_identical_to_in_process_ones(tmp_path):
+    """The real training app: forked children (one thread each) train exactly as the in-process sweep does
+    on one thread (float sums depend on the thread count, so the in-process side runs on one too)."""
+    import torch
+
+    overrides = {
+        "dataset_name": "digits_subset-56789",
+        "model": {"name": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
+                  "overrides": {"patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2}},
+        "steps": 3, "eval_period": 3, "batch_size": 8, "eval_batch_size": 256, "device": "cpu",
+        "optim.warmup_steps": 1, "tensorboard": False,
+    }  # fmt: skip
+    spec = {"name": "m", "app": "train", "overrides": overrides, "grid": {"trainable": [["mha"], ["ln1", "fc2"]]},
+            "run_name": "{trainable}"}  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seq = build_config(SweepConfig, {**spec, "root": str(tmp_path / "seq")})
+        assert launch(seq, "apps.vit.train").failures == []
+    finally:
+        torch.set_num_threads(threads)
+    forked = build_config(
+        SweepConfig, {**spec, "root": str(tmp_path / "fork"), "local": {"max_parallel": 2, "fork": True}}
+    )
+    result = launch(forked, "apps.vit.train")
+    assert (result.failures, len(result.launched)) == ([], 2)
+    assert torch.get_num_threads() == threads  # the children's thread setting stayed in the children
+    for name in ("mha", "ln1+fc2"):
+        a, b = tmp_path / "seq" / "runs" / "m" / name, tmp_path / "fork" / "runs" / "m" / name
+        assert (b / "eval.json").read_bytes() == (a / "eval.json").read_bytes()
+        weights = sorted(p.relative_to(a) for p in a.rglob("*.safetensors"))
+        assert len(weights) == 2  # best + last
+        for rel in weights:
+            assert (b / rel).read_bytes() == (a / rel).read_bytes()
+        assert json.loads((b / "status.json").read_text())["status"] == "completed"

@@ -28,7 +28,10 @@ Backends
     of ``local.gpus`` through ``CUDA_VISIBLE_DEVICES``. Each subprocess gets its own process group;
     when the sweep is stopped (Ctrl-C, SIGTERM, SIGHUP, an exception) it ends them (SIGTERM, then
     SIGKILL after a few seconds) before it exits. Only a SIGKILL of the sweep itself leaves them
-    running: their run locks then keep a relaunch off those runs until they end.
+    running: their run locks then keep a relaunch off those runs until they end. With ``local.fork``
+    the runs are forked children of the sweep instead (CPU only): each inherits the imports (a
+    subprocess spends seconds importing torch before a run of a few seconds), runs on one thread as
+    the in-process backend would, and is ended the same way.
 ``slurm``
     one submitit job array, each task running the same command as a local subprocess run.
 
@@ -71,6 +74,8 @@ import importlib
 import itertools
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import re
@@ -117,13 +122,24 @@ class SweepError(VitefError):
 class LocalBackendConfig:
     """Runs on this machine."""
 
-    max_parallel: int = option(1, "runs at once; > 1 runs each in a subprocess")
+    max_parallel: int = option(1, "runs at once; > 1 runs each in a subprocess (or a forked child, see fork)")
     gpus: list[int] = option([], "GPU ids; each concurrent run gets CUDA_VISIBLE_DEVICES=<one id> (round robin)")
     in_process: bool = option(True, "with max_parallel=1 call the app's main() in this process (no start-up cost)")
+    fork: bool = option(
+        False,
+        "with max_parallel > 1 run each run in a forked child of this process, one CPU thread each: it inherits "
+        "the imports (no start-up cost, for many small CPU runs); CPU only, not with gpus (CUDA cannot be used in "
+        "a forked child once the parent has initialised it); where fork is missing (Windows) runs go in sequence",
+    )
 
     def validate(self) -> None:
         if self.max_parallel < 1:
             raise ConfigError(f"local.max_parallel={self.max_parallel} must be >= 1")
+        if self.fork and self.gpus:
+            raise ConfigError(
+                f"local.fork=true cannot be used with local.gpus={self.gpus}: CUDA cannot be used in a forked "
+                "child once the parent has initialised it; drop local.fork for GPU runs (subprocesses)"
+            )
 
 
 @dataclasses.dataclass
@@ -857,22 +873,31 @@ class _Children:
             self.stopping = True
             procs = list(self._procs)
         for proc in procs:
-            _signal_group(proc, signal.SIGTERM)
+            _signal_group(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for proc in procs:
             try:
                 proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
             except subprocess.TimeoutExpired:
                 pass
-            _signal_group(proc, signal.SIGKILL)  # the group may hold more than the child itself
+            _signal_group(proc.pid, signal.SIGKILL)  # the group may hold more than the child itself
         if procs:
             logger.warning("sweep stopped: ended %d running subprocess(es)", len(procs))
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+def _signal_group(pid: int, sig: int, or_child: bool = False) -> None:
+    """Signal the process group led by ``pid`` (a child started in its own group).
+
+    ``or_child``: when there is no such group (a forked child stopped before it or the sweep made its
+    group), signal the child itself; only for a child not reaped yet, whose pid cannot have been reused.
+    """
     try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        if or_child:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+    except PermissionError:
         pass
 
 
@@ -988,20 +1013,15 @@ def launch(
     failures: list[Failure] = []
     busy = list(plan.busy)
     submitted: list[str] = []
-    if sweep.backend == "local" and sweep.local.max_parallel == 1 and sweep.local.in_process:
-        for run in wrap(todo, len(todo)):
-            logger.info("sweep %s: run %s", sweep.name, run.run_dir)
-            try:
-                err = run_in_process(
-                    module, run.cfg, run.status_path, run.run_dir, run.own_status, launch_files(sweep, run)[0]
-                )
-            except RunLockedError as e:
-                logger.warning("run %s is running elsewhere: %s", run.run_dir, e)
-                busy.append(Busy(run, str(e)))
-                continue
-            if err is not None:
-                logger.error("run %s failed: %s", run.run_dir, err)
-                failures.append(Failure(run.run_dir, err))
+    local = sweep.local
+    fork = sweep.backend == "local" and local.max_parallel > 1 and local.fork
+    forked = fork and bool(todo) and _can_fork()
+    if sweep.backend == "local" and ((local.max_parallel == 1 and local.in_process) or (fork and not forked)):
+        failures, found_busy = _launch_sequential(sweep, module, todo, wrap)
+        busy += found_busy
+    elif forked:
+        failures, found_busy = _launch_forked(sweep, module, todo, wrap)
+        busy += found_busy
     elif sweep.backend == "local":
         failures, found_busy = _launch_parallel(sweep, module, todo, wrap)
         busy += found_busy
@@ -1018,6 +1038,27 @@ def launch(
         stale=plan.stale,
         busy=busy,
     )
+
+
+def _launch_sequential(
+    sweep: SweepConfig, module: str, todo: list[Run], wrap: Callable
+) -> tuple[list[Failure], list[Busy]]:
+    failures: list[Failure] = []
+    busy: list[Busy] = []
+    for run in wrap(todo, len(todo)):
+        logger.info("sweep %s: run %s", sweep.name, run.run_dir)
+        try:
+            err = run_in_process(
+                module, run.cfg, run.status_path, run.run_dir, run.own_status, launch_files(sweep, run)[0]
+            )
+        except RunLockedError as e:
+            logger.warning("run %s is running elsewhere: %s", run.run_dir, e)
+            busy.append(Busy(run, str(e)))
+            continue
+        if err is not None:
+            logger.error("run %s failed: %s", run.run_dir, err)
+            failures.append(Failure(run.run_dir, err))
+    return failures, busy
 
 
 @contextlib.contextmanager
@@ -1105,6 +1146,209 @@ def _launch_parallel(
         raise
     for t in threads:
         t.join()
+    order = {r.run_dir: r.index for r in todo}
+    return sorted(failures, key=lambda f: order[f.run_dir]), busy
+
+
+def _can_fork() -> bool:
+    """Whether runs can go to forked children here; if not, the reason is logged (they then run in sequence)."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        logger.warning("local.fork=true: this platform cannot fork processes; the runs go in sequence in this process")
+        return False
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        logger.warning(
+            "local.fork=true: this process has initialised CUDA, which a forked child cannot use; "
+            "the runs go in sequence in this process"
+        )
+        return False
+    return True
+
+
+@dataclasses.dataclass
+class _Forked:
+    """A run in a forked child: the process, the read end of its reply pipe, its status file before the attempt."""
+
+    run: Run
+    proc: Any  # multiprocessing.Process
+    conn: Any  # multiprocessing.connection.Connection
+    before: tuple | None
+    log: Path
+    reply: dict[str, Any] | None = None
+    open: bool = True
+
+    def read(self) -> None:
+        """Take the child's one reply (JSON, not pickle); a pipe that ends without one leaves ``reply`` None."""
+        try:
+            data = json.loads(self.conn.recv_bytes().decode())
+            self.reply = data if isinstance(data, dict) else None
+        except (EOFError, OSError, ValueError):
+            pass
+        self.conn.close()
+        self.open = False
+
+
+def _forked_child(module: str, run: Run, record: Path, log: Path, conn: Any) -> None:
+    """The body of a forked child: one run through :func:`run_in_process`, its outcome sent back as JSON."""
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)  # its own process group (the parent sets it too: whoever comes first)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        # Not the sweep's handlers (they raise SystemExit to stop the sweep): a signal ends the child as it
+        # would end a subprocess, and the parent records the run as killed.
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
+    import torch
+
+    # Each child is one of several runs sharing the cores: one intra-op thread each (a forked child
+    # must not reuse the parent's OpenMP pool anyway).
+    torch.set_num_threads(1)
+    try:
+        _redirect_stderr(log)
+        err = run_in_process(module, run.cfg, run.status_path, run.run_dir, run.own_status, record)
+        reply: dict[str, Any] = {"outcome": "done", "error": err}
+    except RunLockedError as e:
+        reply = {"outcome": "busy", "error": str(e)}
+    except BaseException as e:  # e.g. sys.exit() in the app: this run's failure, recorded by the parent
+        reply = {"outcome": "crashed", "error": f"{type(e).__name__}: {e}"}
+    conn.send_bytes(json.dumps(reply).encode())
+    conn.close()
+
+
+def _redirect_stderr(log: Path) -> None:
+    """Send a forked child's stderr (progress bars, console log lines, native warnings) to its console log,
+    as the subprocess backend does: several runs at once would scramble the terminal. stdout (the app's
+    one result line) stays the sweep's."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log, "w", buffering=1, errors="backslashreplace")  # noqa: SIM115 (open until the child exits)
+    old = sys.stderr
+    with contextlib.suppress(Exception):
+        old.flush()
+    os.dup2(fh.fileno(), 2)
+    sys.stderr = fh
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+            handler.stream = fh
+
+
+def _record_lost(run: Run, error: str, before: tuple | None) -> str | None:
+    """Record a run whose forked child ended without recording it (killed, crashed), as run_command does."""
+    if run.own_status:
+        return _record_outcome(run.status_path, error, before, run.run_dir)
+    try:  # the sweep's own record: written while holding the run's lock, as the child would have
+        lock = RunLock(run.run_dir, "vitef.sweep: recording a run's outcome").acquire()
+    except VitefError as e:
+        logger.warning("%s: cannot record the run's outcome: %s", run.run_dir, e)
+        return error
+    try:
+        return _record_outcome(run.status_path, error, before, None)
+    finally:
+        lock.release()
+
+
+def _launch_forked(
+    sweep: SweepConfig, module: str, todo: list[Run], wrap: Callable
+) -> tuple[list[Failure], list[Busy]]:
+    """Each run in a fresh forked child (at most ``local.max_parallel`` at once) calling :func:`run_in_process`."""
+    import torch  # noqa: F401 (imported once here, inherited by every child)
+
+    load_app(module)
+    ctx = multiprocessing.get_context("fork")
+    pending = list(reversed(todo))
+    running: list[_Forked] = []
+    failures: list[Failure] = []
+    busy: list[Busy] = []
+
+    def start(run: Run) -> bool:
+        logger.info("sweep %s: run %s", sweep.name, run.run_dir)
+        record, log = launch_files(sweep, run)
+        try:
+            reader, writer = ctx.Pipe(duplex=False)
+            child = _Forked(run, None, reader, _snapshot(run.status_path), log)
+            child.proc = ctx.Process(target=_forked_child, args=(module, run, record, log, writer), name=run.log_dir)
+            try:
+                child.proc.start()
+                running.append(child)
+            finally:
+                writer.close()  # the child holds its own copy: the pipe ends when the child does
+        except OSError as e:  # e.g. no memory left to fork: this run's failure only
+            err = f"cannot fork a process for the run: {type(e).__name__}: {e}"
+            logger.error("run %s failed: %s", run.run_dir, err)
+            failures.append(Failure(run.run_dir, err))
+            return False
+        with contextlib.suppress(OSError):
+            os.setpgid(child.proc.pid, child.proc.pid)
+        return True
+
+    def next_finished() -> _Forked:
+        while True:
+            ready = multiprocessing.connection.wait(
+                [c.proc.sentinel for c in running] + [c.conn for c in running if c.open]
+            )
+            for c in running:
+                if c.open and c.conn in ready:
+                    c.read()
+            for c in running:
+                if c.proc.sentinel in ready:
+                    if c.open and c.conn.poll():  # not blocking on a pipe that a grandchild keeps open
+                        c.read()
+                    c.proc.join()
+                    running.remove(c)
+                    return c
+
+    def finish(child: _Forked) -> None:
+        run, reply = child.run, child.reply or {}
+        if reply.get("outcome") == "busy":
+            logger.warning("run %s is running elsewhere: %s", run.run_dir, reply.get("error"))
+            busy.append(Busy(run, str(reply.get("error"))))
+            return
+        if reply.get("outcome") == "done":
+            err = reply.get("error")
+        else:
+            if reply.get("outcome") == "crashed":
+                error = str(reply.get("error"))
+            else:
+                code = child.proc.exitcode
+                how = f"exit status {code}"
+                if code is None:
+                    how = "still running after SIGKILL"
+                elif code < 0:
+                    how = f"killed by signal {-code}"
+                error = f"{_last_error_line(child.log)} ({how}; log: {child.log})".lstrip()
+            try:
+                err = _record_lost(run, error, child.before)
+            except Exception as e:  # e.g. the status file cannot be written: still this run's failure only
+                logger.warning("%s: cannot record the run's outcome: %s", run.run_dir, e)
+                err = error
+        if err is not None:
+            logger.error("run %s failed: %s", run.run_dir, err)
+            failures.append(Failure(run.run_dir, str(err)))
+
+    try:
+        with _stop_on_signals():
+            for _ in wrap(range(len(todo)), len(todo)):
+                while pending and len(running) < sweep.local.max_parallel:
+                    if not start(pending.pop()):
+                        break  # that run is over (it could not start): it is this turn's finished run
+                else:
+                    finish(next_finished())
+    except BaseException:
+        # Stopped (Ctrl-C, SIGTERM, an error...): end every child and its process group, record those runs
+        # as killed, then go on stopping.
+        stopping = list(running)
+        for c in stopping:
+            _signal_group(c.proc.pid, signal.SIGTERM, or_child=True)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for c in stopping:
+            c.proc.join(timeout=max(deadline - time.monotonic(), 0.01))
+            # SIGKILL the group even when the child is gone: it may hold more than the child itself.
+            _signal_group(c.proc.pid, signal.SIGKILL, or_child=c.proc.exitcode is None)
+            c.proc.join(timeout=STOP_GRACE_S)
+            if c.open and c.conn.poll():
+                c.read()
+            finish(c)
+        if stopping:
+            logger.warning("sweep stopped: ended %d running forked run(s)", len(stopping))
+        raise
     order = {r.run_dir: r.index for r in todo}
     return sorted(failures, key=lambda f: order[f.run_dir]), busy
 
