@@ -34,8 +34,8 @@ def _tiny_study(tmp: Path) -> str:
             {
                 "name": "lp",
                 "app": "linear_probing",
-                "base": ["apps/vit/configs/linear_probing_digits.yaml"],
-                "overrides": {"model": {"name": MODEL, "pretrained": True}, "layers": [-1], "points": ["res2", "mha"]},
+                "base": ["apps/vit/configs/linear_probing_digits_pretrained.yaml"],
+                "overrides": {"model": {"name": MODEL}, "layers": [-1], "points": ["res2", "mha"]},
                 "grid": {"dataset_name": ["digits_subset-56789"]},
             },
         ),
