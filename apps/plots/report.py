@@ -27,7 +27,7 @@ from apps.vit.analysis import summarize
 from vitef.config import cli_main, option
 from vitef.errors import VitefError
 from vitef.models.components import DISPLAY_NAMES
-from vitef.predictors import is_snapshot_analysis
+from vitef.predictors import bounds_per_component, is_snapshot_analysis
 from vitef.utils import atomic_write_text, check_writable
 
 logger = logging.getLogger("apps.plots.report")
@@ -207,7 +207,7 @@ def plasticity_section(doc: Document, root: Path) -> bool:
         df = pd.read_csv(folder / "plasticity.csv")
         per, tau, _ = summarize(df)
         config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else {}
-        bounds = _mean_bounds(folder)
+        bounds = bounds_per_component(folder / "bounds.csv")
         table = pd.DataFrame(
             {
                 "component": [DISPLAY_NAMES.get(c, c) for c in per["component"]],
@@ -224,16 +224,6 @@ def plasticity_section(doc: Document, root: Path) -> bool:
         doc.table(table)
         doc.text(f"Kendall's τ (measured vs theoretical ranking) = {tau:.2f}; {int(df['n'].max())} pairs per block.")
     return True
-
-
-def _mean_bounds(folder: Path) -> dict[str, float]:
-    path = folder / "bounds.csv"
-    if not path.is_file():
-        return {}
-    df = pd.read_csv(path)
-    if "bound" not in df.columns:
-        return {}
-    return df.groupby("component")["bound"].mean().to_dict()
 
 
 def finetuning_section(doc: Document, root: Path, select_on: str) -> bool:

@@ -71,7 +71,7 @@ def collect_analyses(root: str | Path) -> pd.DataFrame:
         model = model_label(str(info.get("model", "")))
         if str(info.get("tag", model)) != model or is_snapshot_analysis(path.parent):
             continue
-        bounds = _bounds_per_component(path.parent / "bounds.csv")
+        bounds = bounds_per_component(path.parent / "bounds.csv")
         dataset = str(info.get("target", "")).rsplit("/", 1)[0]
         for s in info.get("summary", []):
             comp = s.get("component")
@@ -97,7 +97,9 @@ def is_snapshot_analysis(folder: str | Path) -> bool:
     return pretraining_step(str(model)) is not None
 
 
-def _bounds_per_component(path: Path) -> dict[str, float]:
+def bounds_per_component(path: str | Path) -> dict[str, float]:
+    """Mean over blocks of each component's bound in an analysis folder's ``bounds.csv`` ({} without one)."""
+    path = Path(path)
     if not path.is_file():
         return {}
     df = pd.read_csv(path)
