@@ -29,9 +29,12 @@ Backends
     when the sweep is stopped (Ctrl-C, SIGTERM, SIGHUP, an exception) it ends them (SIGTERM, then
     SIGKILL after a few seconds) before it exits. Only a SIGKILL of the sweep itself leaves them
     running: their run locks then keep a relaunch off those runs until they end. With ``local.fork``
-    the runs are forked children of the sweep instead (CPU only): each inherits the imports (a
-    subprocess spends seconds importing torch before a run of a few seconds), runs on one thread as
-    the in-process backend would, and is ended the same way.
+    the runs are forked children of the sweep instead (CPU only; refused with ``local.gpus``): each
+    inherits the imports (a subprocess spends seconds importing torch before a run of a few seconds),
+    calls ``main(cfg)`` as the in-process backend does, on one CPU thread (its results equal an
+    in-process run's on one thread: float sums depend on the thread count), with its stderr in
+    ``<root>/sweeps/<log_dir>.log``, and is ended the same way. Where fork is missing (Windows), or
+    once this process has initialised CUDA, the runs go in sequence in this process instead.
 ``slurm``
     one submitit job array, each task running the same command as a local subprocess run.
 
