@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vitef import distributed
-from vitef.config import build_config, cli_main, option, save_config, to_dict
+from vitef.config import build_config, cli_main, flatten, option, save_config, to_dict
 from vitef.data import DataConfig, build_loader, make_iterable, num_classes, parse_name
 from vitef.distributed import DistInfo
 from vitef.errors import ConfigError, TrainingError, VitefError
@@ -426,7 +426,7 @@ def _check_same_config(cfg: TrainConfig, run: RunDir) -> None:
         saved = yaml.safe_load(run.config_path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{run.config_path} is not valid YAML ({e}); use overwrite=true to start afresh") from e
-    diffs = _diff(_flatten(saved), _flatten(to_dict(cfg)))
+    diffs = _diff(flatten(saved), flatten(to_dict(cfg)))
     diffs = [d for d in diffs if not any(d[0] == k or d[0].startswith(k + ".") for k in RESUME_FREE_KEYS)]
     if diffs:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:5])
@@ -434,16 +434,6 @@ def _check_same_config(cfg: TrainConfig, run: RunDir) -> None:
             f"run directory {run.path} exists with a different config ({shown}). "
             "Use overwrite=true to replace it, or another log_dir"
         )
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _diff(a: dict, b: dict) -> list[tuple[str, Any, Any]]:
