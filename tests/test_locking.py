@@ -178,8 +178,9 @@ def test_stopping_a_parallel_sweep_ends_its_children(tmp_path, fork):
         "name": "slow",
         "app": "sweep_fake_app",
         "root": str(tmp_path / "out"),
-        "overrides": {"sleep": 120},
-        "grid": {"seed": [0, 1, 2]},
+        # s0 is quick (the forked backend runs the first run in the sweep's process), s1 and s2 sleep
+        # in children, s3 waits for a free slot
+        "grids": [{"seed": [0], "sleep": [0.0]}, {"seed": [1, 2, 3], "sleep": [120]}],
         "run_name": "s{seed}",
         "local": {"max_parallel": 2, "fork": fork},
     }
@@ -189,7 +190,7 @@ def test_stopping_a_parallel_sweep_ends_its_children(tmp_path, fork):
         [sys.executable, "-m", "apps.vit.sweep", f"config={path}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    runs = [tmp_path / "out" / "runs" / "slow" / f"s{i}" for i in (0, 1)]  # s2 waits for a free slot
+    runs = [tmp_path / "out" / "runs" / "slow" / f"s{i}" for i in (1, 2)]
     deadline = time.monotonic() + 120
     while not all((r / "pid").is_file() and (r / "pid").read_text() for r in runs):
         assert sweep_proc.poll() is None and time.monotonic() < deadline, sweep_proc.communicate()
@@ -204,4 +205,5 @@ def test_stopping_a_parallel_sweep_ends_its_children(tmp_path, fork):
     for r in runs:  # recorded as killed, so a relaunch runs them again
         status = json.loads((r / "status.json").read_text())
         assert status["status"] == "failed" and "killed by signal 15" in status["message"]
-    assert not (runs[0].parent / "s2").exists()  # no run started once the sweep was stopped
+    assert json.loads((runs[0].parent / "s0" / "status.json").read_text())["status"] == "completed"
+    assert not (runs[0].parent / "s3").exists()  # no run started once the sweep was stopped

@@ -30,10 +30,11 @@ Backends
     SIGKILL after a few seconds) before it exits. Only a SIGKILL of the sweep itself leaves them
     running: their run locks then keep a relaunch off those runs until they end. With ``local.fork``
     the runs are forked children of the sweep instead (CPU only; refused with ``local.gpus``): each
-    inherits the imports (a subprocess spends seconds importing torch before a run of a few seconds),
-    calls ``main(cfg)`` as the in-process backend does, on one CPU thread (its results equal an
-    in-process run's on one thread: float sums depend on the thread count), with its stderr in
-    ``<root>/sweeps/<log_dir>.log``, and is ended the same way. Where fork is missing (Windows), or
+    inherits the imports (a subprocess spends seconds importing torch before a run of a few seconds)
+    and what the first run, made in the sweep's process, set up; it calls ``main(cfg)`` as the
+    in-process backend does, on one CPU thread (results equal an in-process run's on one thread: float
+    sums depend on the thread count), with its stderr in ``<root>/sweeps/<log_dir>.log``, and is
+    ended like a subprocess when the sweep stops. Where fork is missing (Windows), or
     once this process has initialised CUDA, the runs go in sequence in this process instead.
 ``slurm``
     one submitit job array, each task running the same command as a local subprocess run.
@@ -94,7 +95,7 @@ from typing import Any
 
 import yaml
 
-from vitef.config import aliases_of, build_config, option, read_yaml_file, save_config, to_yaml, validate
+from vitef.config import aliases_of, build_config, flatten, option, read_yaml_file, save_config, to_yaml, validate
 from vitef.errors import ConfigError, VitefError
 from vitef.monitor.lock import LOCKED_MARK, RunLock, RunLockedError, describe_holder, holder
 from vitef.utils import atomic_write_json
@@ -130,9 +131,10 @@ class LocalBackendConfig:
     in_process: bool = option(True, "with max_parallel=1 call the app's main() in this process (no start-up cost)")
     fork: bool = option(
         False,
-        "with max_parallel > 1 run each run in a forked child of this process, one CPU thread each: it inherits "
-        "the imports (no start-up cost, for many small CPU runs); CPU only, not with gpus (CUDA cannot be used in "
-        "a forked child once the parent has initialised it); where fork is missing (Windows) runs go in sequence",
+        "with max_parallel > 1 run each run in a forked child of this process, on one CPU thread: it inherits "
+        "the imports and what the first run (in this process) set up, so no start-up cost (for many small CPU "
+        "runs); CPU only, not with gpus (CUDA cannot be used in a forked child once the parent has initialised "
+        "it); where fork is missing (Windows) runs go in sequence",
     )
 
     def validate(self) -> None:
@@ -663,10 +665,10 @@ def config_differences(saved: Any, cfg: Any, free: Sequence[str] = ALWAYS_FREE_K
     code versions: a config field added since the run was saved counts as its default, and a saved
     field that the config class no longer has is ignored (no sweep file can set it).
     """
-    now = _flatten(yaml.safe_load(to_yaml(cfg)) or {})  # through YAML, as the saved side went
-    old = _flatten(saved) if isinstance(saved, dict) else {}
+    now = flatten(yaml.safe_load(to_yaml(cfg)) or {})  # through YAML, as the saved side went
+    old = flatten(saved) if isinstance(saved, dict) else {}
     try:
-        defaults = _flatten(yaml.safe_load(to_yaml(type(cfg))) or {})
+        defaults = flatten(yaml.safe_load(to_yaml(type(cfg))) or {})
     except Exception:  # a class whose defaults cannot be listed: compare strictly
         defaults = {}
     out = []
@@ -697,16 +699,6 @@ def _removed_field(cls: type, dotted: str) -> bool:
         if typing.get_origin(tp) is not None and len(args) == 1 and dataclasses.is_dataclass(args[0]):
             tp = args[0]  # Optional[SubConfig]
     return False
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def stale_differences(sweep: SweepConfig, run: Run, free: Sequence[str]) -> list[tuple[str, Any, Any]]:
@@ -1049,19 +1041,22 @@ def _launch_sequential(
     failures: list[Failure] = []
     busy: list[Busy] = []
     for run in wrap(todo, len(todo)):
-        logger.info("sweep %s: run %s", sweep.name, run.run_dir)
-        try:
-            err = run_in_process(
-                module, run.cfg, run.status_path, run.run_dir, run.own_status, launch_files(sweep, run)[0]
-            )
-        except RunLockedError as e:
-            logger.warning("run %s is running elsewhere: %s", run.run_dir, e)
-            busy.append(Busy(run, str(e)))
-            continue
-        if err is not None:
-            logger.error("run %s failed: %s", run.run_dir, err)
-            failures.append(Failure(run.run_dir, err))
+        _run_here(sweep, module, run, failures, busy)
     return failures, busy
+
+
+def _run_here(sweep: SweepConfig, module: str, run: Run, failures: list[Failure], busy: list[Busy]) -> None:
+    """One run in this process; its failure or its being held elsewhere is appended to ``failures`` / ``busy``."""
+    logger.info("sweep %s: run %s", sweep.name, run.run_dir)
+    try:
+        err = run_in_process(module, run.cfg, run.status_path, run.run_dir, run.own_status, launch_files(sweep, run)[0])
+    except RunLockedError as e:
+        logger.warning("run %s is running elsewhere: %s", run.run_dir, e)
+        busy.append(Busy(run, str(e)))
+        return
+    if err is not None:
+        logger.error("run %s failed: %s", run.run_dir, err)
+        failures.append(Failure(run.run_dir, err))
 
 
 @contextlib.contextmanager
@@ -1251,8 +1246,14 @@ def _record_lost(run: Run, error: str, before: tuple | None) -> str | None:
 def _launch_forked(
     sweep: SweepConfig, module: str, todo: list[Run], wrap: Callable
 ) -> tuple[list[Failure], list[Busy]]:
-    """Each run in a fresh forked child (at most ``local.max_parallel`` at once) calling :func:`run_in_process`."""
-    import torch  # noqa: F401 (imported once here, inherited by every child)
+    """Each run in a fresh forked child (at most ``local.max_parallel`` at once) calling :func:`run_in_process`.
+
+    The first run goes in this process, on one thread as the children: what a run loads or sets up once
+    per process (lazy imports such as scikit-learn, the rendered bundled digits, oneDNN's compiled
+    kernels: together about half of a run of the offline study) is then inherited by every child
+    instead of being done again in each.
+    """
+    import torch
 
     load_app(module)
     ctx = multiprocessing.get_context("fork")
@@ -1328,7 +1329,15 @@ def _launch_forked(
 
     try:
         with _stop_on_signals():
-            for _ in wrap(range(len(todo)), len(todo)):
+            for i in wrap(range(len(todo)), len(todo)):
+                if i == 0:
+                    threads = torch.get_num_threads()
+                    torch.set_num_threads(1)
+                    try:
+                        _run_here(sweep, module, pending.pop(), failures, busy)
+                    finally:
+                        torch.set_num_threads(threads)
+                    continue
                 while pending and len(running) < sweep.local.max_parallel:
                     if not start(pending.pop()):
                         break  # that run is over (it could not start): it is this turn's finished run
