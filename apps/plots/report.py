@@ -23,10 +23,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from apps.vit.analysis import summarize
 from vitef.config import cli_main, option
 from vitef.errors import VitefError
 from vitef.models.components import DISPLAY_NAMES
+from vitef.plasticity import summarize
 from vitef.predictors import bounds_per_component, is_snapshot_analysis
 from vitef.utils import atomic_write_text, check_writable
 

@@ -28,17 +28,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import kendalltau
 from tqdm import tqdm
 
 from vitef.bounds import bounds_table, compare, estimate_radius, sequence_length
 from vitef.config import cli_main, option, save_config
 from vitef.data import DataConfig, build_loader, parse_name
 from vitef.errors import ComponentError, ConfigError
-from vitef.models import BLOCK_COMPONENTS, THEORETICAL_RANK, ModelConfig, build_model_from_config, model_label
+from vitef.models import BLOCK_COMPONENTS, ModelConfig, build_model_from_config, model_label
 from vitef.models.components import DISPLAY_NAMES
-from vitef.plasticity import MODES, PRECISIONS, measure, resolve_components
-from vitef.utils import atomic_path, atomic_write_json, check_writable, resolve_device, safe_name, set_seed
+from vitef.plasticity import MODES, measure, resolve_components, summarize
+from vitef.utils import (
+    PRECISIONS,
+    atomic_path,
+    atomic_write_json,
+    check_precision,
+    check_writable,
+    resolve_device,
+    safe_name,
+    set_seed,
+)
 
 logger = logging.getLogger("apps.vit.analysis")
 
@@ -61,7 +69,7 @@ class AnalysisConfig:
     shuffle: bool = option(True, "draw the images of both streams in a seeded random order")
     mode: str = option("embedding", "embedding (the paper's: every component on e(x)) or hidden (real inputs)")
     components: list[str] = option(list(BLOCK_COMPONENTS), "per-block components to measure")
-    precision: str = option("fp32", "fp32, or bf16 / fp16 autocast")
+    precision: str = option("fp32", f"numeric precision: {', '.join(PRECISIONS)} (fp32: no autocast)")
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     seed: int = option(42, "seed of the image order (the paper: 42)")
     sigma: float = option(1.0, "lower bound on the per-token std of LayerNorm inputs, for the LN bound ||g||_inf/sigma")
@@ -73,8 +81,7 @@ class AnalysisConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
         if self.batch_size <= 0 or self.steps <= 0:
             raise ConfigError(f"batch_size={self.batch_size} and steps={self.steps} must be positive")
         if not self.sigma > 0:
@@ -82,7 +89,9 @@ class AnalysisConfig:
         if not self.dataset_name or not self.source:
             raise ConfigError("source and dataset_name must name datasets (e.g. source=imagenet dataset_name=cifar10)")
         try:
-            resolve_components(self.components)
+            # Stored canonical (registry names, forward order, `all` expanded): config.yaml and plasticity.json
+            # say what was measured, whatever alias or order the command line used.
+            self.components = list(resolve_components(self.components))
         except ComponentError as e:
             raise ConfigError(f"components={self.components}: {e}") from None
 
@@ -93,7 +102,7 @@ def main(cfg: AnalysisConfig) -> Path:
     parse_name(cfg.dataset_name)
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    comps = resolve_components(cfg.components)
+    comps = tuple(cfg.components)  # canonical since validate()
     out_dir = check_writable(Path(cfg.root) / "analysis" / output_name(cfg), "root")  # before the measurement
     model = build_model_from_config(cfg.model, num_classes=0).to(device).eval()
     size = int(model.patch_embed.img_size[0])
@@ -173,21 +182,6 @@ def model_tag(cfg: AnalysisConfig) -> str:
     if not cfg.model.pretrained:
         return f"{name}-random"
     return name
-
-
-def summarize(df: pd.DataFrame) -> tuple[pd.DataFrame, float, float]:
-    """Per component: mean over layers of the per-block means, measured and theoretical ranks, Kendall's tau."""
-    per = df.groupby("component", sort=False)["mean"].agg(["mean", "std", "min", "max"]).reset_index()
-    per = per.rename(columns={"mean": "mean_over_layers", "std": "std_over_layers"})
-    per["measured_rank"] = per["mean_over_layers"].rank(ascending=False, method="min").astype(int)
-    per["theoretical_rank"] = per["component"].map(THEORETICAL_RANK).astype(int)
-    per = per.sort_values("theoretical_rank").reset_index(drop=True)
-    if len(per) >= 2:
-        result = kendalltau(per["measured_rank"], per["theoretical_rank"])
-        tau, p_value = float(result.statistic), float(result.pvalue)
-    else:
-        tau = p_value = math.nan
-    return per, tau, p_value
 
 
 def write_results(

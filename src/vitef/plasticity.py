@@ -52,12 +52,12 @@ import torch
 from torch import nn
 
 from vitef.errors import ComponentError, ConfigError
-from vitef.models.components import BLOCK_COMPONENTS, block_module, canonical_list, embed, num_blocks
+from vitef.models.components import BLOCK_COMPONENTS, THEORETICAL_RANK, block_module, canonical_list, embed, num_blocks
+from vitef.utils import autocast_context, check_precision
 
 logger = logging.getLogger(__name__)
 
 MODES: tuple[str, ...] = ("embedding", "hidden")
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COLUMNS: tuple[str, ...] = ("layer", "component", "mean", "std", "ci95", "n")
 
 
@@ -115,8 +115,7 @@ def measure(
     """
     if mode not in MODES:
         raise ConfigError(f"mode='{mode}' is not a plasticity mode; choose one of {', '.join(MODES)}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision='{precision}' is not supported; choose one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     if chunk_size is not None and chunk_size <= 0:
         raise ConfigError(f"chunk_size={chunk_size} must be positive (or None for whole batches)")
     if n_pairs is not None and n_pairs <= 0:
@@ -135,7 +134,7 @@ def measure(
         with torch.inference_mode():
             # Built outside autocast: the FC1 QR factors are computed in full precision.
             step = _EmbeddingStep(model, comps, dev) if mode == "embedding" else _HiddenStep(model, comps)
-            with step, _autocast(dev, precision):
+            with step, autocast_context(dev, precision):
                 for x, y in iter_pairs(source, target, n_pairs, chunk_size):
                     images = torch.cat([x, y]).to(dev, non_blocking=True)  # (2B, C, H, W)
                     ratios = step(images, len(x))  # (layers, comps, B)
@@ -419,8 +418,34 @@ def resolve_components(components: Iterable[str] | str | None) -> tuple[str, ...
     return tuple(c for c in BLOCK_COMPONENTS if c in names)
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def summarize(df: pd.DataFrame) -> tuple[pd.DataFrame, float, float]:
+    """Per-component summary of a :func:`measure` table against the theoretical ranking.
+
+    Parameters
+    ----------
+    df
+        Rows of (layer, component, mean, ...), as :func:`measure` returns or ``plasticity.csv`` holds.
+
+    Returns
+    -------
+    per : pandas.DataFrame
+        One row per component, in theoretical order: ``mean_over_layers``, ``std_over_layers``, ``min``,
+        ``max`` of the per-block means, ``measured_rank`` (1 = most plastic) and ``theoretical_rank``.
+    tau, p_value : float
+        Kendall's tau between the measured and theoretical rankings and its two-sided p-value (NaN for
+        fewer than two components).
+    """
+    # Imported here: scipy costs an import that measuring plasticity does not need.
+    from scipy.stats import kendalltau
+
+    per = df.groupby("component", sort=False)["mean"].agg(["mean", "std", "min", "max"]).reset_index()
+    per = per.rename(columns={"mean": "mean_over_layers", "std": "std_over_layers"})
+    per["measured_rank"] = per["mean_over_layers"].rank(ascending=False, method="min").astype(int)
+    per["theoretical_rank"] = per["component"].map(THEORETICAL_RANK).astype(int)
+    per = per.sort_values("theoretical_rank").reset_index(drop=True)
+    if len(per) >= 2:
+        result = kendalltau(per["measured_rank"], per["theoretical_rank"])
+        tau, p_value = float(result.statistic), float(result.pvalue)
+    else:
+        tau = p_value = math.nan
+    return per, tau, p_value
