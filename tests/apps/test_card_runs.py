@@ -98,7 +98,7 @@ def test_eval_and_probe_of_a_run_from_a_transformers_directory(tmp_path, kind):
     run = RunDir.from_log_dir(str(tmp_path), cfg.run_name)
     trained = json.loads(run.eval_path.read_text())
 
-    eval_app.main(load_config(eval_app.EvalConfig, [f"log_dir={run.path}", "data.digits_size=16"]))
+    eval_app.main(load_config(eval_app.EvalConfig, [f"log_dir={run.path}"]))  # digits_size: the run's
     result = json.loads(run.eval_result_path("digits_subset-56789", "test").read_text())
     assert (result["acc"], result["n"]) == (trained["acc"], trained["n"])
 

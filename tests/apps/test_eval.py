@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from apps.vit import eval as eval_app
 from apps.vit import train as train_app
-from vitef.config import build_config
+from vitef.config import build_config, load_config
 from vitef.data import build_loader
 from vitef.errors import CheckpointError, ConfigError
 from vitef.models import build_model
@@ -92,3 +93,18 @@ def test_missing_run_or_checkpoint_fails_clearly(trained_run, tmp_path, run_app)
         eval_app.main(build_config(eval_app.EvalConfig, last))
     with pytest.raises(ConfigError, match="classes"):
         eval_app.main(build_config(eval_app.EvalConfig, {"log_dir": str(run.path), "eval_dataset": "digits"}))
+
+
+def test_training_keys_say_what_to_write_instead(tmp_path):
+    # Before its own config, apps.vit.eval took the training config; now the run is named by log_dir.
+    for argv in (["trainable=[mha]"], ["lr=0.01"], ["config=apps/vit/configs/digits.yaml"]):
+        with pytest.raises(ConfigError, match="not an option of this app.*log_dir=<run name or run directory>"):
+            load_config(eval_app.EvalConfig, argv)
+    with pytest.raises(ConfigError, match="log_dir is empty"):
+        load_config(eval_app.EvalConfig, [])
+
+
+def test_shipped_eval_yaml_names_a_run_of_the_quickstart():
+    cfg = load_config(eval_app.EvalConfig, ["config=apps/vit/configs/eval.yaml"])
+    assert (cfg.root, cfg.checkpoint, cfg.split) == ("outputs/quickstart", "best", "test")
+    assert eval_app.run_dir(cfg) == Path("outputs/quickstart/runs") / cfg.log_dir

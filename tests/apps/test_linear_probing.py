@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from vitef.models import build_model, save_timm_safetensors
+from vitef.models import build_model
+from vitef.monitor import save_best
 
 APP = "apps.vit.linear_probing"
 MODEL = ["model.name=vit_tiny_patch16_224", "model.pretrained=false", "model.img_size=16"]
@@ -59,7 +60,7 @@ def _write_run(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     overrides = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
     model = build_model("vit_tiny_patch16_224", pretrained=False, img_size=16, num_classes=3, **overrides)
-    save_timm_safetensors(model, run / "checkpoints" / "best" / "model.safetensors")
+    save_best(run / "checkpoints" / "best", model, {"step": 1, "val_acc": 0.5})  # as the training app writes it
     config = {
         "dataset_name": "digits_subset-012",
         "model": {"name": "vit_tiny_patch16_224", "pretrained": False, "img_size": 16, "overrides": overrides},

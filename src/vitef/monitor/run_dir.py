@@ -11,6 +11,10 @@ Layout (docs/ARCHITECTURE.md, "Run directory")::
       checkpoints/    step_<N>/ (model.safetensors + state.pt) and best/ (model.safetensors + best.json)
       eval.json       test metrics of the best checkpoint
       run.lock        held (flock) by the process working on the run: see vitef.monitor.lock
+
+The writing side belongs to the training app; the reading side (:meth:`RunDir.read_config`,
+:meth:`RunDir.load_config`, :meth:`RunDir.weights`, :meth:`RunDir.read_eval`, :meth:`RunDir.read_metrics`)
+is what every other app, the results tables and the sweeps go through, so that a run is read one way.
 """
 
 from __future__ import annotations
@@ -22,10 +26,15 @@ import shutil
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from vitef.errors import ConfigError
+import yaml
+
+from vitef.config import build_config
+from vitef.errors import CheckpointError, ConfigError
+from vitef.monitor.checkpoint import read_best
 from vitef.monitor.lock import LOCK_FILE
+from vitef.monitor.metrics import read_metrics
 from vitef.utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -37,6 +46,8 @@ RUN_FILES = frozenset(
     | {"tensorboard", LOCK_FILE}
 )
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+CHECKPOINTS = ("best", "last")  # the checkpoints a reader may ask for (RunDir.weights)
+T = TypeVar("T")
 
 
 class RunDir:
@@ -129,6 +140,88 @@ class RunDir:
         assert status in STATUSES, status
         payload = {"status": status, "step": int(step), "message": message, "time": time.time(), **extra}
         atomic_write_json(self.status_path, payload)
+
+    # --- reading (every reader of runs goes through these) ------------------------------------------
+    def read_config(self) -> dict[str, Any]:
+        """The saved ``config.yaml`` as a plain dict.
+
+        Raises
+        ------
+        ConfigError
+            No ``config.yaml`` (not a run, or not started), or one that is not a YAML mapping.
+        """
+        if not self.config_path.is_file():
+            raise ConfigError(f"no run at {self.path} (config.yaml missing): train it first or fix log_dir/root")
+        try:
+            saved = yaml.safe_load(self.config_path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{self.config_path} is not valid YAML ({e}): the run directory is damaged") from e
+        if saved is None:
+            return {}
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{self.config_path} is not a mapping of config keys: the run directory is damaged")
+        return saved
+
+    def load_config(self, cls: type[T]) -> T:
+        """The saved config as the app's dataclass ``cls``, checked by the one strict loader.
+
+        ``device`` is reset to ``auto`` when ``cls`` has one: the run may have trained on a device this
+        machine lacks, and reading a run must not need it.
+        """
+        saved = self.read_config()
+        if "device" in saved:
+            saved["device"] = "auto"
+        return build_config(cls, (str(self.config_path), saved))
+
+    def weights(self, which: str = "best") -> tuple[Path, int | None]:
+        """The weights file of the ``best`` (validation) or ``last`` (newest step) checkpoint, and its step.
+
+        Raises
+        ------
+        CheckpointError
+            The run has no such checkpoint yet (the message says what to do instead).
+        """
+        if which not in CHECKPOINTS:
+            raise ConfigError(f"checkpoint={which!r} must be one of {', '.join(CHECKPOINTS)}")
+        if which == "best":
+            if not self.best_model_path.is_file():
+                raise CheckpointError(
+                    f"{self.best_model_path} not found: the run has no best checkpoint yet (it saves one at its "
+                    "first validation); train longer or use checkpoint=last"
+                )
+            step = read_best(self.best_dir).get("step")
+            return self.best_model_path, int(step) if step is not None else None
+        last = self.latest_checkpoint()
+        if last is None:
+            raise CheckpointError(f"{self.checkpoints_dir} has no step checkpoint: train the run first")
+        return last / "model.safetensors", int(_STEP_DIR.match(last.name).group(1))
+
+    def read_eval(self, path: Path | None = None) -> dict[str, Any] | None:
+        """``eval.json`` (or another result file of the run) as a dict; ``None`` when it does not exist.
+
+        Raises
+        ------
+        CheckpointError
+            The file exists but is not a JSON object (a damaged run: evaluate it again).
+        """
+        path = self.eval_path if path is None else path
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is not valid JSON ({e}): rerun or evaluate that run again") from e
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path} is not a JSON object: rerun or evaluate that run again")
+        return data
+
+    def read_params(self) -> dict[str, Any] | None:
+        """``params.json`` (parameters per component, total and trainable), or ``None`` without one."""
+        return self.read_eval(self.params_path)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """The complete rows of ``metrics.jsonl`` (a partial last line of a killed run is skipped)."""
+        return read_metrics(self.metrics_path)
 
     def checkpoint_steps(self) -> list[int]:
         """Steps of the complete ``step_<N>`` checkpoints, ascending (a complete one has both files)."""
