@@ -28,10 +28,8 @@ Everything below the ``collect_*`` readers is a pure function of DataFrames.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,8 +37,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from vitef.data import table as data_table
 from vitef.errors import VitefError
 from vitef.models.build import model_label
+from vitef.models.components import DISPLAY_NAMES, DISPLAY_ORDER, canonical, display_name, display_order
+from vitef.monitor.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -58,35 +59,10 @@ FINETUNING_COLUMNS = [
     "run_dir",
 ]
 PROBE_COLUMNS = ["dataset", "model", "pool", "seed", "layer", "point", "train_acc", "test_acc", "source"]
-# Columns of the paper's table: theoretical plasticity rank (MHA most plastic), then full finetuning.
-COMPONENT_ORDER = ["mha", "fc1", "fc2", "ln2", "ln1", "all", "emb"]
-DATASET_ORDER = [
-    "cifar10",
-    "cifar100",
-    "cifar10_c-contrast",
-    "cifar10_c-gaussian_noise",
-    "cifar10_c-motion_blur",
-    "cifar10_c-snow",
-    "cifar10_c-speckle_noise",
-    "domainnet-clipart",
-    "domainnet-sketch",
-    "flowers102",
-    "pet",
-]
-DATASET_LABELS = {
-    "cifar10": "CIFAR-10",
-    "cifar100": "CIFAR-100",
-    "cifar10_c-contrast": "C10-C contrast",
-    "cifar10_c-gaussian_noise": "C10-C gaussian noise",
-    "cifar10_c-motion_blur": "C10-C motion blur",
-    "cifar10_c-snow": "C10-C snow",
-    "cifar10_c-speckle_noise": "C10-C speckle noise",
-    "domainnet-clipart": "DomainNet clipart",
-    "domainnet-sketch": "DomainNet sketch",
-    "flowers102": "Flowers102",
-    "pet": "Pet",
-}
-COMPONENT_LABELS = {"mha": "MHA", "fc1": "FC1", "fc2": "FC2", "ln2": "LN2", "ln1": "LN1", "all": "all", "emb": "emb"}
+# Columns of the paper's table: theoretical plasticity rank (MHA most plastic), then full finetuning; the
+# component registry owns the order and the labels.
+COMPONENT_ORDER = list(DISPLAY_ORDER)
+COMPONENT_LABELS = DISPLAY_NAMES
 SELECT_ON = ("val", "test")
 TIE_TOL = 1e-12  # selection means closer than this are a tie (float sums of equal fractions)
 
@@ -100,21 +76,20 @@ class ResultsError(VitefError):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as e:
-        raise ResultsError(f"{path} is not valid JSON ({e}): rerun or evaluate that run again") from e
-    return data if isinstance(data, dict) else None
-
-
 def trainable_name(value: object) -> str:
-    """``["mha"]`` → ``mha``; ``["fc1", "fc2"]`` → ``fc1+fc2`` (the name used in files and tables)."""
-    if isinstance(value, (list, tuple)):
-        return "+".join(str(v) for v in value)
-    return str(value)
+    """``["mha"]`` → ``mha``; ``["fc1", "fc2"]`` → ``fc1+fc2`` (the name used in files and tables).
+
+    Registry aliases become registry names (``[attn]``, saved by runs older than the canonical config, is
+    ``mha``); a name the registry does not know is kept as written.
+    """
+    parts = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for part in parts:
+        try:
+            out.append(canonical(str(part)))
+        except VitefError:
+            out.append(str(part))
+    return "+".join(out)
 
 
 def read_run(run_dir: str | Path) -> dict | None:
@@ -123,17 +98,17 @@ def read_run(run_dir: str | Path) -> dict | None:
     ``status`` is the run's ``status.json`` status (``missing`` without one); a completed run without
     ``eval.json`` has status ``no_eval`` (it has no test accuracy to report).
     """
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ResultsError(f"{run_dir / 'config.yaml'} cannot be read ({e})") from e
-    if not isinstance(cfg, dict) or "trainable" not in cfg or "dataset_name" not in cfg:
+        cfg = run.read_config()
+        status = (run.read_status() or {}).get("status", "missing")
+        ev = run.read_eval() or {}
+    except VitefError as e:  # a damaged config.yaml or eval.json: name the file, say what to do
+        raise ResultsError(str(e)) from e
+    if "trainable" not in cfg or "dataset_name" not in cfg:
         return None
     optim = cfg.get("optim") or {}
     model = cfg.get("model") or {}
-    status = (_read_json(run_dir / "status.json") or {}).get("status", "missing")
-    ev = _read_json(run_dir / "eval.json") or {}
     if status == "completed" and not ev:
         status = "no_eval"
     return {
@@ -147,7 +122,7 @@ def read_run(run_dir: str | Path) -> dict | None:
         "best_val_acc": float(ev.get("best_val_acc", math.nan)),
         "test_acc": float(ev.get("acc", math.nan)),
         "best_step": int(ev["best_step"]) if ev.get("best_step") is not None else -1,
-        "run_dir": str(run_dir),
+        "run_dir": str(run.path),
     }
 
 
@@ -218,30 +193,29 @@ def lp_baselines(probes: pd.DataFrame, pool: str | None = None, model: str | Non
 
 
 def dataset_key(name: str) -> str:
-    """A dataset name without its CIFAR-10-C severity decoration: ``cifar10_c-corruption-snow-severity-5``,
-    ``cifar10_c-snow-5`` → ``cifar10_c-snow`` (the paper uses severity 5 only), for ordering and labels."""
-    m = re.fullmatch(r"(cifar10_c)-(?:corruption-)?([a-z_]+?)(?:-(?:severity-)?\d)?", name)
-    return f"{m.group(1)}-{m.group(2)}" if m else name
+    """A dataset's row in tables, from the dataset table: ``cifar10_c-corruption-snow-severity-5``,
+    ``cifar10_c-snow-5`` → ``cifar10_c-snow`` (the paper uses severity 5 only)."""
+    return data_table.dataset_table_key(name)
 
 
 def dataset_label(name: str) -> str:
-    return DATASET_LABELS.get(dataset_key(name), name)
+    """``cifar10`` → ``CIFAR-10``, ``cifar10_c-snow-5`` → ``C10-C snow`` (each entry's ``label``)."""
+    return data_table.dataset_label(name)
 
 
 def component_label(name: str) -> str:
-    return "+".join(COMPONENT_LABELS.get(p, p) for p in name.split("+"))
+    """``mha`` → ``MHA``, ``fc1+fc2`` → ``FC1+FC2`` (the registry's labels)."""
+    return display_name(name)
 
 
 def order_datasets(names: Sequence[str]) -> list[str]:
-    """The paper's dataset order, then any other dataset alphabetically."""
-    known = {k: i for i, k in enumerate(DATASET_ORDER)}
-    return sorted(set(names), key=lambda n: (known.get(dataset_key(n), len(known)), n))
+    """The paper's dataset order (each entry's ``order`` in the dataset table), then the rest alphabetically."""
+    return data_table.order_datasets(names)
 
 
 def order_components(names: Sequence[str]) -> list[str]:
-    """MHA, FC1, FC2, LN2, LN1 (theoretical plasticity rank), all, emb, then combinations."""
-    known = {k: i for i, k in enumerate(COMPONENT_ORDER)}
-    return sorted(set(names), key=lambda n: (known.get(n, len(known)), n))
+    """MHA, FC1, FC2, LN2, LN1 (theoretical plasticity rank), all, emb, then combinations (the registry's order)."""
+    return display_order(names)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -518,22 +492,10 @@ def stats_markdown(tests: pd.DataFrame, reference: str = "mha") -> str:
 def read_metrics(run_dir: str | Path) -> pd.DataFrame:
     """The rows of ``<run_dir>/metrics.jsonl`` as a DataFrame (train rows and eval rows share ``step``).
 
-    A truncated last line (a run killed while writing) is skipped; a malformed line elsewhere is an error.
+    Read by :meth:`vitef.monitor.RunDir.read_metrics`: a partial line (a run killed while writing) is skipped.
     """
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return pd.DataFrame(columns=["step"])
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    rows = []
-    for i, ln in enumerate(lines):
-        try:
-            rows.append(json.loads(ln))
-        except ValueError as e:
-            if i == len(lines) - 1:
-                logger.warning("%s: skipping a truncated last line", path)
-                break
-            raise ResultsError(f"{path} line {i + 1} is not valid JSON ({e})") from e
-    return pd.DataFrame(rows)
+    rows = RunDir(run_dir).read_metrics()
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["step"])
 
 
 def mean_curve(runs: Sequence[str | Path], column: str) -> pd.DataFrame:

@@ -2,36 +2,11 @@
 
 Paths are relative to the dataset root (``data.root``, else ``$VITEF_DATA``, else ``./datasets``).
 
-Splits (PROTOCOL.md §3; "80/20" cuts a permutation at floor(0.8 n)):
+Each dataset family is one :class:`~vitef.data.table.DatasetEntry` of the table ``DATASETS`` at the end of
+this module (name syntax, classes, loader, splits, layout, source, label and order in results tables); the
+list below is generated from it. Splits follow PROTOCOL.md §3 ("80/20" cuts a permutation at floor(0.8 n)).
 
-=========================  =======  ==========================================================================
-name                       classes  train / val / test
-=========================  =======  ==========================================================================
-cifar10, cifar100          10/100   official train (50k) 80/20 by the RUN seed → 40k / 10k; official test 10k
-cifar10_c-<type>-<s>,      10/100   the 10k images of severity s: fixed seed-42 80/20 → 8k train+val / 2k
-cifar100_c-<type>-<s>               test; train+val 80/20 (seed 42) → 6,400 / 1,600
-domainnet-<domain>         345      all images of the domain: seed-42 80/20 → train+val / test, then 80/20
-flowers102                 102      official 1,020 / 1,020 / 6,149
-pet                        37       official trainval (3,680) 80/20 by the RUN seed → 2,944 / 736; test 3,669
-imagenet                   1000     val and test: the 50k ILSVRC-2012 validation images; train: the train set
-imagenet_c-<type>-<s>      1000     as CIFAR-C: fixed seed-42 80/20 splits of the 50k images
-imagefolder:<path>         folders  one pool: as DomainNet; train/ val/ test/ folders: as given (no val/ →
-                                    seed-42 80/20 of train/; no test/ → val/)
-digits, digits_subset-…    10 / k   fixed seed-42 80/20 splits, as CIFAR-C (:mod:`vitef.data.digits`)
-=========================  =======  ==========================================================================
-
-Layouts under the root:
-
-- cifar10 / cifar100: torchvision's ``cifar-10-batches-py/`` / ``cifar-100-python/`` (downloadable).
-- CIFAR-C: ``CIFAR-10-C/<type>.npy`` (50k uint8 NHWC = severities 1..5 × 10k) + ``labels.npy``; ``CIFAR-100-C/``.
-- DomainNet: ``domainnet/<domain>/<class>/*.jpg`` (each official domain zip extracted into ``domainnet/``).
-- Flowers102: torchvision's ``flowers-102/`` (``jpg/``, ``imagelabels.mat``, ``setid.mat``; downloadable).
-- Pet: torchvision's ``oxford-iiit-pet/`` (``images/``, ``annotations/{trainval,test}.txt``; downloadable).
-- ImageNet: ``imagenet/val/<wnid>/*.JPEG`` (and ``imagenet/train/<wnid>/``), or the official archives
-  ``imagenet/ILSVRC2012_img_val.tar`` + ``ILSVRC2012_devkit_t12.tar.gz``, unpacked once as torchvision's
-  ``ImageNet`` does.
-- ImageNet-C: ``ImageNet-C/<type>/<severity>/<wnid>/*.JPEG``.
-- imagefolder: ``<path>/<class>/*`` or ``<path>/{train,val,test}/<class>/*`` (an absolute or relative path).
+{split_table}
 
 ``corrupt:<type>-<s>:<name>`` is ``<name>`` with a corruption of :mod:`vitef.data.corruptions` applied to each
 source image (same splits). Nothing falls back to other data: a missing or corrupt file is a
@@ -43,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -51,23 +27,41 @@ import numpy as np
 import torch
 
 from vitef.data.base import ArraySource, ImageSource, check_split, split_80_20, three_way_split
+from vitef.data.table import DatasetEntry, DatasetSpec, check_applied, dataset_entry, register_dataset, split_table
 from vitef.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
-SOURCES = {
-    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar.html (torchvision downloads it with data.download=true)",
-    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar.html (torchvision downloads it with data.download=true)",
-    "cifar10_c": "https://zenodo.org/records/2535967 (CIFAR-10-C.tar, Hendrycks & Dietterich 2019)",
-    "cifar100_c": "https://zenodo.org/records/3555552 (CIFAR-100-C.tar, Hendrycks & Dietterich 2019)",
-    "domainnet": "https://ai.bu.edu/M3SDA/ (DomainNet, Peng et al. 2019: one zip per domain)",
-    "flowers102": "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ (torchvision downloads it: data.download=true)",
-    "pet": "https://www.robots.ox.ac.uk/~vgg/data/pets/ (torchvision downloads it with data.download=true)",
-    "imagenet": "https://image-net.org/download.php (ILSVRC-2012; registration needed, no automatic download)",
-    "imagenet_c": "https://zenodo.org/records/2235448 (ImageNet-C, Hendrycks & Dietterich 2019)",
-}
+# The 19 corruptions of CIFAR-10-C / CIFAR-100-C / ImageNet-C (15 benchmark + 4 extra), as file/folder names.
+OFFICIAL_CORRUPTIONS = (
+    "brightness",
+    "contrast",
+    "defocus_blur",
+    "elastic_transform",
+    "fog",
+    "frost",
+    "gaussian_blur",
+    "gaussian_noise",
+    "glass_blur",
+    "impulse_noise",
+    "jpeg_compression",
+    "motion_blur",
+    "pixelate",
+    "saturate",
+    "shot_noise",
+    "snow",
+    "spatter",
+    "speckle_noise",
+    "zoom_blur",
+)
+DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+
+
+def source_of(key: str) -> str:
+    """Where to get dataset ``key`` (its table entry's ``source``)."""
+    return dataset_entry(key).source
 
 
 def missing(dataset: str, path: Path, layout: str, source: str, extra: str = "") -> DataError:
@@ -144,26 +138,26 @@ def _torchvision(dataset: str, folder: Path, layout: str, download: bool, make: 
     """Instantiate a torchvision dataset, turning its failures into one clear :class:`DataError`."""
     exists = folder.exists()
     if not exists and not download:
-        raise missing(dataset, folder, layout, SOURCES[dataset], extra=", or set data.download=true")
+        raise missing(dataset, folder, layout, source_of(dataset), extra=", or set data.download=true")
     try:
         return make(download and not exists)
     except RuntimeError as e:
         if exists:
             raise corrupt_file(dataset, folder, f"torchvision's integrity check failed: {e}") from e
-        raise missing(dataset, folder, layout, SOURCES[dataset], extra=f"; the download failed: {e}") from e
+        raise missing(dataset, folder, layout, source_of(dataset), extra=f"; the download failed: {e}") from e
     except (pickle.UnpicklingError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise corrupt_file(dataset, folder, f"{type(e).__name__}: {e}") from e
     except OSError as e:  # network errors (URLError is an OSError) and unreadable files
         if exists:
             raise corrupt_file(dataset, folder, f"{type(e).__name__}: {e}") from e
-        raise missing(dataset, folder, layout, SOURCES[dataset], extra=f"; the download failed: {e}") from e
+        raise missing(dataset, folder, layout, source_of(dataset), extra=f"; the download failed: {e}") from e
 
 
 def load_cifar(spec: Any, split: str, *, root: Path, seed: int, download: bool):
     from torchvision.datasets import CIFAR10, CIFAR100
 
     check_split(split)
-    name = spec.variant
+    name = spec.kind
     cls, sub = (CIFAR10, "cifar-10-batches-py") if name == "cifar10" else (CIFAR100, "cifar-100-python")
     layout = f"torchvision's '{sub}/' folder of python pickle batches"
     ds = _torchvision(name, root / sub, layout, download, lambda dl: cls(str(root), train=split != "test", download=dl))
@@ -184,13 +178,13 @@ def load_cifar(spec: Any, split: str, *, root: Path, seed: int, download: bool):
 
 def load_cifar_c(spec: Any, split: str, *, root: Path, seed: int, download: bool):
     check_split(split)
-    key = f"{spec.variant}_c"
-    folder = root / ("CIFAR-10-C" if spec.variant == "cifar10" else "CIFAR-100-C")
+    key = spec.kind
+    folder = root / ("CIFAR-10-C" if key == "cifar10_c" else "CIFAR-100-C")
     layout = f"'{folder.name}/<corruption>.npy' (50000 x 32 x 32 x 3 uint8: severities 1-5 x 10000) and 'labels.npy'"
     images_path, labels_path = folder / f"{spec.corruption}.npy", folder / "labels.npy"
     for path in (images_path, labels_path):
         if not path.is_file():
-            raise missing(key, path, layout, SOURCES[key], extra=" and extract the tar there")
+            raise missing(key, path, layout, source_of(key), extra=" and extract the tar there")
     images = _load_npy(key, images_path)
     labels = _load_npy(key, labels_path)
     if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8 or len(images) % 5:
@@ -199,7 +193,7 @@ def load_cifar_c(spec: Any, split: str, *, root: Path, seed: int, download: bool
         raise corrupt_file(key, labels_path, f"expected {len(images)} labels, got shape {labels.shape}")
     n = len(images) // 5
     lo, hi = (spec.severity - 1) * n, spec.severity * n
-    n_classes = 10 if spec.variant == "cifar10" else 100
+    n_classes = 10 if key == "cifar10_c" else 100
     targets = np.asarray(labels[lo:hi], dtype=np.int64)
     if targets.min() < 0 or targets.max() >= n_classes:
         raise corrupt_file(key, labels_path, f"labels outside 0..{n_classes - 1}")
@@ -224,7 +218,7 @@ def load_domainnet(spec: Any, split: str, *, root: Path, seed: int, download: bo
     check_split(split)
     path = root / "domainnet" / spec.variant
     layout = f"'domainnet/{spec.variant}/<class>/<image>.jpg' ({spec.variant}.zip of the official release extracted)"
-    classes, files, labels = scan_class_folders(path, f"domainnet-{spec.variant}", layout, SOURCES["domainnet"])
+    classes, files, labels = scan_class_folders(path, f"domainnet-{spec.variant}", layout, source_of("domainnet"))
     if len(classes) != 345:
         logger.warning("domainnet-%s: %d class folders in %s (the official release has 345)", spec.variant,
                        len(classes), path)  # fmt: skip
@@ -235,7 +229,7 @@ def load_imagenet_c(spec: Any, split: str, *, root: Path, seed: int, download: b
     check_split(split)
     path = root / "ImageNet-C" / spec.corruption / str(spec.severity)
     layout = f"'ImageNet-C/{spec.corruption}/{spec.severity}/<wnid>/<image>.JPEG' (official tars extracted)"
-    classes, files, labels = scan_class_folders(path, spec.name, layout, SOURCES["imagenet_c"])
+    classes, files, labels = scan_class_folders(path, spec.name, layout, source_of("imagenet_c"))
     return FileSource(files, labels), three_way_split(len(files), split), len(classes)
 
 
@@ -257,7 +251,7 @@ def load_imagenet(spec: Any, split: str, *, root: Path, seed: int, download: boo
             ImageNet(str(base), split=folder)
         except (RuntimeError, OSError, EOFError, ValueError) as e:
             raise corrupt_file("imagenet", base, f"{type(e).__name__}: {e}") from e
-    classes, files, labels = scan_class_folders(path, "imagenet", layout, SOURCES["imagenet"])
+    classes, files, labels = scan_class_folders(path, "imagenet", layout, source_of("imagenet"))
     return FileSource(files, labels), np.arange(len(files)), len(classes)
 
 
@@ -325,3 +319,262 @@ def load_pet(spec: Any, split: str, *, root: Path, seed: int, download: bool):
         return source, np.arange(len(files)), 37
     train, val = split_80_20(np.arange(len(files)), seed)  # PROTOCOL §3: trainval 80/20, run seed
     return source, train if split == "train" else val, 37
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bundled digits (scikit-learn)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_digits(spec: Any, split: str, *, root: Path, seed: int, download: bool, digits_size: int = 32):
+    """The bundled digits (``variant``: a digit subset such as ``56789``), fixed seed-42 three-way split."""
+    from vitef.data.digits import NUM_DIGITS, digits_source, parse_digit_subset
+
+    classes = parse_digit_subset(spec.variant) if spec.variant else None
+    source = digits_source(digits_size, classes)
+    return source, three_way_split(len(source), split), len(classes) if classes else NUM_DIGITS
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Name arguments
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_corruption(name: str, arg: str, official: bool) -> dict[str, Any]:
+    """``corruption-<type>-severity-<s>`` or ``<type>-<s>`` → ``(corruption, severity)``, canonical long form."""
+    arg = arg.lower()
+    m = re.fullmatch(r"corruption-([a-z_]+)-severity-(\d+)", arg) or re.fullmatch(r"([a-z_]+)-(\d+)", arg)
+    if m is None:
+        raise DataError(f"dataset name {name!r}: expected <prefix>-corruption-<type>-severity-<1..5>")
+    corruption, severity = m.group(1), int(m.group(2))
+    if not 1 <= severity <= 5:
+        raise DataError(f"dataset name {name!r}: severity {severity} is not in 1..5")
+    if official and corruption not in OFFICIAL_CORRUPTIONS:
+        raise DataError(
+            f"dataset name {name!r}: unknown corruption {corruption!r}; valid: {', '.join(OFFICIAL_CORRUPTIONS)}"
+        )
+    if not official:
+        check_applied(name, corruption)
+    return {"corruption": corruption, "severity": severity, "canonical": f"corruption-{corruption}-severity-{severity}"}
+
+
+def _official_corruption(name: str, arg: str) -> dict[str, Any]:
+    return parse_corruption(name, arg, official=True)
+
+
+def _applied_corruption(name: str, arg: str) -> dict[str, Any]:
+    fields = parse_corruption(name, arg, official=False)
+    return {"applied": ((fields["corruption"], fields["severity"]),), "canonical": fields["canonical"]}
+
+
+def corruption_variant(arg: str) -> tuple[str, str]:
+    """Results-table key and label of a corruption argument: the paper uses severity 5, so ``snow-5`` and
+    ``corruption-snow-severity-5`` are both the row ``snow``; other severities show in the label."""
+    m = re.fullmatch(r"(?:corruption-)?([a-z_]+?)(?:-(?:severity-)?(\d))?", arg.lower())
+    if m is None:
+        return arg, arg
+    label = m.group(1).replace("_", " ") + (f" (severity {m.group(2)})" if m.group(2) not in (None, "5") else "")
+    return m.group(1), label
+
+
+def _digit_subset(name: str, arg: str) -> dict[str, Any]:
+    from vitef.data.digits import parse_digit_subset
+
+    digits = "".join(str(d) for d in parse_digit_subset(arg))
+    return {"variant": arg, "canonical": digits}
+
+
+def _domain(name: str, arg: str) -> dict[str, Any]:
+    domain = arg.lower()
+    if domain not in DOMAINNET_DOMAINS:
+        raise DataError(f"dataset name {name!r}: unknown DomainNet domain; valid: {', '.join(DOMAINNET_DOMAINS)}")
+    return {"variant": domain, "canonical": domain}
+
+
+def _folder(name: str, arg: str) -> dict[str, Any]:
+    if not arg:
+        raise DataError("dataset name 'imagefolder:' needs a path: imagefolder:/path/to/class_folders")
+    return {"variant": arg}
+
+
+def _folder_classes(spec: DatasetSpec, root: Path) -> int:
+    return len(imagefolder_classes(Path(spec.variant)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The table: one entry per dataset family (to add a dataset, write its loader above and an entry here)
+# ---------------------------------------------------------------------------------------------------------
+
+_TORCHVISION = "(torchvision downloads it with data.download=true)"
+_CORRUPTED = "corruption-<type>-severity-<1..5> (or {key}-<type>-<s>)"
+_C_SPLITS = (
+    "the 10k images of severity s: fixed seed-42 80/20 → 8k train+val / 2k test; train+val 80/20 (seed 42) → "
+    "6,400 / 1,600."
+)
+_DIGITS_SPLITS = "fixed seed-42 80/20 splits, as CIFAR-C (vitef.data.digits): 1,149 / 288 / 360 for all ten."
+
+DATASETS = (
+    DatasetEntry(
+        key="digits",
+        load=load_digits,
+        classes=10,
+        splits=_DIGITS_SPLITS,
+        layout="none: bundled with scikit-learn, rendered at data.digits_size pixels.",
+        load_options=("digits_size",),
+        examples=("digits",),
+    ),
+    DatasetEntry(
+        key="digits_subset",
+        load=load_digits,
+        classes=lambda spec, root: len(spec.variant),
+        splits="the listed digits only (labels 0..k-1 in digit order), split as digits.",
+        parse=_digit_subset,
+        usage="digits_subset-<digits> (e.g. digits_subset-01234, digits_subset-56789)",
+        examples=("digits_subset-56789", "digits_subset-01234", "digits_subset-97865"),
+        load_options=("digits_size",),
+    ),
+    DatasetEntry(
+        key="digits_c",
+        load=load_digits,
+        classes=10,
+        splits="digits with an on-the-fly corruption (vitef.data.corruptions), split as digits.",
+        parse=_applied_corruption,
+        usage="digits_c-" + _CORRUPTED.format(key="digits_c"),
+        examples=("digits_c-corruption-impulse_noise-severity-5", "digits_c-gaussian_noise-5"),
+        load_options=("digits_size",),
+        variant=corruption_variant,
+    ),
+    DatasetEntry(
+        key="cifar10",
+        load=load_cifar,
+        classes=10,
+        splits="official train (50k) 80/20 by the RUN seed → 40k / 10k; official test 10k.",
+        layout="torchvision's 'cifar-10-batches-py/' (downloadable).",
+        source=f"https://www.cs.toronto.edu/~kriz/cifar.html {_TORCHVISION}",
+        label="CIFAR-10",
+        order=0,
+        examples=("cifar10",),
+    ),
+    DatasetEntry(
+        key="cifar100",
+        load=load_cifar,
+        classes=100,
+        splits="as cifar10.",
+        layout="torchvision's 'cifar-100-python/' (downloadable).",
+        source=f"https://www.cs.toronto.edu/~kriz/cifar.html {_TORCHVISION}",
+        label="CIFAR-100",
+        order=1,
+        examples=("cifar100",),
+    ),
+    DatasetEntry(
+        key="cifar10_c",
+        load=load_cifar_c,
+        classes=10,
+        splits=_C_SPLITS,
+        layout="'CIFAR-10-C/<type>.npy' (50k uint8 NHWC = severities 1..5 x 10k) + 'labels.npy'.",
+        source="https://zenodo.org/records/2535967 (CIFAR-10-C.tar, Hendrycks & Dietterich 2019)",
+        label="C10-C",
+        order=2,
+        parse=_official_corruption,
+        usage="cifar10_c-" + _CORRUPTED.format(key="cifar10_c"),
+        examples=("cifar10_c-corruption-snow-severity-5", "cifar10_c-snow-5"),
+        variant=corruption_variant,
+    ),
+    DatasetEntry(
+        key="cifar100_c",
+        load=load_cifar_c,
+        classes=100,
+        splits="as cifar10_c.",
+        layout="'CIFAR-100-C/<type>.npy' + 'labels.npy', as CIFAR-10-C.",
+        source="https://zenodo.org/records/3555552 (CIFAR-100-C.tar, Hendrycks & Dietterich 2019)",
+        label="C100-C",
+        order=6,
+        parse=_official_corruption,
+        usage="cifar100_c-" + _CORRUPTED.format(key="cifar100_c"),
+        examples=("cifar100_c-corruption-contrast-severity-5",),
+        variant=corruption_variant,
+    ),
+    DatasetEntry(
+        key="domainnet",
+        load=load_domainnet,
+        classes=345,
+        splits="all images of the domain: seed-42 80/20 → train+val / test, then 80/20.",
+        layout="'domainnet/<domain>/<class>/*.jpg' (each official domain zip extracted into 'domainnet/').",
+        source="https://ai.bu.edu/M3SDA/ (DomainNet, Peng et al. 2019: one zip per domain)",
+        label="DomainNet",
+        order=3,
+        parse=_domain,
+        usage=f"domainnet-<{'|'.join(DOMAINNET_DOMAINS)}>",
+        examples=("domainnet-clipart", "domainnet-sketch"),
+    ),
+    DatasetEntry(
+        key="flowers102",
+        load=load_flowers102,
+        classes=102,
+        splits="official 1,020 / 1,020 / 6,149.",
+        layout="torchvision's 'flowers-102/' (jpg/, imagelabels.mat, setid.mat; downloadable).",
+        source=f"https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ {_TORCHVISION}",
+        label="Flowers102",
+        order=4,
+        examples=("flowers102",),
+    ),
+    DatasetEntry(
+        key="pet",
+        load=load_pet,
+        classes=37,
+        splits="official trainval (3,680) 80/20 by the RUN seed → 2,944 / 736; test 3,669.",
+        layout="torchvision's 'oxford-iiit-pet/' (images/, annotations/{trainval,test}.txt; downloadable).",
+        source=f"https://www.robots.ox.ac.uk/~vgg/data/pets/ {_TORCHVISION}",
+        label="Pet",
+        order=5,
+        examples=("pet",),
+    ),
+    DatasetEntry(
+        key="imagenet",
+        load=load_imagenet,
+        classes=1000,
+        splits="val and test: the 50k ILSVRC-2012 validation images; train: the train set.",
+        layout=(
+            "'imagenet/val/<wnid>/*.JPEG' (and 'imagenet/train/<wnid>/'), or the official archives "
+            "'imagenet/ILSVRC2012_img_val.tar' + 'ILSVRC2012_devkit_t12.tar.gz', unpacked once as torchvision's "
+            "ImageNet does."
+        ),
+        source="https://image-net.org/download.php (ILSVRC-2012; registration needed, no automatic download)",
+        label="ImageNet",
+        order=7,
+        examples=("imagenet",),
+    ),
+    DatasetEntry(
+        key="imagenet_c",
+        load=load_imagenet_c,
+        classes=1000,
+        splits="as CIFAR-C: fixed seed-42 80/20 splits of the 50k images.",
+        layout="'ImageNet-C/<type>/<severity>/<wnid>/*.JPEG'.",
+        source="https://zenodo.org/records/2235448 (ImageNet-C, Hendrycks & Dietterich 2019)",
+        label="IN-C",
+        order=8,
+        parse=_official_corruption,
+        usage="imagenet_c-" + _CORRUPTED.format(key="imagenet_c"),
+        examples=("imagenet_c-corruption-fog-severity-3",),
+        variant=corruption_variant,
+    ),
+    DatasetEntry(
+        key="imagefolder",
+        load=load_imagefolder,
+        classes=_folder_classes,
+        splits=(
+            "one pool: as DomainNet; train/ val/ test/ folders: as given (no val/ → seed-42 80/20 of train/; "
+            "no test/ → val/)."
+        ),
+        layout="'<path>/<class>/*' or '<path>/{train,val,test}/<class>/*' (an absolute or relative path).",
+        parse=_folder,
+        sep=":",
+        usage="imagefolder:<path>",
+        examples=("imagefolder:/data/my_images",),
+    ),
+)
+
+for _entry in DATASETS:
+    register_dataset(_entry)
+
+__doc__ = (__doc__ or "").replace("{split_table}", split_table(DATASETS))
