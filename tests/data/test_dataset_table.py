@@ -138,8 +138,8 @@ def test_register_rejects_clashes(tiny):
         register_dataset(DatasetEntry(key="other", load=_load_tiny, classes=2, splits="", aliases=("tiny_set",)))
     with pytest.raises(ValueError, match="lower case"):
         register_dataset(DatasetEntry(key="Bad-Name", load=_load_tiny, classes=2, splits=""))
-    replaced = register_dataset(DatasetEntry(key="tinyset", load=_load_tiny, classes=4, splits="", order=2.5),
-                                replace=True)  # fmt: skip
+    plain = DatasetEntry(key="tinyset", load=_load_tiny, classes=4, splits="", order=2.5)
+    replaced = register_dataset(plain, replace=True)
     assert num_classes("tinyset") == 4 and replaced.aliases == ()
     with pytest.raises(DataError, match="unknown dataset 'tiny_set'"):
         parse_name("tiny_set")  # the replaced entry's alias went with it

@@ -258,8 +258,8 @@ def parse_name(name: str) -> DatasetSpec:
         check_applied(name, corruption)
         inner = parse_name(m.group(3))
         canonical = f"{CORRUPT_PREFIX}{corruption}-{severity}:{inner.canonical}"
-        return dataclasses.replace(inner, name=name, applied=inner.applied + ((corruption, severity),),
-                                   canonical=canonical)  # fmt: skip
+        applied = inner.applied + ((corruption, severity),)
+        return dataclasses.replace(inner, name=name, applied=applied, canonical=canonical)
     head, sep, arg = _split_head(name)
     table = _table()
     entry = table.get(_HEADS.get(head, ""))
