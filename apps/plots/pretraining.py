@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import logging
 import math
 from pathlib import Path
@@ -31,8 +30,8 @@ from apps.plots.common import STYLE, component_color, save_figure
 from vitef.config import cli_main, option
 from vitef.errors import ConfigError
 from vitef.models import THEORETICAL_RANK
-from vitef.models.build import pretraining_step
 from vitef.models.components import DISPLAY_NAMES
+from vitef.monitor.analysis_dir import find_analyses
 from vitef.utils import atomic_path
 
 logger = logging.getLogger("apps.plots.pretraining")
@@ -81,29 +80,21 @@ def collect(patterns: list[str]) -> pd.DataFrame:
     warning and left out; none left is an error.
     """
     rows, skipped = [], []
-    folders = sorted({Path(p) for pattern in patterns for p in glob.glob(pattern)})
-    for folder in folders:
-        path = folder / "plasticity.json"
-        if not path.is_file():
+    for folder in find_analyses(sorted({p for pattern in patterns for p in glob.glob(pattern)})):
+        meta = folder.read_meta()
+        if folder.step is None:
+            skipped.append(folder.path.name)
             continue
-        try:
-            meta = json.loads(path.read_text())
-        except ValueError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e}): re-run that analysis") from e
-        step = pretraining_step(str(meta.get("model", "")))
-        if step is None:
-            skipped.append(folder.name)
-            continue
-        for s in meta.get("summary", []):
+        for s in folder.summary():
             rows.append({
-                "step": step,
-                "target": str(meta.get("target", "")).rsplit("/", 1)[0],
-                "mode": str(meta.get("mode", "")),
+                "step": folder.step,
+                "target": folder.target,
+                "mode": folder.mode,
                 "component": s["component"],
-                "plasticity": _num(s.get("mean_over_layers")),
+                "plasticity": s["mean_over_layers"],
                 "tau": _num(meta.get("kendall_tau")),
                 "radius": _num(meta.get("radius")),
-                "folder": str(folder),
+                "folder": str(folder.path),
             })  # fmt: skip
     if skipped:
         logger.warning("not pretraining snapshots (no card with a step), left out: %s", ", ".join(skipped))

@@ -32,7 +32,6 @@ missing and a NaN tau.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -41,8 +40,10 @@ import numpy as np
 import pandas as pd
 from scipy.stats import kendalltau
 
-from vitef.models.build import model_label, pretraining_step
+from vitef.errors import ConfigError
+from vitef.models.build import model_label
 from vitef.models.components import BLOCK_COMPONENTS
+from vitef.monitor.analysis_dir import AnalysisDir, find_analyses
 
 logger = logging.getLogger(__name__)
 
@@ -62,28 +63,25 @@ def collect_analyses(root: str | Path) -> pd.DataFrame:
     tags) or pretraining snapshots are left out: the signals are about the pretrained model.
     """
     rows = []
-    for path in sorted((Path(root) / "analysis").glob("*/plasticity.json")):
+    for folder in find_analyses([Path(root) / "analysis" / "*"]):
         try:
-            info = json.loads(path.read_text())
-        except ValueError:
-            logger.warning("%s is not valid JSON: that analysis is left out (rerun it)", path)
+            if not folder.is_pretrained():
+                continue
+            summary = folder.summary()
+        except ConfigError as e:
+            logger.warning("%s: that analysis is left out", e)
             continue
-        model = model_label(str(info.get("model", "")))
-        if str(info.get("tag", model)) != model or is_snapshot_analysis(path.parent):
-            continue
-        bounds = bounds_per_component(path.parent / "bounds.csv")
-        dataset = str(info.get("target", "")).rsplit("/", 1)[0]
-        for s in info.get("summary", []):
+        bounds = folder.bounds_per_component()
+        for s in summary:
             comp = s.get("component")
-            value = s.get("mean_over_layers")
             rows.append({
-                "dataset": dataset,
-                "model": model,
-                "mode": str(info.get("mode", "")),
+                "dataset": folder.target,
+                "model": model_label(folder.model),
+                "mode": folder.mode,
                 "component": comp,
-                "plasticity": math.nan if value is None else float(value),
+                "plasticity": s["mean_over_layers"],
                 "bound": bounds.get(comp, math.nan),
-                "folder": str(path.parent),
+                "folder": str(folder.path),
             })  # fmt: skip
     return pd.DataFrame(rows, columns=ANALYSIS_COLUMNS)
 
@@ -91,21 +89,14 @@ def collect_analyses(root: str | Path) -> pd.DataFrame:
 def is_snapshot_analysis(folder: str | Path) -> bool:
     """True for an analysis folder of a pretraining snapshot (weights whose card records a pretraining ``step``)."""
     try:
-        model = json.loads((Path(folder) / "plasticity.json").read_text()).get("model", "")
-    except (OSError, ValueError, AttributeError):
+        return AnalysisDir(folder).step is not None
+    except ConfigError:
         return False
-    return pretraining_step(str(model)) is not None
 
 
 def bounds_per_component(path: str | Path) -> dict[str, float]:
     """Mean over blocks of each component's bound in an analysis folder's ``bounds.csv`` ({} without one)."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    df = pd.read_csv(path)
-    if not {"component", "bound"} <= set(df.columns):
-        return {}
-    return df.groupby("component")["bound"].mean().to_dict()
+    return AnalysisDir(Path(path).parent).bounds_per_component()
 
 
 def analysis_signals(analyses: pd.DataFrame, model: str = "") -> pd.DataFrame:
