@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(PY) -m apps.vit.study config=apps/vit/studies/quickstart.yaml
+	$(PY) -m apps.study config=apps/studies/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

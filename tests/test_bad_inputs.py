@@ -48,10 +48,11 @@ APPS = {
     "probe": "apps.vit.linear_probing",
     "pretrain": "apps.vit.pretrain",
     "sweep": "apps.vit.sweep",
-    "study": "apps.vit.study",
+    "study": "apps.study",
     "finetuning": "apps.plots.finetuning",
     "plots_analysis": "apps.plots.analysis",
-    "landscape": "apps.plots.loss_landscape",
+    "landscape": "apps.vit.loss_landscape",
+    "landscape_plot": "apps.plots.loss_landscape",
     "report": "apps.plots.report",
     "components": "apps.vit.components",
     "data_info": "apps.vit.data_info",
@@ -348,7 +349,7 @@ def study_cases() -> list[Case]:
 def plots_cases() -> list[Case]:
     fin = ["root={tmp}", "results_dir={tmp}/results"]
     pa = ["dirs=[{tmp}/analysis/*]", "out={tmp}/figures"]
-    ls = ["config={repo}/apps/plots/configs/loss_landscape_quick.yaml", "root={tmp}/out", f"model.name={BUNDLED}"]
+    ls = ["config={repo}/apps/vit/configs/loss_landscape_quick.yaml", "root={tmp}/out", f"model.name={BUNDLED}"]
     c = [
         ("finetuning", "command", fin + ["command=draw"], "unknown command 'draw'"),
         ("finetuning", "select-on", fin + ["select_on=train"], "select_on"),
@@ -379,8 +380,13 @@ def plots_cases() -> list[Case]:
         ("landscape", "eval-split", ls + ["eval_split=dev"], "eval_split='dev'"),
         ("landscape", "image-index", ls + ["image_index=-1"], "image_index=-1"),
         ("landscape", "range", ls + ["grid_range=0"], "grid_range=0"),
-        ("landscape", "command", ls + ["command=show"], "unknown command 'show'"),
-        ("landscape", "plot-nothing", ls + ["command=plot", "out_dir={tmp}/empty"], "does not exist"),
+        ("landscape", "command", ls + ["command=show"], "command=show: this app only computes"),
+        ("landscape", "command-plot", ls + ["command=plot"], "draw with python -m apps.plots.loss_landscape"),
+        ("landscape_plot", "nothing", ["root={tmp}/out", "out_dir={tmp}/empty"], "does not exist: compute"),
+        ("landscape_plot", "command-run", ["command=run"], "this app only draws"),
+        ("landscape_plot", "compute-key", ["steps=1"], "python -m apps.vit.loss_landscape steps="),
+        ("landscape_plot", "component", ["component=mlp"], "mlp"),
+        ("landscape_plot", "unknown-key", ["foo=1"], "unknown config key 'foo'"),
         ("landscape", "out-is-file", ls + ["out_dir={file}"], "is a file"),
         ("landscape", "out-read-only", ls + ["out_dir={ro}"], "not writable"),
         ("landscape", "root-is-file", ls + ["root={file}"], "is a file"),

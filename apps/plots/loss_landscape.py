@@ -1,98 +1,72 @@
-"""Loss landscape of one component type and its rate-of-change surface (arXiv 2602.06883, §6 figures).
+"""Figure of a component's loss landscape and rate-of-change surface (arXiv 2602.06883, §6 figures).
 
-    python -m apps.plots.loss_landscape component=mha
-    python -m apps.plots.loss_landscape component=ln1 steps=40 lr=0.01 grid_size=20 range=0.5
-    python -m apps.plots.loss_landscape plot out_dir=outputs/figures/loss_landscape/mha   # redraw only
+    python -m apps.vit.loss_landscape component=mha          # compute: <root>/landscapes/mha/landscape.npz
+    python -m apps.plots.loss_landscape component=mha        # draw: <root>/figures/loss_landscape/mha/landscape.png
+    python -m apps.plots.loss_landscape landscape_dir=outputs/landscapes/mha out_dir=figs
 
-Recipe (see :mod:`vitef.landscape` for the definitions and the documented choices):
+Reads ``landscape.npz`` and ``landscape.json`` written by :mod:`apps.vit.loss_landscape` and draws three
+panels (loss over the PCA plane with the SGD trajectory, rate-of-change surface around e(x), rate along
+the two top singular directions) as ``landscape.png`` and ``landscape.pdf``. It computes nothing: the
+plotting apps only read what the computing apps wrote (``apps.study`` runs both in turn).
 
-1. finetune only ``component`` (every block; the head trains too, as in component-wise finetuning) with
-   SGD for ``steps`` steps on the training split, recording the component's flattened parameters;
-2. take the first two PCA directions of that trajectory, centred at its final point θ*;
-3. evaluate the loss on a fixed set of ``eval_images`` images over a ``grid_size`` × ``grid_size`` grid
-   θ* + unit·(α d1 + β d2), α, β ∈ [−range, range] (head and other components stay at θ*'s values);
-4. around one embedded image e(x), apply the component of block ``layer`` as the paper's plasticity
-   estimator does and map its rate of change along the top two right-singular directions of its
-   Jacobian;
-5. write ``landscape.png``/``.pdf`` (three panels), ``landscape.npz`` (every array), ``landscape.json``
-   (config and summary numbers) and ``config.yaml`` into ``out_dir``, atomically.
+The folder read is ``landscape_dir``; without it ``<root>/landscapes/<component>``, or the figure folder
+itself where it holds a ``landscape.npz`` (folders written before the compute and the figure were split,
+when this app did both: ``plot out_dir=<folder>`` still redraws them).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
-import torch
 
-from vitef.config import cli_main, option, save_config, to_dict
-from vitef.data import SPLITS, DataConfig, build_loader, make_iterable, num_classes
+from apps.plots.common import save_figure
+from vitef.config import cli_main, option
 from vitef.errors import ConfigError
-from vitef.landscape import (
-    CENTERS,
-    SCALES,
-    component_function,
-    grid,
-    loss_grid,
-    mean_loss,
-    pca_plane,
-    rate_surface,
-    sgd_trajectory,
-    top_directions,
-)
-from vitef.models import BLOCK_COMPONENTS, ModelConfig, build_model_from_config, canonical, embed, num_blocks
-from vitef.models.components import DISPLAY_NAMES
-from vitef.optim import OptimConfig
-from vitef.utils import atomic_path, atomic_write_json, check_writable, resolve_device, set_seed
+from vitef.models import BLOCK_COMPONENTS, canonical
+from vitef.utils import check_writable
 
 logger = logging.getLogger("apps.plots.loss_landscape")
 
-COMMANDS = ("run", "plot")
-# The bundled "pretrained" digits ViT (issue 6): 6 blocks of width 96 at 32 px, patches of 8.
-# The bundled offline model; its architecture comes from the card beside it (vit_digits.json).
-BUNDLED_MODEL = ModelConfig(name="apps/vit/pretrained/vit_digits.safetensors")
-# A short constant-rate SGD run with the paper's momentum and clipping (no warmup: it is only a few steps).
-SHORT_SGD = OptimConfig(name="sgd", lr=0.02, momentum=0.9, warmup_steps=0, scheduler="constant", clip_grad=1.0)
+FILES = ("landscape.npz", "landscape.json")
+COMPUTE = "python -m apps.vit.loss_landscape"
+# Keys of the compute app (apps.vit.loss_landscape.LandscapeConfig and its aliases) that this app took when it
+# computed too (before issue 11); tests/apps/test_loss_landscape.py checks that the list is complete.
+COMPUTE_KEYS = (
+    "model", "dataset", "data", "optim", "lr", "steps", "batch_size", "eval_split", "eval_images", "grid_size",
+    "grid_range", "range", "scale", "center", "layer", "image_index", "rate_grid_size", "rate_range", "power_iters",
+    "power_tol", "device", "seed", "progress",
+)  # fmt: skip
 
 
 @dataclasses.dataclass
-class LandscapeConfig:
-    """Loss landscape (PCA plane of a short SGD trajectory) and rate-of-change surface of one component."""
+class LandscapePlotConfig:
+    """Draw the loss landscape and rate-of-change figure of one component from its computed folder."""
 
-    ALIASES = {"lr": "optim.lr", "range": "grid_range"}
+    MOVED_KEYS: ClassVar[dict[str, str]] = {
+        key: f"this app only draws since the compute moved out of it: compute with `{COMPUTE} {key}=...` "
+        f"(it takes every key this app took), then draw with `python -m apps.plots.loss_landscape`"
+        for key in COMPUTE_KEYS
+    }
 
-    command: str = option("run", "run: compute and draw; plot: redraw the figure from out_dir/landscape.npz")
-    component: str = option("mha", f"component type: {', '.join(BLOCK_COMPONENTS)}")
-    model: ModelConfig = option(BUNDLED_MODEL, "the model (default: the bundled digits ViT)")
-    dataset: str = option("digits_subset-56789", "dataset of the trajectory and the loss (a fresh head is fitted)")
-    data: DataConfig = option(DataConfig(num_workers=0), "data loading")
-    optim: OptimConfig = option(SHORT_SGD, "optimiser of the trajectory")
-    steps: int = option(30, "SGD steps of the trajectory (>= 2)")
-    batch_size: int = option(32, "training batch size")
-    eval_split: str = option("val", "split of the fixed evaluation set of the loss surface")
-    eval_images: int = option(128, "images in the fixed evaluation set (the first ones of eval_split)")
-    grid_size: int = option(20, "loss grid points per axis")
-    grid_range: float = option(0.5, "loss grid half-width: alpha, beta in [-range, range]")
-    scale: str = option("trajectory", "grid unit: trajectory (the trajectory fills 80%) or unit (parameter distance)")
-    center: str = option("final", "PCA centre: final (displacements from the end point) or mean")
-    layer: int | None = option(None, "block of the rate-of-change surface (default: the middle block)")
-    image_index: int = option(0, "index in eval_split of the image x whose embedding e(x) is perturbed")
-    rate_grid_size: int = option(20, "rate-of-change grid points per axis")
-    rate_range: float = option(0.5, "rate grid half-width, as a fraction of ||e(x)||_F")
-    power_iters: int = option(300, "maximum power iterations for the Jacobian's singular directions")
-    power_tol: float = option(1e-4, "power iteration stops at residual ||J^T J q - lambda q|| <= tol * sigma1^2")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto")
-    seed: int = option(0, "seed of data order and power iteration")
+    command: str = option("plot", "plot: draw the figure (computing is `python -m apps.vit.loss_landscape`)")
+    component: str = option("mha", f"component type, to find the default folders: {', '.join(BLOCK_COMPONENTS)}")
     root: str = option("outputs", "output root")
-    out_dir: str | None = option(None, "output directory (default: <root>/figures/loss_landscape/<component>)")
-    progress: bool = option(True, "show progress bars")
+    landscape_dir: str | None = option(None, "folder written by apps.vit.loss_landscape (default: see the module doc)")
+    out_dir: str | None = option(None, "figure folder (default: <root>/figures/loss_landscape/<component>)")
 
     def validate(self) -> None:
-        if self.command not in COMMANDS:
-            raise ConfigError(f"unknown command '{self.command}': use one of {', '.join(COMMANDS)}")
+        if self.command == "run":
+            raise ConfigError(
+                f"command=run: this app only draws; compute first with `{COMPUTE} component={self.component}` (same "
+                f"keys as before), then draw with `python -m apps.plots.loss_landscape component={self.component}`"
+            )
+        if self.command != "plot":
+            raise ConfigError(f"unknown command '{self.command}': use plot (computing is `{COMPUTE}`)")
         comp = canonical(self.component)  # raises ComponentError naming the valid components
         if comp not in BLOCK_COMPONENTS:
             raise ConfigError(
@@ -100,176 +74,55 @@ class LandscapeConfig:
                 f"{', '.join(BLOCK_COMPONENTS)}"
             )
         self.component = comp
-        for key in ("steps", "grid_size", "rate_grid_size"):
-            if getattr(self, key) < 2:
-                raise ConfigError(f"{key}={getattr(self, key)} must be >= 2")
-        for key in ("batch_size", "eval_images", "power_iters"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
-        for key in ("grid_range", "rate_range", "power_tol"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"{key}={getattr(self, key)} must be > 0")
-        if self.scale not in SCALES:
-            raise ConfigError(f"scale={self.scale!r} is unknown: use one of {', '.join(SCALES)}")
-        if self.center not in CENTERS:
-            raise ConfigError(f"center={self.center!r} is unknown: use one of {', '.join(CENTERS)}")
-        if self.eval_split not in SPLITS:
-            raise ConfigError(f"eval_split={self.eval_split!r} is unknown: use one of {', '.join(SPLITS)}")
-        if self.image_index < 0:
-            raise ConfigError(f"image_index={self.image_index} must be >= 0")
 
-    def output_dir(self) -> Path:
+    def figure_dir(self) -> Path:
         return Path(self.out_dir) if self.out_dir else Path(self.root) / "figures" / "loss_landscape" / self.component
 
-
-def main(cfg: LandscapeConfig) -> None:
-    out = check_writable(cfg.output_dir(), "out_dir" if cfg.out_dir else "root")
-    if cfg.command == "plot":
-        arrays, meta = read_results(out)
-        save_figure(arrays, meta, out)
-        print(f"figure: {out / 'landscape.png'}")
-        return
-
-    set_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    started = time.time()
-    n_classes = num_classes(cfg.dataset, cfg.data.root)
-    model = build_model_from_config(cfg.model, num_classes=n_classes).to(device)
-    layer = num_blocks(model) // 2 if cfg.layer is None else cfg.layer
-    if not -num_blocks(model) <= layer < num_blocks(model):
-        raise ConfigError(f"layer={cfg.layer} is out of range: the model has {num_blocks(model)} blocks")
-    layer %= num_blocks(model)
-    size = model.patch_embed.img_size[0]
-    loader_kw = {"size": size, "seed": cfg.seed, "model": model, "device": device, **cfg.data.loader_kwargs()}
-    train = build_loader(cfg.dataset, "train", batch_size=cfg.batch_size, **loader_kw)
-    evaluation = fixed_eval_set(cfg, loader_kw, device)
-
-    # 1. Trajectory of the component's parameters (the head trains along, as in component finetuning).
-    traj = sgd_trajectory(
-        model, cfg.component, make_iterable(train, cfg.seed), cfg.steps, cfg.optim, device=device, progress=cfg.progress
-    )
-    # 2. PCA plane through the final point θ*.
-    plane = pca_plane(traj.points, center=cfg.center)
-    unit = plane.unit(cfg.scale, cfg.grid_range)
-    # 3. Loss surface over the plane; every parameter outside the component stays at θ*.
-    loss_center = mean_loss(model, evaluation)
-    alphas = betas = grid(cfg.grid_size, cfg.grid_range)
-    loss = loss_grid(model, cfg.component, plane, alphas, betas, evaluation, unit=unit, progress=cfg.progress)
-    # 4. Rate-of-change surface of the component of one block around e(x), at θ*.
-    rate = rate_of_change(cfg, model, layer, evaluation)
-
-    arrays = {
-        "alphas": alphas,
-        "betas": betas,
-        "loss": loss,
-        "trajectory": plane.coords / unit,  # (steps + 1, 2) in grid units
-        "trajectory_train_loss": traj.losses,
-        "explained_variance": plane.explained,
-        "singular_values": plane.singular_values,
-        **rate,
-    }
-    meta = {
-        "component": cfg.component,
-        "display_name": DISPLAY_NAMES[cfg.component],
-        "model": cfg.model.name,
-        "checkpoint": cfg.model.checkpoint,
-        "dataset": cfg.dataset,
-        "num_parameters": int(plane.origin.size),
-        "steps": cfg.steps,
-        "lr": cfg.optim.lr,
-        "scale": cfg.scale,
-        "center": cfg.center,
-        "unit": unit,
-        "trajectory_extent": plane.extent(),
-        "explained_variance": [float(x) for x in plane.explained],
-        "loss_at_theta_star": loss_center,
-        "loss_min": float(loss.min()),
-        "loss_max": float(loss.max()),
-        "train_loss_first": float(traj.losses[0]),
-        "train_loss_last": float(traj.losses[-1]),
-        "layer": layer,
-        "image_index": cfg.image_index,
-        "sigma1": float(rate["sigma"][0]),
-        "sigma2": float(rate["sigma"][1]),
-        "power_iterations": int(rate["power_iterations"]),
-        "input_norm": float(rate["input_norm"]),
-        "seconds": round(time.time() - started, 1),
-    }
-    write_results(out, cfg, arrays, meta)
-    save_figure(arrays, meta, out)
-    print_summary(meta, out)
+    def data_dir(self) -> Path:
+        """The folder read: ``landscape_dir``, else the first of the default folder and the figure folder holding
+        a landscape (the default folder when neither does, for the error message)."""
+        if self.landscape_dir:
+            return Path(self.landscape_dir)
+        default = Path(self.root) / "landscapes" / self.component
+        for folder in (default, self.figure_dir()):
+            if (folder / FILES[0]).is_file():
+                return folder
+        return default
 
 
-def fixed_eval_set(cfg: LandscapeConfig, loader_kw: dict, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
-    """The first ``eval_images`` images of ``eval_split`` (no shuffling, no augmentation), on ``device``."""
-    loader = build_loader(
-        cfg.dataset, cfg.eval_split, batch_size=min(cfg.eval_images, 256), shuffle=False, augment=False, **loader_kw
-    )
-    batches, count = [], 0
-    for images, labels in loader:
-        take = min(cfg.eval_images - count, len(labels))
-        batches.append((images[:take].to(device), labels[:take].to(device)))
-        count += take
-        if count >= cfg.eval_images:
-            break
-    if count <= cfg.image_index:
-        raise ConfigError(f"image_index={cfg.image_index} but the evaluation set has {count} images")
-    if count < cfg.eval_images:
-        logger.warning("%s/%s has only %d images (eval_images=%d)", cfg.dataset, cfg.eval_split, count, cfg.eval_images)
-    return batches
+def main(cfg: LandscapePlotConfig) -> list[Path]:
+    """Draw the figure; returns the written files (PNG, PDF)."""
+    arrays, meta = read_results(cfg.data_dir(), cfg.component)
+    out = check_writable(cfg.figure_dir(), "out_dir" if cfg.out_dir else "root")
+    paths = save_figure(draw(arrays, meta), out / "landscape")
+    print(f"figure: {paths[0]} (+ .pdf)")
+    return paths
 
 
-def rate_of_change(cfg: LandscapeConfig, model: torch.nn.Module, layer: int, evaluation: list) -> dict:
-    """Rate-of-change surface and 1-D profiles of the component of ``layer`` around e(x)."""
-    images = torch.cat([b[0] for b in evaluation])
-    with torch.no_grad():
-        e = embed(model, images[cfg.image_index : cfg.image_index + 1])  # (1, N, D)
-    f = component_function(model, layer, cfg.component)
-    dirs = top_directions(f, e, iters=cfg.power_iters, tol=cfg.power_tol, seed=cfg.seed)
-    ab = grid(cfg.rate_grid_size, cfg.rate_range)
-    # Odd-length lines include 0, where the ratio is undefined (stored as NaN).
-    line = grid(8 * cfg.rate_grid_size + 1, cfg.rate_range)
-    zero = np.zeros(1)
-    return {
-        "rate_a": ab,
-        "rate_b": ab,
-        "rate": rate_surface(f, e, dirs.u, dirs.v, ab, ab),
-        "rate_line": line,
-        "rate_along_u": rate_surface(f, e, dirs.u, dirs.v, line, zero)[:, 0],
-        "rate_along_v": rate_surface(f, e, dirs.u, dirs.v, zero, line)[0],
-        "sigma": np.array([dirs.sigma1, dirs.sigma2]),
-        "power_iterations": np.array(dirs.iterations),
-        "input_norm": np.array(float(e.norm())),
-    }
+def read_results(folder: Path, component: str) -> tuple[dict, dict]:
+    """The arrays and summary written by ``apps.vit.loss_landscape`` in ``folder``.
 
-
-# ---------------------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------------------
-
-
-def write_results(out: Path, cfg: LandscapeConfig, arrays: dict, meta: dict) -> None:
-    """``landscape.npz`` (arrays only, no pickle), ``landscape.json`` and ``config.yaml``, atomically."""
-    with atomic_path(out / "landscape.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
-    atomic_write_json(out / "landscape.json", {"summary": meta, "config": to_dict(cfg)})
-    save_config(cfg, out / "config.yaml")
-
-
-def read_results(out: Path) -> tuple[dict, dict]:
-    """The arrays and summary written by a previous run in ``out``."""
-    import json
-
-    npz, js = out / "landscape.npz", out / "landscape.json"
-    for p in (npz, js):
-        if not p.is_file():
-            raise ConfigError(f"{p} does not exist: run `python -m apps.plots.loss_landscape out_dir={out}` first")
-    with np.load(npz, allow_pickle=False) as data:
+    Raises
+    ------
+    ConfigError
+        A file is missing (the message gives the command that computes it).
+    """
+    for name in FILES:
+        if not (folder / name).is_file():
+            raise ConfigError(
+                f"{folder / name} does not exist: compute the landscape first with "
+                f"`{COMPUTE} component={component} out_dir={folder}` (or give landscape_dir=<its folder>)"
+            )
+    with np.load(folder / FILES[0], allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
-    return arrays, json.loads(js.read_text())["summary"]
+    try:
+        meta = json.loads((folder / FILES[1]).read_text())["summary"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{folder / FILES[1]} is not a landscape summary ({e}): compute it again") from None
+    return arrays, meta
 
 
-def save_figure(arrays: dict, meta: dict, out: Path) -> None:
+def draw(arrays: dict, meta: dict):
     """Three panels: loss contour + trajectory, rate-of-change surface, rate along u and v."""
     from matplotlib import colors
     from matplotlib.figure import Figure
@@ -322,26 +175,10 @@ def save_figure(arrays: dict, meta: dict, out: Path) -> None:
         f"(lr {meta['lr']:g}, {meta['center']}-centred PCA)",
         fontsize=11,
     )
-    for ext in ("png", "pdf"):
-        with atomic_path(out / f"landscape.{ext}") as tmp:
-            fig.savefig(tmp, format=ext, dpi=150)
+    return fig
 
 
-def print_summary(meta: dict, out: Path) -> None:
-    ev = meta["explained_variance"]
-    print(
-        f"{meta['display_name']}: {meta['num_parameters']:,} parameters, {meta['steps']} SGD steps "
-        f"(train loss {meta['train_loss_first']:.3f} -> {meta['train_loss_last']:.3f})\n"
-        f"  PCA plane: {100 * ev[0]:.1f}% + {100 * ev[1]:.1f}% of the trajectory's variance, "
-        f"extent {meta['trajectory_extent']:.3g} (grid unit {meta['unit']:.3g})\n"
-        f"  loss at theta*: {meta['loss_at_theta_star']:.4f}, "
-        f"on the grid {meta['loss_min']:.4f}..{meta['loss_max']:.4f}\n"
-        f"  rate of change (block {meta['layer']}): sigma1 {meta['sigma1']:.4g}, sigma2 {meta['sigma2']:.4g}\n"
-        f"figure: {out / 'landscape.png'} (+ .pdf, landscape.npz, landscape.json) in {meta['seconds']}s"
-    )
-
-
-CONFIG = LandscapeConfig
+CONFIG = LandscapePlotConfig
 
 if __name__ == "__main__":
-    cli_main(LandscapeConfig, main, prog="apps.plots.loss_landscape")
+    cli_main(LandscapePlotConfig, main, prog="apps.plots.loss_landscape")

@@ -103,7 +103,7 @@ def main(cfg: AnalysisConfig) -> Path:
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
     comps = tuple(cfg.components)  # canonical since validate()
-    out_dir = check_writable(Path(cfg.root) / "analysis" / output_name(cfg), "root")  # before the measurement
+    out_dir = check_writable(run_dir(cfg), "root")  # before the measurement
     model = build_model_from_config(cfg.model, num_classes=0).to(device).eval()
     size = int(model.patch_embed.img_size[0])
     source = make_loader(cfg, cfg.source, cfg.source_split, size, model)
@@ -161,6 +161,14 @@ def make_loader(cfg: AnalysisConfig, name: str, split: str, size: int, model: to
         model=model,
         **cfg.data.loader_kwargs(),
     )
+
+
+def run_dir(cfg: AnalysisConfig) -> Path:
+    """Where the analysis writes: ``<root>/analysis/<model>_<source>_<target>_<mode>`` (docs/ARCHITECTURE.md).
+
+    A sweep reads it to find each run's folder; the app writes no ``status.json``, so the sweep keeps its own.
+    """
+    return Path(cfg.root) / "analysis" / output_name(cfg)
 
 
 def output_name(cfg: AnalysisConfig) -> str:

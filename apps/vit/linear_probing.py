@@ -140,6 +140,15 @@ def probes_dir(cfg: LinearProbingConfig) -> Path:
     return Path(cfg.root) / "probes" / f"{model_label(cfg.model.name)}_{safe_name(cfg.dataset_name)}_{cfg.pool}"
 
 
+def run_dir(cfg: LinearProbingConfig) -> Path:
+    """The output directory a sweep records: :func:`probes_dir`.
+
+    The app writes no ``status.json`` (probing a finetuned run must not touch the run's own status), so a sweep
+    keeps the run's status in its own record.
+    """
+    return probes_dir(cfg)
+
+
 def load_source(cfg: LinearProbingConfig):
     """The frozen model, dataset name, model label, output directory and config file name."""
     if cfg.run_dir is None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -36,31 +35,6 @@ APPS = {
     "linear_probing": "apps.vit.linear_probing",
 }
 
-
-def analysis_dir(cfg) -> Path:
-    """Where apps.vit.analysis writes (docs/ARCHITECTURE.md, analysis directory)."""
-    from apps.vit import analysis
-
-    return Path(cfg.root) / "analysis" / analysis.output_name(cfg)
-
-
-def probes_dir(cfg) -> Path:
-    """Where apps.vit.linear_probing writes: the finetuned run probed, or <root>/probes/<model>_<dataset>_<pool>."""
-    from apps.vit import linear_probing
-
-    return linear_probing.probes_dir(cfg)
-
-
-def eval_dir(cfg) -> Path:
-    """The training run apps.vit.eval evaluates (its status.json belongs to training, so the sweep keeps its own)."""
-    if getattr(cfg, "run_dir", None):
-        return Path(cfg.run_dir)
-    return Path(cfg.root) / "runs" / cfg.log_dir
-
-
-# Output directories of the apps that do not write <root>/runs/<log_dir>/status.json themselves; the
-# sweep records their status in <root>/sweeps/<log_dir>.status.json.
-RUN_DIRS = {"analysis": analysis_dir, "linear_probing": probes_dir, "eval": eval_dir}
 
 CONFIG = SweepConfig
 TEST_APPS_ENV = "VITEF_SWEEP_TEST_APPS"  # test hook: extra app modules (the test suite's fake app)
@@ -97,7 +71,7 @@ def app_module(app: str) -> str:
 
 def main(cfg: SweepConfig) -> None:
     module = app_module(cfg.app)
-    runs = expand(cfg, module, RUN_DIRS.get(cfg.app))
+    runs = expand(cfg, module)
     if cfg.dry_run:
         print_runs(cfg, runs)
         return

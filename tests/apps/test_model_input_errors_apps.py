@@ -15,7 +15,7 @@ SHORT = ["steps=2", "eval_period=1", "optim.warmup_steps=0"]
 APPS = {
     "apps.vit.train": [*TINY_MODEL, "dataset_name=digits_subset-56789", *SHORT],
     "apps.vit.analysis": [*TINY_MODEL, "source=digits_subset-01234", "dataset_name=digits_subset-56789"],
-    "apps.plots.loss_landscape": [*TINY_MODEL, "steps=2"],
+    "apps.vit.loss_landscape": [*TINY_MODEL, "steps=2"],
 }
 OVERRIDES = {
     "{patch_sise: 8}": "model.overrides has an unknown key 'patch_sise' (not an argument of timm's "

@@ -70,7 +70,7 @@ def _tiny_study(tmp: Path) -> str:
 
 def test_tiny_study_writes_tables_figures_and_report(run_app, tmp_path):
     study = _tiny_study(tmp_path)
-    r = run_app("apps.vit.study", f"config={study}", timeout=600)
+    r = run_app("apps.study", f"config={study}", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "out"
     report = out / "report" / "report.md"
@@ -82,6 +82,9 @@ def test_tiny_study_writes_tables_figures_and_report(run_app, tmp_path):
     pngs = sorted(out.glob("**/*.png"))
     for folder in ("figures/analysis", "figures/loss_landscape/mha", "results/figures/finetuning"):
         assert any((out / folder).glob("**/*.png")), folder
+    # The landscape's numbers (apps.vit.loss_landscape) apart from its figure (apps.plots.loss_landscape).
+    assert (out / "landscapes" / "mha" / "landscape.npz").is_file()
+    assert not list((out / "landscapes").glob("**/*.png"))
     for png in pngs:
         assert png.with_suffix(".pdf").is_file(), png
         assert png.name in md
@@ -107,15 +110,46 @@ def test_tiny_study_writes_tables_figures_and_report(run_app, tmp_path):
     shutil.rmtree(victim)
 
     # Relaunching skips every finished run (and re-trains the removed one), and rewrites the report.
-    again = run_app("apps.vit.study", f"config={study}", timeout=600)
+    again = run_app("apps.study", f"config={study}", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "3 already completed (skipped), 1 launched" in again.stdout
     assert "None: every (dataset, component, lr, seed) cell has a completed run." in report.read_text()
 
 
 def test_study_bad_sweep_file(run_app, tmp_path):
-    r = run_app("apps.vit.study", f"sweeps=[{tmp_path / 'nope.yaml'}]")
+    r = run_app("apps.study", f"sweeps=[{tmp_path / 'nope.yaml'}]")
     assert r.returncode == 2 and "nope.yaml' does not exist" in r.stderr
+
+
+def test_old_study_name_and_paths_still_work(tmp_path, monkeypatch, capsys):
+    # Before issue 11: `python -m apps.vit.study config=apps/vit/studies/quickstart.yaml`, whose landscape_config
+    # was apps/plots/configs/loss_landscape_quick.yaml. Both run, with warnings naming the new places; the
+    # study stops here at its root (a file), after the config was read and validated.
+    import apps.vit.study as old
+    from apps.study import MOVED_FILES, moved_file, run_cli
+
+    monkeypatch.chdir(ROOT)
+    assert old.main is not None and old.CONFIG.__name__ == "StudyConfig"
+    assert moved_file("apps/vit/studies/quickstart.yaml") == "apps/studies/quickstart.yaml"
+    assert moved_file(str(ROOT / "apps/vit/studies/quickstart.yaml")) == str(ROOT / "apps/studies/quickstart.yaml")
+    assert moved_file("apps/plots/configs/loss_landscape_quick.yaml") == "apps/vit/configs/loss_landscape_quick.yaml"
+    assert moved_file("apps/studies/quickstart.yaml") is None  # exists: read as it is
+    assert moved_file("apps/vit/studies/nope.yaml") is None and len(MOVED_FILES) == 2
+    study = tmp_path / "old.yaml"
+    old_landscape = "apps/plots/configs/loss_landscape_quick.yaml"
+    study.write_text(yaml.safe_dump({"landscapes": ["mha"], "landscape_config": old_landscape}))
+    root = tmp_path / "file"
+    root.write_text("")
+    for argv in (["config=apps/vit/studies/quickstart.yaml"], [f"config={study}"]):
+        capsys.readouterr()
+        try:
+            run_cli([*argv, f"root={root}"], prog="apps.vit.study")
+        except SystemExit as e:
+            assert e.code == 2
+        err = capsys.readouterr().err
+        assert "apps.vit.study is now apps.study: run `python -m apps.study" in err
+        assert "is a file" in err and "not found" not in err and "does not exist" not in err, err
+    assert f"{old_landscape} moved to apps/vit/configs/loss_landscape_quick.yaml" in err
 
 
 def test_report_needs_outputs(run_app, tmp_path):

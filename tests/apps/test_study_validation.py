@@ -1,4 +1,4 @@
-"""apps.vit.study validates the whole study before it runs or writes anything (sweep files, their run
+"""apps.study validates the whole study before it runs or writes anything (sweep files, their run
 configs, landscape components): a mistake anywhere is one error at once, not after every sweep ran."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from apps.vit import study
+from apps import study
 from vitef.config import build_config
 from vitef.errors import ConfigError
 

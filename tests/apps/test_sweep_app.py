@@ -126,7 +126,7 @@ def test_study_sweep_files_expand(name, monkeypatch):
     from vitef.sweep import expand
 
     cfg = load_config(app.SweepConfig, [f"config={ROOT / 'apps/vit/sweeps' / f'{name}.yaml'}"])
-    runs = expand(cfg, app.app_module(cfg.app), app.RUN_DIRS.get(cfg.app))
+    runs = expand(cfg, app.app_module(cfg.app))
     assert len(runs) == STUDY[name]
     assert len({r.run_dir for r in runs}) == len(runs)
     if name == "main":
@@ -137,6 +137,28 @@ def test_study_sweep_files_expand(name, monkeypatch):
     if name == "model_size":
         acc = {(r.cfg.model.name, r.cfg.batch_size, r.cfg.optim.grad_accumulation) for r in runs}
         assert acc == {("large", 512, 4), ("huge", 512, 8)}
+
+
+@pytest.mark.parametrize(
+    ("name", "folder", "own_status"),
+    [("plasticity", "analysis", False), ("linear_probing", "probes", False), ("digits", "runs", True)],
+)
+def test_apps_declare_their_run_directory(name, folder, own_status, monkeypatch):
+    # Each app module says where it writes (run_dir(cfg)); apps without one follow <root>/runs/<log_dir> and keep
+    # their own status.json. The short name and the module name of an app give the same runs.
+    monkeypatch.chdir(ROOT)
+    import apps.vit.sweep as app
+    from vitef.config import load_config
+    from vitef.sweep import expand
+
+    cfg = load_config(app.SweepConfig, [f"config={ROOT / 'apps/vit/sweeps' / f'{name}.yaml'}", "root=out"])
+    runs = expand(cfg, app.app_module(cfg.app))
+    assert {r.run_dir.relative_to("out").parts[0] for r in runs} == {folder}
+    assert {r.own_status for r in runs} == {own_status}
+    if not own_status:  # the sweep keeps the status of apps that do not write one
+        assert all(r.status_path.is_relative_to(Path("out") / "sweeps") for r in runs)
+    by_module = expand(cfg, app.APPS[cfg.app])
+    assert [(r.run_dir, r.own_status) for r in by_module] == [(r.run_dir, r.own_status) for r in runs]
 
 
 def test_main_grid_dry_run_shows_924(run_app):
