@@ -211,3 +211,117 @@ def test_verb_and_bare_flags():
     assert load_config(App, ["run"]).steps == 10
     with pytest.raises(ConfigError, match="unexpected argument 'csv'"):
         load_config(App, ["csv"])
+
+
+# ---- layered config files: config=[a,b] and base: ---------------------------------------------------
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_config_list_layers_in_order_and_cli_wins(tmp_path):
+    a = _write(tmp_path / "a.yaml", "steps: 20\ntags: [mha, fc1]\noptim:\n  lr: 0.5\n  name: adamw\nextra: {x: 1}\n")
+    b = _write(tmp_path / "b.yaml", "steps: 30\ntags: [ln1]\noptim:\n  lr: 0.25\nextra: {y: 2}\n")
+    cfg = load_config(App, [f"config=[{a},{b}]"])
+    assert cfg.steps == 30 and cfg.optim.lr == 0.25  # the later file wins
+    assert cfg.optim.name == "adamw"  # merged key by key: what b does not say stays a's
+    assert cfg.tags == ["ln1"]  # a list is replaced whole
+    assert cfg.extra == {"x": 1, "y": 2}
+    assert load_config(App, [f"config=[{b},{a}]"]).steps == 20
+    cli = load_config(App, [f"config=[{a}, {b}]", "steps=7", "lr=0.125"])  # spaces in the list are fine
+    assert (cli.steps, cli.optim.lr, cli.optim.name) == (7, 0.125, "adamw")
+    assert load_config(App, [f"config=[{a}]"]) == load_config(App, [f"config={a}"])
+
+
+def test_base_chain_is_relative_to_each_file(tmp_path, monkeypatch):
+    _write(tmp_path / "shared/root.yaml", "steps: 1\ndataset_name: pet\noptim:\n  name: adamw\n  lr: 0.5\n")
+    _write(tmp_path / "shared/mid.yaml", "base: root.yaml\nsteps: 2\noptim:\n  lr: 0.25\n")
+    _write(tmp_path / "other/extra.yaml", "seed: 9\n")
+    top = _write(tmp_path / "runs/top.yaml", "base: [../shared/mid.yaml, ../other/extra.yaml]\nsteps: 3\n")
+    monkeypatch.chdir(tmp_path / "other")  # paths in base: do not depend on the current directory
+    cfg = load_config(App, [f"config={top}"])
+    assert (cfg.steps, cfg.optim.lr, cfg.optim.name, cfg.dataset_name, cfg.seed) == (3, 0.25, "adamw", "pet", 9)
+    # A file given on the command line after one with bases still wins over all of them.
+    over = _write(tmp_path / "over.yaml", "dataset_name: flowers102\n")
+    assert load_config(App, [f"config=[{top},{over}]", "seed=1"]).dataset_name == "flowers102"
+
+
+def test_base_unknown_key_names_its_file(tmp_path):
+    _write(tmp_path / "base.yaml", "optim:\n  momentum: 0.9\n")
+    top = _write(tmp_path / "top.yaml", "base: base.yaml\nsteps: 3\n")
+    with pytest.raises(ConfigError, match=r"key 'optim.momentum' \(in .*base.yaml, base of .*top.yaml\)"):
+        load_config(App, [f"config={top}"])
+    _write(tmp_path / "typed.yaml", "steps: many\n")
+    typed = _write(tmp_path / "t2.yaml", "base: typed.yaml\n")
+    with pytest.raises(ConfigError, match=r"config key 'steps' \(in .*typed.yaml, base of .*t2.yaml\) expects int"):
+        load_config(App, [f"config={typed}"])
+
+
+def test_base_missing_file_names_the_file_that_named_it(tmp_path):
+    top = _write(tmp_path / "top.yaml", "base: nope.yaml\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(App, [f"config={top}"])
+    msg = str(e.value)
+    assert "base file of" in msg and "top.yaml" in msg and "not found" in msg and "nope.yaml" in msg
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(App, [f"config=[{top.with_name('absent.yaml')},{top}]"])
+    _write(tmp_path / "list.yaml", "- 1\n")
+    bad = _write(tmp_path / "bad.yaml", "base: list.yaml\n")
+    with pytest.raises(ConfigError, match=r"base file of .*bad.yaml '.*list.yaml' must hold a mapping"):
+        load_config(App, [f"config={bad}"])
+
+
+def test_base_cycle_is_an_error(tmp_path):
+    _write(tmp_path / "a.yaml", "base: b.yaml\n")
+    _write(tmp_path / "b.yaml", "base: sub/../a.yaml\n")  # the same file under another spelling
+    with pytest.raises(ConfigError, match=r"cycle through 'base': .*a.yaml -> .*b.yaml -> .*a.yaml"):
+        load_config(App, [f"config={tmp_path / 'a.yaml'}"])
+    _write(tmp_path / "self.yaml", "base: self.yaml\nsteps: 1\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(App, [f"config={tmp_path / 'self.yaml'}"])
+    # The same file twice is no cycle: a diamond, or one file listed twice.
+    _write(tmp_path / "d.yaml", "steps: 5\n")
+    _write(tmp_path / "l.yaml", "base: d.yaml\n")
+    _write(tmp_path / "r.yaml", "base: d.yaml\n")
+    top = _write(tmp_path / "top.yaml", "base: [l.yaml, r.yaml]\n")
+    assert load_config(App, [f"config=[{top},{top}]"]).steps == 5
+
+
+@pytest.mark.parametrize(
+    "value, needle",
+    [
+        ("base: 3\n", "'base: 3' in"),
+        ("base: [a.yaml, {x: 1}]\n", "must name a YAML file or a list of them"),
+        ("base: ''\n", "must name a YAML file"),
+    ],
+)
+def test_bad_base_values(tmp_path, value, needle):
+    top = _write(tmp_path / "top.yaml", value)
+    with pytest.raises(ConfigError) as e:
+        load_config(App, [f"config={top}"])
+    assert needle in str(e.value) and "top.yaml" in str(e.value)
+
+
+def test_empty_base_and_bad_config_lists(tmp_path):
+    top = _write(tmp_path / "top.yaml", "base: []\nsteps: 4\n")
+    assert load_config(App, [f"config={top}"]).steps == 4
+    null = _write(tmp_path / "n.yaml", "base: null\n")
+    assert load_config(App, [f"config={null}"]).steps == 10
+    for value in ("[]", "[a.yaml, [b.yaml]]", "[a.yaml", ""):
+        with pytest.raises(ConfigError, match="config="):
+            load_config(App, [f"config={value}"])
+
+
+@dataclasses.dataclass
+class WithBase:
+    base: list[str] = option([], "the app's own 'base' field (as a sweep has)")
+    steps: int = option(1, "steps")
+
+
+def test_an_app_with_a_base_field_keeps_it(tmp_path):
+    top = _write(tmp_path / "top.yaml", "base: [not/a/file.yaml]\nsteps: 2\n")
+    cfg = load_config(WithBase, [f"config={top}"])
+    assert cfg.base == ["not/a/file.yaml"] and cfg.steps == 2

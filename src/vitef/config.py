@@ -5,6 +5,12 @@ Precedence: the app's dataclass defaults < a YAML file given as ``config=path.ya
 ``run --dataset_name cifar10`` is accepted too: a leading ``run`` is the (only) verb and ``--key value``
 means ``key=value``.
 
+Config files layer, later wins, merged key by key along the dataclass tree (a list is replaced whole):
+``config=[a.yaml,b.yaml]`` merges ``b.yaml`` over ``a.yaml``, and a file may start from others with
+``base: paper.yaml`` (or a list), paths relative to that file; a file means its bases merged in order,
+then its own keys. Errors name the file a key came from. (Where the app itself has a ``base`` field,
+as sweeps do, the key is that field's.)
+
 Every key is checked against the dataclass tree before anything runs: an unknown key names the valid
 ones, a wrong type names the key, the expected type and the value. After the merge each dataclass in
 the tree that defines ``validate()`` is called once, so value checks (``lr > 0``...) live next to the
@@ -17,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import os
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -115,6 +122,10 @@ def _check_keys(cls: type, data: Any, prefix: str, source: str) -> None:
 
 
 def _unknown_key_message(full: str, key: str, cls: type, prefix: str, source: str) -> str:
+    # A key an app used to take: its ``MOVED_KEYS`` says what to write instead.
+    moved = getattr(cls, "MOVED_KEYS", {}).get(key) if not prefix else None
+    if moved:
+        return f"config key '{full}' ({source}) is not an option of this app: {moved}"
     valid = [f.name for f in dataclasses.fields(cls)]
     if not prefix:
         valid += [f"{a} (={t})" for a, t in aliases_of(cls).items()]
@@ -178,7 +189,9 @@ def _dotlist_to_nested(pairs: Sequence[tuple[str, str]], cls: type) -> dict:
 
 
 def split_argv(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], bool]:
-    """Split ``argv`` into (config file, [(key, raw value)], help requested).
+    """Split ``argv`` into (``config=`` value as given, [(key, raw value)], help requested).
+
+    The ``config=`` value is one file or a ``[list]`` of them (:func:`parse_config_arg`).
 
     Accepts ``key=value``, ``config=path``, ``--key value``, ``--key=value`` and a leading seed verb
     (``run``).
@@ -267,8 +280,116 @@ def read_yaml_file(
     return data
 
 
-def _read_yaml(path: str) -> dict:
-    return read_yaml_file(path)
+BASE_KEY = "base"  # in a config file: the file(s) it starts from, relative to it
+
+
+def parse_config_arg(value: str) -> list[str]:
+    """The files of ``config=``: ``a.yaml`` → ``["a.yaml"]``, ``[a.yaml,b.yaml]`` → both, in order.
+
+    Raises
+    ------
+    ConfigError
+        An empty value or a list that is not a list of file names.
+    """
+    text = value.strip()
+    if not text:
+        raise ConfigError("config= names no file: write config=FILE.yaml or config=[A.yaml,B.yaml]")
+    if not (text.startswith("[") and text.endswith("]")):
+        if text.startswith("[") and not Path(text).exists():
+            raise ConfigError(f"config={value}: the list is not closed: write config=[A.yaml,B.yaml]")
+        return [value]
+    try:
+        items = yaml.safe_load(text)
+    except yaml.YAMLError:
+        items = None
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) and i.strip() for i in items):
+        raise ConfigError(f"config={value} is not a list of YAML files: write config=[A.yaml,B.yaml] (later wins)")
+    return [i.strip() for i in items]
+
+
+def _base_entries(value: Any, path: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str) and value.strip():
+        return [value.strip()]
+    if isinstance(value, list) and all(isinstance(v, str) and v.strip() for v in value):
+        return [v.strip() for v in value]
+    raise ConfigError(
+        f"'{BASE_KEY}: {value!r}' in {path} must name a YAML file or a list of them, relative to {path}'s "
+        f"folder (e.g. {BASE_KEY}: paper.yaml)"
+    )
+
+
+def takes_base_files(cls: type | None) -> bool:
+    """Whether a ``base:`` key in a config file of ``cls`` names files to layer under it.
+
+    It does unless ``cls`` has a field of that name (a sweep's own ``base`` list).
+    """
+    return cls is None or BASE_KEY not in {f.name for f in dataclasses.fields(cls)}
+
+
+def config_layers(
+    paths: Sequence[str | Path],
+    cls: type | None = None,
+    *,
+    what: str = "config file",
+    fix: str = "pass config=PATH to an existing YAML file",
+) -> list[tuple[str, dict]]:
+    """The ``(source, mapping)`` layers of config files, in merge order (later wins).
+
+    Each file contributes the layers of its ``base:`` files (in order, each resolved the same way), then
+    its own keys. The source of a layer names its file and, for a base file, the file that named it, so
+    :func:`build_config` names the file an unknown key or a wrong type came from.
+
+    Parameters
+    ----------
+    paths
+        The files, as given (relative to the current directory).
+    cls
+        The app's config dataclass: when it has a ``base`` field, ``base:`` is that field, not files.
+    what, fix
+        How messages name a file given in ``paths``, and what to do when it does not exist.
+
+    Raises
+    ------
+    ConfigError
+        A missing or malformed file (named with the file that named it), a bad ``base:`` value, or files
+        whose ``base:`` entries form a cycle.
+    """
+    layered = takes_base_files(cls)
+    layers: list[tuple[str, dict]] = []
+
+    def visit(path: str, chain: list[tuple[Path, str]]) -> None:
+        key = Path(path).resolve()
+        names = [name for k, name in chain]
+        if key in [k for k, _ in chain]:
+            start = [k for k, _ in chain].index(key)
+            cycle = " -> ".join([*names[start:], path])
+            raise ConfigError(
+                f"config files name each other in a cycle through '{BASE_KEY}': {cycle}: remove one of those "
+                f"'{BASE_KEY}' entries"
+            )
+        if chain:
+            parent = names[-1]
+            data = read_yaml_file(
+                path,
+                f"base file of {parent}",
+                f"fix '{BASE_KEY}' in {parent}: its paths are relative to that file's folder",
+            )
+            source = f"in {path}, base of {parent}"
+        else:
+            data = read_yaml_file(path, what, fix)
+            source = f"in {path}"
+        if layered and BASE_KEY in data:
+            data = dict(data)
+            folder = Path(path).parent
+            for entry in _base_entries(data.pop(BASE_KEY), path):
+                visit(os.path.normpath(folder / Path(entry).expanduser()), [*chain, (key, path)])
+        layers.append((source, data))
+
+    for p in paths:
+        visit(str(p), [])
+    return layers
 
 
 def _resolve_verb(cls: type, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -319,7 +440,10 @@ def _apply_aliases_dict(cls: type, data: dict) -> dict:
 
 
 def load_config(cls: type[T], argv: Sequence[str] | None = None, *, prog: str | None = None) -> T:
-    """Build an instance of the dataclass ``cls`` from defaults < YAML < command line.
+    """Build an instance of the dataclass ``cls`` from defaults < YAML file(s) < command line.
+
+    ``config=FILE.yaml`` or ``config=[A.yaml,B.yaml]`` (later wins); each file's ``base:`` files come
+    under it (:func:`config_layers`).
 
     Parameters
     ----------
@@ -335,7 +459,8 @@ def load_config(cls: type[T], argv: Sequence[str] | None = None, *, prog: str | 
     HelpRequested
         When ``-h``/``--help`` is present; its ``text`` is the help to print.
     ConfigError
-        Unknown key, wrong type, missing or malformed YAML file, or a failed ``validate()``.
+        Unknown key, wrong type, missing or malformed YAML file, a ``base:`` cycle, or a failed
+        ``validate()``.
     """
     argv = sys.argv[1:] if argv is None else argv
     config_path, pairs, want_help = split_argv(argv)
@@ -343,9 +468,10 @@ def load_config(cls: type[T], argv: Sequence[str] | None = None, *, prog: str | 
         raise HelpRequested(format_help(cls, prog=prog))
     layers: list[tuple[str, dict]] = []
     if config_path is not None:
-        data = _apply_aliases_dict(cls, _read_yaml(config_path))
-        _check_keys(cls, data, "", f"in {config_path}")
-        layers.append((f"in {config_path}", data))
+        for source, data in config_layers(parse_config_arg(config_path), cls):
+            data = _apply_aliases_dict(cls, data)
+            _check_keys(cls, data, "", source)
+            layers.append((source, data))
     pairs = _resolve_verb(cls, pairs)
     if pairs:
         layers.append(("command line", _dotlist_to_nested(_apply_aliases_pairs(cls, pairs), cls)))
@@ -423,7 +549,7 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 def format_help(cls: type, prog: str | None = None) -> str:
     """Help text: usage, then every key with its type, default and description."""
-    lines = [f"usage: python -m {prog or '<app>'} [config=FILE.yaml] [key=value ...]", ""]
+    lines = [f"usage: python -m {prog or '<app>'} [config=FILE.yaml | config=[A.yaml,B.yaml]] [key=value ...]", ""]
     doc = (cls.__doc__ or "").strip().splitlines()
     if doc and not doc[0].startswith(cls.__name__ + "("):
         lines += [doc[0].strip(), ""]

@@ -64,8 +64,10 @@ Sweep file layout (YAML; dotted keys and the app's ``ALIASES`` such as ``lr`` ar
     run_name: "{dataset_name}/{trainable}/lr{lr}_seed{seed}"
 
 Layers, later wins: app defaults < ``base`` files < the point's ``config`` file < ``overrides`` <
-the point's other keys. ``run_name`` placeholders are grid keys or any (dotted or aliased) key of the
-resolved config; each run's ``log_dir`` is ``<name>/<rendered run_name>`` made filesystem-safe.
+the point's other keys. A config file that starts from others (``base: paper.yaml`` inside it, relative
+to it: :func:`vitef.config.config_layers`) brings them along, under itself. ``run_name`` placeholders
+are grid keys or any (dotted or aliased) key of the resolved config; each run's ``log_dir`` is
+``<name>/<rendered run_name>`` made filesystem-safe.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ from typing import Any
 
 import yaml
 
-from vitef.config import aliases_of, build_config, flatten, option, read_yaml_file, save_config, to_yaml, validate
+from vitef.config import aliases_of, build_config, config_layers, flatten, option, save_config, to_yaml, validate
 from vitef.errors import ConfigError, VitefError
 from vitef.monitor.lock import LOCKED_MARK, RunLock, RunLockedError, describe_holder, holder
 from vitef.utils import atomic_write_json
@@ -431,15 +433,16 @@ def expand(sweep: SweepConfig, module: str, run_dir: Callable[[Any], Path] | Non
     mod = load_app(module)
     cls = app_config_class(mod)
     fields = {f.name for f in dataclasses.fields(cls)}
-    yaml_cache: dict[str, dict] = {}
+    yaml_cache: dict[str, list[tuple[str, dict]]] = {}
 
-    def read_yaml(path: str) -> dict:
+    def file_layers(path: str) -> list[tuple[str, dict]]:
         if path not in yaml_cache:
-            # One clear error for missing, binary or invalid YAML files (vitef.config.read_yaml_file).
-            yaml_cache[path] = read_yaml_file(path, f"config file named by sweep '{sweep.name}'", "fix its path")
+            # One clear error for missing, binary or invalid YAML files; a file's `base:` files come under it.
+            what = f"config file named by sweep '{sweep.name}'"
+            yaml_cache[path] = config_layers([path], cls, what=what, fix="fix its path")
         return yaml_cache[path]
 
-    base_layers = [(f"in {p}", read_yaml(p)) for p in sweep.base]
+    base_layers = [layer for p in sweep.base for layer in file_layers(p)]
     fixed = ("sweep overrides", expand_dotted(dict(sweep.overrides)))
     builder = _PointBuilder(cls)
     runs: list[Run] = []
@@ -447,7 +450,7 @@ def expand(sweep: SweepConfig, module: str, run_dir: Callable[[Any], Path] | Non
     for point in grid_points(sweep.all_grids()):
         layers = list(base_layers)
         if CONFIG_KEY in point:
-            layers.append((f"in {point[CONFIG_KEY]}", read_yaml(str(point[CONFIG_KEY]))))
+            layers.extend(file_layers(str(point[CONFIG_KEY])))
         layers.append(fixed)
         rest = {k: v for k, v in point.items() if k != CONFIG_KEY}
         cfg = builder.build(layers, rest)
