@@ -41,6 +41,7 @@ from vitef.config import cli_main, option
 from vitef.errors import ConfigError
 from vitef.models import BLOCK_COMPONENTS, block_module, build_model, embed
 from vitef.plasticity import measure
+from vitef.utils import autocast_context
 
 VARIANTS = ("reference-fp32", "measure-fp32", "measure-bf16")
 
@@ -78,12 +79,9 @@ class BenchConfig:
 # ---------------------------------------------------------------------------------------------------
 
 
-def reference(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast_dtype=None) -> np.ndarray:
+def reference(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32") -> np.ndarray:
     """Per-pair ratios ``(B, layers, comps)`` computed the obvious way."""
-    ctx = (
-        torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
-    )
-    with torch.no_grad(), ctx:
+    with torch.no_grad(), autocast_context(x.device, precision):
         ex, ey = embed(model, x), embed(model, y)  # (B, N, D) each
         outputs: dict[tuple[int, str, str], torch.Tensor] = {}
         for layer in range(len(model.blocks)):
@@ -137,12 +135,11 @@ def run_child(cfg: BenchConfig) -> dict:
         for _ in range(n)
     ]
     kind, precision = cfg.child_variant.split("-")
-    autocast = {"fp32": None, "bf16": torch.bfloat16}[precision]
 
     def run(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> np.ndarray:
         """Per-pair ratios over ``batches``; ``measure`` is called once for all, as an app does."""
         if kind == "reference":
-            return np.concatenate([reference(model, x.to(dev), y.to(dev), autocast) for x, y in batches])
+            return np.concatenate([reference(model, x.to(dev), y.to(dev), precision) for x, y in batches])
         df = measure(
             model,
             [x for x, _ in batches],

@@ -172,3 +172,19 @@ def test_lp_baseline_of_the_finetuned_model(tmp_path):
     assert R.lp_baselines(probes, model="base").to_dict() == {"pet": 0.50}
     with pytest.raises(R.ResultsError, match="no probes of model 'huge'"):
         R.lp_baselines(probes, model="huge")
+
+
+def test_component_names_labels_and_order_come_from_the_registry():
+    from vitef.models.components import DISPLAY_NAMES, DISPLAY_ORDER
+
+    assert R.COMPONENT_LABELS is DISPLAY_NAMES and R.COMPONENT_ORDER == list(DISPLAY_ORDER)
+    assert [R.component_label(c) for c in ("mha", "ln1", "all", "emb", "fc1+fc2")] == [
+        "MHA",
+        "LN1",
+        "all",
+        "emb",
+        "FC1+FC2",
+    ]
+    # Runs saved before `trainable` was stored canonical hold the name as typed: tables show the registry's.
+    assert R.trainable_name(["attn"]) == "mha" and R.trainable_name(["ffn_fc1", "fc2"]) == "fc1+fc2"
+    assert R.trainable_name("all") == "all" and R.trainable_name(["mystery"]) == "mystery"

@@ -21,21 +21,20 @@ from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+matplotlib.use("Agg")  # figures are files; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from apps.plots.common import component_color, save_figure  # noqa: E402
 from vitef.config import cli_main, option  # noqa: E402
 from vitef.errors import ConfigError  # noqa: E402
-from vitef.models import THEORETICAL_RANK  # noqa: E402
-from vitef.models.components import DISPLAY_NAMES  # noqa: E402
-from vitef.utils import atomic_path, check_writable  # noqa: E402
+from vitef.models.components import DISPLAY_NAMES, RANK_ORDER, THEORETICAL_RANK  # noqa: E402
+from vitef.utils import check_writable  # noqa: E402
 
 logger = logging.getLogger("apps.plots.analysis")
 
-# Components in theoretical order (1 = most plastic), with fixed colours across every figure.
-ORDER = sorted(THEORETICAL_RANK, key=THEORETICAL_RANK.get)
-COLORS = {"mha": "tab:red", "fc1": "tab:orange", "fc2": "tab:olive", "ln2": "tab:blue", "ln1": "tab:purple"}
+# Components in theoretical order (1 = most plastic); their colours are apps.plots.common's, as in every figure.
+ORDER = list(RANK_ORDER)
 
 
 @dataclasses.dataclass
@@ -120,22 +119,10 @@ def main(cfg: PlotConfig) -> list[Path]:
         if fig is None:
             logger.warning("%s skipped: no bounds.csv in the folders", name)
             continue
-        written += save(fig, out / name, cfg.formats)
-        plt.close(fig)
+        written += save_figure(fig, out / name, cfg.formats)
     for path in written:
         print(path)
     return written
-
-
-def save(fig: plt.Figure, stem: Path, formats: list[str]) -> list[Path]:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in formats:
-        path = stem.with_suffix(f".{fmt}")
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format=fmt, bbox_inches="tight", dpi=150)
-        paths.append(path)
-    return paths
 
 
 def _panels(n: int, width: float = 4.2, height: float = 3.4):
@@ -156,7 +143,7 @@ def plot_by_rank(analyses: list[Analysis]) -> plt.Figure:
         data = [a.plasticity.loc[a.plasticity["component"] == c, "mean"].to_numpy() for c in comps]
         box = ax.boxplot(data, patch_artist=True, widths=0.6)
         for patch, c in zip(box["boxes"], comps):
-            patch.set_facecolor(COLORS.get(c, "grey"))
+            patch.set_facecolor(component_color(c))
             patch.set_alpha(0.6)
         ax.set_xticks(range(1, len(comps) + 1))
         ax.set_xticklabels([f"{DISPLAY_NAMES[c]}\n({THEORETICAL_RANK[c]})" for c in comps])
@@ -175,7 +162,7 @@ def plot_by_depth(analyses: list[Analysis]) -> plt.Figure:
         df = a.plasticity.assign(depth=a.depth)
         for c in _components(a):
             d = df[df["component"] == c].sort_values("depth")
-            color = COLORS.get(c, "grey")
+            color = component_color(c)
             ax.plot(d["depth"], d["mean"], marker="o", ms=3, color=color, label=DISPLAY_NAMES[c])
             ax.fill_between(d["depth"], d["mean"] - d["ci95"], d["mean"] + d["ci95"], color=color, alpha=0.25)
         ax.set_xlabel("layer depth (%)")
@@ -198,7 +185,7 @@ def plot_bounds_by_depth(analyses: list[Analysis]) -> plt.Figure | None:
         n_layers = int(b["layer"].max()) + 1
         for c in [c for c in ORDER if c in set(b["component"])]:
             d = b[b["component"] == c].sort_values("layer")
-            ax.plot(100 * (d["layer"] + 1) / n_layers, d["bound"], marker="o", ms=3, color=COLORS.get(c, "grey"))
+            ax.plot(100 * (d["layer"] + 1) / n_layers, d["bound"], marker="o", ms=3, color=component_color(c))
             ax.lines[-1].set_label(DISPLAY_NAMES[c])
         ax.set_yscale("log")
         ax.set_xlabel("layer depth (%)")
@@ -224,7 +211,7 @@ def plot_measured_vs_bound(analyses: list[Analysis]) -> plt.Figure | None:
         for c in [c for c in ORDER if c in set(b["component"])]:
             d = b[b["component"] == c]
             label = DISPLAY_NAMES[c] if i == 0 else None
-            ax.scatter(d["bound"], d["measured"], s=16, color=COLORS.get(c, "grey"), marker=markers[i % 8], label=label)
+            ax.scatter(d["bound"], d["measured"], s=16, color=component_color(c), marker=markers[i % 8], label=label)
         if len(b):
             lo = min(lo, b["bound"].min(), b["measured"].min())
             hi = max(hi, b["bound"].max(), b["measured"].max())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from vitef.utils import atomic_path  # noqa: E402
 
-# One colour per component, the same in every figure; ordered by theoretical plasticity rank.
+# One colour per component (and per trainable choice), the same in every figure; in the registry's display
+# order (vitef.models.components.DISPLAY_ORDER), which owns the names, labels and order.
 COMPONENT_COLORS = {
     "mha": "#d62728",
     "fc1": "#ff7f0e",
@@ -21,11 +23,17 @@ COMPONENT_COLORS = {
     "ln1": "#17becf",
     "all": "#7f7f7f",
     "emb": "#9467bd",
+    "head": "#e377c2",
 }
+OTHER_COLOR = "#8c564b"  # combinations (fc1+fc2) and names outside the registry
+# What every figure saves unless its app lets the user choose.
+FORMATS = ("png", "pdf")
+
+SAVE_DPI = 150  # resolution of the PNGs, with or without STYLE in effect
 
 STYLE = {
     "figure.dpi": 100,
-    "savefig.dpi": 150,
+    "savefig.dpi": SAVE_DPI,
     "font.size": 9,
     "axes.titlesize": 10,
     "axes.grid": True,
@@ -36,19 +44,26 @@ STYLE = {
 
 
 def component_color(name: str) -> str:
-    return COMPONENT_COLORS.get(name, "#8c564b")
+    """The colour of a component or trainable choice in every figure."""
+    return COMPONENT_COLORS.get(name, OTHER_COLOR)
 
 
-def save_figure(fig: plt.Figure, path: str | Path) -> list[Path]:
-    """Save ``fig`` as ``<path>.png`` and ``<path>.pdf`` (any suffix of ``path`` is replaced) and close it."""
+def save_figure(fig: plt.Figure, path: str | Path, formats: Sequence[str] = FORMATS) -> list[Path]:
+    """Save ``fig`` as ``<path>.<format>`` for each of ``formats`` (any suffix of ``path`` is replaced), then close it.
+
+    Each file is written atomically (temporary file + rename): a killed job never leaves a half-written
+    figure that a report would embed. Returns the written paths.
+    """
     path = Path(path)
     out = []
-    for ext in ("png", "pdf"):
-        target = path.with_suffix(f".{ext}")
-        with atomic_path(target) as tmp:
-            fig.savefig(tmp, format=ext, bbox_inches="tight")
-        out.append(target)
-    plt.close(fig)
+    try:
+        for ext in formats:
+            target = path.with_suffix(f".{ext}")
+            with atomic_path(target) as tmp:
+                fig.savefig(tmp, format=ext, bbox_inches="tight", dpi=SAVE_DPI)
+            out.append(target)
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 
 from vitef.config import cli_main, option
-from vitef.models import ModelConfig, build_model_from_config, component_table, set_trainable
+from vitef.errors import ConfigError, VitefError
+from vitef.models import ModelConfig, build_model_from_config, canonical_list, component_table, set_trainable
 
 
 @dataclasses.dataclass
@@ -21,6 +22,14 @@ class ComponentsConfig:
     model: ModelConfig = option(ModelConfig(name="vit_tiny_patch16_224", pretrained=False), "the model")
     num_classes: int | None = option(None, "replace the head with a fresh one of this size")
     trainable: list[str] = option(["all"], "components to train: all, or a list of emb/ln1/mha/ln2/fc1/fc2")
+
+    def validate(self) -> None:
+        try:
+            self.trainable = canonical_list(self.trainable)  # printed as the registry names
+        except VitefError as e:
+            raise ConfigError(f"trainable: {e}") from e
+        if not self.trainable:
+            raise ConfigError("trainable=[] trains nothing: use trainable=[all] or e.g. trainable=[mha]")
 
 
 def main(cfg: ComponentsConfig) -> None:

@@ -33,15 +33,24 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch.utils.data import DataLoader, Subset
 
 from vitef.config import cli_main, option, save_config
 from vitef.data import SPLITS, DataConfig, build_dataset
-from vitef.errors import ConfigError, ModelError
+from vitef.errors import CheckpointError, ConfigError, ModelError
 from vitef.models import ModelConfig, build_model, build_model_from_config, model_label, num_blocks
+from vitef.monitor import RunDir
 from vitef.probe import POOLS, PROBE_POINTS, SolverConfig, check_layers, check_points, extract_features, fit_probes
-from vitef.utils import atomic_write_json, atomic_write_text, check_writable, resolve_device, safe_name, set_seed
+from vitef.utils import (
+    PRECISIONS,
+    atomic_write_json,
+    atomic_write_text,
+    check_precision,
+    check_writable,
+    resolve_device,
+    safe_name,
+    set_seed,
+)
 
 logger = logging.getLogger("apps.vit.linear_probing")
 
@@ -79,7 +88,7 @@ class LinearProbingConfig:
     points: list[str] = option(list(PROBE_POINTS), "probe points: ln1, mha, res1, ln2, fc1, act, fc2, res2")
     batch_size: int = option(128, "images per forward pass during feature extraction")
     device: str = option("auto", "device of the forward pass: auto, cpu, cuda, cuda:N")
-    precision: str = option("fp32", "forward autocast: fp32, bf16 or fp16 (features are kept in float32)")
+    precision: str = option("fp32", f"forward precision: {', '.join(PRECISIONS)} (features are kept in float32)")
     seed: int = option(0, "seed of the data split and of the max_*_samples subsets")
     root: str = option("outputs", "output root: pretrained-model probes go to <root>/probes/")
     max_train_samples: int | None = option(None, "fit on a seeded random subset of this many train samples")
@@ -95,8 +104,7 @@ class LinearProbingConfig:
                 raise ConfigError(f"{key}={getattr(self, key)!r} is not a split: use one of {', '.join(SPLITS)}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision={self.precision!r} is unknown: use fp32, bf16 or fp16")
+        check_precision(self.precision)
         for key in ("max_train_samples", "max_test_samples"):
             value = getattr(self, key)
             if value is not None and value < 2:
@@ -154,28 +162,25 @@ def load_source(cfg: LinearProbingConfig):
     if cfg.run_dir is None:
         model = build_model_from_config(cfg.model)
         return model, cfg.dataset_name, model_label(cfg.model.name), probes_dir(cfg), "config.yaml"
-    run = Path(cfg.run_dir).expanduser()
-    run_config = run / "config.yaml"
-    weights = run / "checkpoints" / "best" / "model.safetensors"
-    if not run.is_dir():
+    run = RunDir(Path(cfg.run_dir).expanduser())
+    if not run.path.is_dir():
         raise ConfigError(f"run_dir='{cfg.run_dir}' does not exist: give <root>/runs/<log_dir> of a training run")
-    if not run_config.is_file():
+    if not run.config_path.is_file():
         raise ConfigError(f"run_dir='{cfg.run_dir}' has no config.yaml: it is not a vitef run directory")
-    if not weights.is_file():
-        raise ModelError(
-            f"run_dir='{cfg.run_dir}' has no best checkpoint ({weights}): let the training run reach its first "
-            "evaluation, or probe another run"
-        )
-    try:
-        train_cfg = yaml.safe_load(run_config.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{run_config} is not valid YAML: {e}") from e
-    model_cfg = train_cfg.get("model") if isinstance(train_cfg, dict) else None
+    train_cfg = run.read_config()
+    model_cfg = train_cfg.get("model")
     if not isinstance(model_cfg, dict) or not model_cfg.get("name"):
-        raise ConfigError(f"{run_config} has no model.name: cannot rebuild the run's architecture")
+        raise ConfigError(f"{run.config_path} has no model.name: cannot rebuild the run's architecture")
     dataset_name = cfg.dataset_name or train_cfg.get("dataset_name")
     if not dataset_name:
-        raise ConfigError(f"{run_config} has no dataset_name: set dataset_name=... to choose the probing dataset")
+        raise ConfigError(f"{run.config_path} has no dataset_name: set dataset_name=... to choose the probing dataset")
+    try:
+        weights, _ = run.weights("best")
+    except CheckpointError as e:
+        raise ModelError(
+            f"run_dir='{cfg.run_dir}' has no best checkpoint ({run.best_model_path}): let the training run reach its "
+            "first evaluation, or probe another run"
+        ) from e
     # The best checkpoint holds every weight (head included), so no hub download happens here.
     model = build_model(
         model_cfg["name"],
@@ -183,7 +188,7 @@ def load_source(cfg: LinearProbingConfig):
         img_size=model_cfg.get("img_size"),
         **dict(model_cfg.get("overrides") or {}),
     )
-    return model, dataset_name, f"{model_cfg['name']}@{run.name}", run, "probes_config.yaml"
+    return model, dataset_name, f"{model_cfg['name']}@{run.path.name}", run.path, "probes_config.yaml"
 
 
 def make_loader(cfg: LinearProbingConfig, model, dataset_name: str, split: str, size: int, limit: int | None):

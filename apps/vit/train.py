@@ -29,11 +29,11 @@ from torch import nn
 from tqdm import tqdm
 
 from vitef import distributed
-from vitef.config import build_config, cli_main, flatten, option, save_config, to_dict
+from vitef.config import cli_main, flatten, option, save_config, to_dict
 from vitef.data import DataConfig, build_loader, make_iterable, num_classes, parse_name
 from vitef.distributed import DistInfo
 from vitef.errors import ConfigError, TrainingError, VitefError
-from vitef.evaluation import EvalResult, autocast_context, evaluate
+from vitef.evaluation import EvalResult, evaluate
 from vitef.models import (
     ModelConfig,
     build_model_from_config,
@@ -65,11 +65,19 @@ from vitef.optim import (
     load_scheduler_state,
     scheduler_state,
 )
-from vitef.utils import atomic_write_json, check_writable, resolve_device, set_seed, setup_logging
+from vitef.utils import (
+    PRECISIONS,
+    atomic_write_json,
+    autocast_context,
+    check_precision,
+    check_writable,
+    resolve_device,
+    set_seed,
+    setup_logging,
+)
 
 logger = logging.getLogger("apps.vit.train")
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 # Under fp16 an overflowing gradient is routine: GradScaler skips that update and halves its loss scale.
 # That only helps while the scale still magnifies the loss: once it is at or below this, the gradients
 # overflow on their own and halving further cannot recover, so a non-finite gradient norm fails the run.
@@ -114,7 +122,7 @@ class TrainConfig:
     keep_last: int = option(1, "step checkpoints kept (the best one is kept besides)")
     keep_steps: list[int] = option([], "steps checkpointed and kept for good besides keep_last (e.g. log-spaced)")
     seed: int = option(0, "seed of the head initialisation, the data order/split and augmentation")
-    precision: str = option("fp32", "autocast: fp32 (the paper's), bf16 or fp16")
+    precision: str = option("fp32", f"numeric precision: {', '.join(PRECISIONS)} (fp32: the paper's)")
     compile: bool = option(False, "torch.compile the model")
     device: str = option("auto", "auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK)")
     root: str = option("outputs", "output root; the run goes to <root>/runs/<log_dir>")
@@ -129,10 +137,12 @@ class TrainConfig:
         except VitefError as e:
             raise ConfigError(f"dataset_name: {e}") from e
         try:
-            names = canonical_list(self.trainable)
+            # Stored canonical: config.yaml, the run name and eval.json all say `mha` for trainable=[attn], and
+            # relaunching with either spelling resumes the same run.
+            self.trainable = canonical_list(self.trainable)
         except VitefError as e:
             raise ConfigError(f"trainable: {e}") from e
-        if not names:
+        if not self.trainable:
             raise ConfigError("trainable=[] trains nothing: use trainable=[all] or e.g. trainable=[mha]")
         positive = ("steps", "batch_size", "eval_batch_size", "eval_period", "keep_last", "log_every")
         for key in positive:
@@ -152,8 +162,7 @@ class TrainConfig:
                 f"batch_size={self.batch_size} is not divisible by optim.grad_accumulation="
                 f"{self.optim.grad_accumulation}"
             )
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
         if not self.root:
             raise ConfigError("root is empty: give an output folder, e.g. root=outputs")
         if ".." in Path(self.log_dir).parts:
@@ -170,7 +179,7 @@ class TrainConfig:
             parts.append(model_label(self.model.name))
         if self.optim.name != "sgd":
             parts.append(self.optim.name)
-        parts += ["-".join(canonical_list(self.trainable)), f"lr{self.optim.lr:g}", f"seed{self.seed}"]
+        parts += ["-".join(self.trainable), f"lr{self.optim.lr:g}", f"seed{self.seed}"]
         return re.sub(r"[^A-Za-z0-9_.+-]+", "_", "_".join(parts))
 
 
@@ -426,7 +435,7 @@ def _check_same_config(cfg: TrainConfig, run: RunDir) -> None:
         saved = yaml.safe_load(run.config_path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{run.config_path} is not valid YAML ({e}); use overwrite=true to start afresh") from e
-    diffs = _diff(flatten(saved), flatten(to_dict(cfg)))
+    diffs = _diff(flatten(canonical_saved(saved)), flatten(to_dict(cfg)))
     diffs = [d for d in diffs if not any(d[0] == k or d[0].startswith(k + ".") for k in RESUME_FREE_KEYS)]
     if diffs:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:5])
@@ -434,6 +443,20 @@ def _check_same_config(cfg: TrainConfig, run: RunDir) -> None:
             f"run directory {run.path} exists with a different config ({shown}). "
             "Use overwrite=true to replace it, or another log_dir"
         )
+
+
+def canonical_saved(saved: Any) -> Any:
+    """A saved ``config.yaml`` mapping with ``trainable`` in registry names, to compare with a validated config.
+
+    Runs written before ``validate()`` stored the canonical value hold what was typed (``[attn]``), which is
+    the same run as ``[mha]``. A name the registry does not know is left as saved, so it shows as a difference.
+    """
+    if isinstance(saved, dict) and isinstance(saved.get("trainable"), (list, str)):
+        try:
+            return {**saved, "trainable": canonical_list(saved["trainable"])}
+        except VitefError:
+            pass
+    return saved
 
 
 def _diff(a: dict, b: dict) -> list[tuple[str, Any, Any]]:
@@ -527,7 +550,7 @@ def _test_best(cfg, run, model, test_loader, device, progress, info) -> None:
             "n": result.n,
             "best_step": best["step"],
             "best_val_acc": best["val_acc"],
-            "trainable": canonical_list(cfg.trainable),
+            "trainable": list(cfg.trainable),
             "lr": cfg.optim.lr,
             "seed": cfg.seed,
             "model": cfg.model.name,
@@ -536,19 +559,6 @@ def _test_best(cfg, run, model, test_loader, device, progress, info) -> None:
         run.write_status("completed", cfg.steps, f"test acc {result.acc:.4f} at best step {best['step']}")
         logger.info("best step %d (val %.2f%%): test acc %.2f%%", best["step"], 100 * best["val_acc"], 100 * result.acc)
         print(f"{run.path}: test acc {100 * result.acc:.2f}% (best step {best['step']}, n={result.n})")
-
-
-def load_run_config(run: RunDir) -> TrainConfig:
-    """The resolved :class:`TrainConfig` saved in a run directory."""
-    if not run.config_path.is_file():
-        raise ConfigError(f"no run at {run.path} (config.yaml missing): train it first or fix log_dir/root")
-    try:
-        saved = yaml.safe_load(run.config_path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{run.config_path} is not valid YAML ({e})") from e
-    if isinstance(saved, dict):
-        saved["device"] = "auto"  # the run may have trained on a device this machine lacks
-    return build_config(TrainConfig, (str(run.config_path), saved))
 
 
 CONFIG = TrainConfig  # the sweep convention (vitef.sweep): CONFIG + main(cfg)

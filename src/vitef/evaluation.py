@@ -9,7 +9,6 @@ usually smaller). Under ``torchrun`` each process evaluates a disjoint strided s
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Iterable
 
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader, Subset
 
 from vitef import distributed
 from vitef.errors import DataError
+from vitef.utils import autocast_context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,14 +56,6 @@ def shard_loader(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
     if hasattr(loader, "num_classes"):
         shard.num_classes = loader.num_classes  # type: ignore[attr-defined]
     return shard
-
-
-def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``precision`` in {fp32, bf16, fp16} (fp32: no autocast)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Small shared utilities: atomic writes, output-folder checks, seeding, device selection, logging setup."""
+"""Small shared utilities: atomic writes, output-folder checks, seeding, device selection, precisions, logging setup."""
 
 from __future__ import annotations
 
@@ -20,6 +20,11 @@ import torch
 from vitef.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+# The numeric precisions of every app and library entry point (`precision=`): name -> autocast dtype, or None
+# for no autocast (the model's own dtype). This table is the one place a precision is added: validation
+# (check_precision), autocast (autocast_context) and the help texts all read it.
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @contextlib.contextmanager
@@ -154,6 +159,32 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but CUDA is not available on this machine: use device=cpu or device=auto")
     return dev
+
+
+def check_precision(value: str, key: str = "precision") -> str:
+    """``value`` when it names a precision of :data:`PRECISIONS`; else a :class:`ConfigError` naming ``key``.
+
+    Parameters
+    ----------
+    value
+        The precision asked for (``fp32``, ``bf16``, ``fp16``).
+    key
+        The config key or argument that holds it, named in the message.
+    """
+    if value not in PRECISIONS:
+        raise ConfigError(f"{key}={value!r} is not a known precision: use one of {', '.join(PRECISIONS)}")
+    return value
+
+
+def autocast_context(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """The ``torch.autocast`` context of ``precision`` on ``device`` (a no-op for precisions without autocast).
+
+    Raises :class:`ConfigError` for a precision not in :data:`PRECISIONS`.
+    """
+    dtype = PRECISIONS[check_precision(precision)]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def set_console_level(level: int) -> None:

@@ -145,3 +145,10 @@ def test_plots_from_analysis_folders(tmp_path):
         assert head.startswith(b"\x89PNG") if p.suffix == ".png" else head.startswith(b"%PDF")
     with pytest.raises(ConfigError, match="no analysis folder"):
         plots_main(load_config(PlotConfig, [f"dirs=[{tmp_path}/nothing/*]", f"out={figs}"]))
+
+
+def test_components_are_stored_canonical():
+    # Aliases, case, duplicates and the user's order all name the same measurement: the config says which.
+    cfg = load_config(AnalysisConfig, [*SMALL, "components=[FFN_FC1, attn, ln1, mha]"])
+    assert cfg.components == ["ln1", "mha", "fc1"]
+    assert load_config(AnalysisConfig, [*SMALL, "components=[all]"]).components == list(BLOCK_COMPONENTS)

@@ -256,3 +256,21 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     two_val = [(r["val_acc"], r["val_loss"]) for r in two_rows if "val_acc" in r]
     assert [a for a, _ in one_val] == [a for a, _ in two_val]
     assert [b for _, b in two_val] == pytest.approx([b for _, b in one_val], abs=1e-5)
+
+
+def test_trainable_alias_is_stored_canonical_and_resumes_either_spelling(tmp_path):
+    cfg = tiny_cfg(tmp_path, trainable=["attn"], steps=2, eval_period=2, log_dir="")
+    assert cfg.trainable == ["mha"] and cfg.run_name == tiny_cfg(tmp_path, log_dir="").run_name
+    run = RunDir(tmp_path / "out" / "runs" / cfg.run_name)
+    train_app.main(cfg)
+    assert yaml.safe_load(run.config_path.read_text())["trainable"] == ["mha"]
+    assert json.loads(run.eval_path.read_text())["trainable"] == ["mha"]
+    # Relaunching an interrupted run as [mha] or [attn] is the same config, and so is a run directory written
+    # before the config was stored canonical (its config.yaml holds [attn]).
+    for saved in (["mha"], ["attn"]):
+        config = yaml.safe_load(run.config_path.read_text())
+        run.config_path.write_text(yaml.safe_dump({**config, "trainable": saved}, sort_keys=False))
+        for typed in (["mha"], ["attn"]):
+            train_app._check_same_config(tiny_cfg(tmp_path, trainable=typed, steps=2, eval_period=2, log_dir=""), run)
+    with pytest.raises(ConfigError, match="different config.*trainable: \\['mha'\\] -> \\['fc1'\\]"):
+        train_app._check_same_config(tiny_cfg(tmp_path, trainable=["fc1"], steps=2, eval_period=2, log_dir=""), run)

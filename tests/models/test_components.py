@@ -113,3 +113,13 @@ def test_accessors_compute_the_block():
         assert torch.allclose(model.norm(h), model.forward_features(x), atol=1e-6)
     with pytest.raises(ComponentError, match="not a per-block component"):
         block_module(model, 0, "head")
+
+
+def test_display_names_and_order_are_the_registrys():
+    from vitef.models.components import DISPLAY_NAMES, DISPLAY_ORDER, RANK_ORDER, display_name, display_order
+
+    # One label and one place in the order for every component and for full finetuning.
+    assert set(DISPLAY_NAMES) == set(DISPLAY_ORDER) == {*COMPONENTS, "all"}
+    assert RANK_ORDER == ("mha", "fc1", "fc2", "ln2", "ln1") == DISPLAY_ORDER[:5]
+    assert display_name("all") == "all" and display_name("fc1+fc2") == "FC1+FC2" and display_name("x") == "x"
+    assert display_order(["fc1+fc2", "emb", "all", "ln1", "mha", "mha"]) == ["mha", "ln1", "all", "emb", "fc1+fc2"]

@@ -28,17 +28,23 @@ COMPONENTS: tuple[str, ...] = ("emb", *BLOCK_COMPONENTS, "head")
 
 # The paper's theoretical plasticity ranking (1 = most plastic), PROTOCOL.md §1.
 THEORETICAL_RANK: dict[str, int] = {"mha": 1, "fc1": 2, "fc2": 3, "ln2": 4, "ln1": 5}
+# The per-block components by theoretical rank: MHA, FC1, FC2, LN2, LN1 (the order of the paper's figures).
+RANK_ORDER: tuple[str, ...] = tuple(sorted(THEORETICAL_RANK, key=THEORETICAL_RANK.__getitem__))
+# The order of every table and figure: the ranked components, then full finetuning (``all``, a trainable
+# choice rather than a component), the embedding and the head. Other names (``fc1+fc2``) come after.
+DISPLAY_ORDER: tuple[str, ...] = (*RANK_ORDER, "all", "emb", "head")
 
-# Display names used in tables and figures.
+# The one label of each name in tables, figures and logs: acronyms in capitals, the words (the embedding,
+# the head, full finetuning) in lower case as the finetuning tables have always printed them.
 DISPLAY_NAMES: dict[str, str] = {
-    "emb": "Emb",
+    "emb": "emb",
     "ln1": "LN1",
     "mha": "MHA",
     "ln2": "LN2",
     "fc1": "FC1",
     "fc2": "FC2",
-    "head": "Head",
-    "all": "All",
+    "head": "head",
+    "all": "all",
 }
 
 # The authors' code names (attn_norm, ffn_norm, ffn_fc1, ffn_fc2) and a few obvious spellings.
@@ -92,6 +98,20 @@ def canonical_list(names: Iterable[str] | str) -> list[str]:
         if c not in out:
             out.append(c)
     return out
+
+
+def display_name(name: str) -> str:
+    """The label of a component or trainable choice: ``mha`` → ``MHA``, ``fc1+fc2`` → ``FC1+FC2``.
+
+    Names outside the registry are returned unchanged.
+    """
+    return "+".join(DISPLAY_NAMES.get(part, part) for part in str(name).split("+"))
+
+
+def display_order(names: Iterable[str]) -> list[str]:
+    """The distinct ``names`` in :data:`DISPLAY_ORDER`, then any others (combinations) alphabetically."""
+    rank = {name: i for i, name in enumerate(DISPLAY_ORDER)}
+    return sorted(set(names), key=lambda n: (rank.get(n, len(rank)), n))
 
 
 @dataclass(frozen=True)

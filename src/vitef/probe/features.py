@@ -25,7 +25,6 @@ out, as timm's ``global_pool="avg"``) or the ``cls`` token.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 
 from vitef.errors import ConfigError
 from vitef.models import block_module, embed, mlp_activation, num_blocks
+from vitef.utils import autocast_context, check_precision
 
 logger = logging.getLogger(__name__)
 
@@ -147,13 +147,6 @@ class FeatureBank:
         return sum(g.numel() * g.element_size() for g in self.groups.values())
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def extract_features(
     model: nn.Module,
     loader: Iterable,
@@ -179,7 +172,8 @@ def extract_features(
     pool
         ``mean`` (patch tokens) or ``cls``.
     precision
-        ``fp32``, ``bf16`` or ``fp16`` autocast for the forward; stored features are float32.
+        A name of :data:`vitef.utils.PRECISIONS` (``fp32``, ``bf16``, ``fp16``): autocast for the forward;
+        stored features are float32.
     num_samples
         Number of samples the loader yields (default ``len(loader.dataset)``): the bank is
         preallocated, ``n_samples x n_probes x width`` float32 in CPU memory.
@@ -190,8 +184,7 @@ def extract_features(
     layer_ids = check_layers(layers, depth)
     pts = check_points(points)
     check_pool(model, pool)
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"precision={precision!r} is unknown: use fp32, bf16 or fp16")
+    check_precision(precision)
     n = num_samples if num_samples is not None else len(loader.dataset)  # type: ignore[attr-defined]
     keys = [(layer, p) for layer in layer_ids for p in pts]
     index: dict[tuple[int, str], tuple[int, int]] = {}
@@ -210,7 +203,7 @@ def extract_features(
         if pos + b > n:
             raise ValueError(f"loader yielded more than num_samples={n} samples")
         # The bank is allocated outside inference mode so callers can preprocess it in place.
-        with torch.inference_mode(), _autocast(device, precision):
+        with torch.inference_mode(), autocast_context(device, precision):
             x = embed(model, images.to(device, non_blocking=True))  # (B, N, D)
             for layer in range(last + 1):
                 want = pts if layer in layer_ids else ()
