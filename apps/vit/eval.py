@@ -26,9 +26,7 @@ from vitef.evaluation import evaluate
 from vitef.models import build_model
 from vitef.monitor import RunDir
 from vitef.monitor.run_dir import CHECKPOINTS
-from vitef.utils import atomic_write_json, check_writable, resolve_device
-
-PRECISIONS = ("fp32", "bf16", "fp16")
+from vitef.utils import PRECISIONS, atomic_write_json, check_precision, check_writable, resolve_device
 
 
 @dataclasses.dataclass
@@ -64,7 +62,7 @@ class EvalConfig:
     split: str = option("test", "split: train, val or test")
     checkpoint: str = option("best", "best (best validation accuracy) or last (latest step checkpoint)")
     eval_batch_size: int = option(256, "images per evaluation batch and process")
-    precision: str = option("fp32", "autocast: fp32, bf16 or fp16")
+    precision: str = option("fp32", f"numeric precision: {', '.join(PRECISIONS)}")
     device: str = option("auto", "auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK)")
     data: MachineDataConfig = option(MachineDataConfig(), "where the data lives on this machine, loader workers")
 
@@ -89,8 +87,7 @@ class EvalConfig:
             raise ConfigError(f"checkpoint={self.checkpoint!r} must be one of {', '.join(CHECKPOINTS)}")
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size={self.eval_batch_size} must be >= 1")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
         resolve_device(self.device)  # raises ConfigError for cuda on a machine without GPU
 
     @property
