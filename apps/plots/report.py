@@ -164,7 +164,7 @@ def _markdown_table(df: pd.DataFrame) -> str:
 def main(cfg: ReportConfig) -> Path:
     root = Path(cfg.root)
     if not root.is_dir():
-        raise VitefError(f"root='{cfg.root}' does not exist: run a study first (python -m apps.vit.study ...)")
+        raise VitefError(f"root='{cfg.root}' does not exist: run a study first (python -m apps.study ...)")
     out_dir = check_writable(Path(cfg.out) if cfg.out else root / "report", "out" if cfg.out else "root")
     doc = Document(out_dir)
     doc.heading(cfg.title, 1)
