@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from vitef.bounds import bounds_table, compare, estimate_radius, sequence_length
 from vitef.config import cli_main, option, save_config
-from vitef.data import DataConfig, build_loader, parse_name
-from vitef.errors import ComponentError, ConfigError
+from vitef.data import DataConfig, build_loader, canonical_name
+from vitef.errors import ComponentError, ConfigError, VitefError
 from vitef.models import BLOCK_COMPONENTS, ModelConfig, build_model_from_config, model_label
 from vitef.models.components import DISPLAY_NAMES
 from vitef.plasticity import MODES, measure, resolve_components, summarize
@@ -88,6 +88,11 @@ class AnalysisConfig:
             raise ConfigError(f"sigma={self.sigma} must be positive (a lower bound on a standard deviation)")
         if not self.dataset_name or not self.source:
             raise ConfigError("source and dataset_name must name datasets (e.g. source=imagenet dataset_name=cifar10)")
+        for key in ("source", "dataset_name"):  # stored canonical, so the output folder has one name per dataset
+            try:
+                setattr(self, key, canonical_name(getattr(self, key)))
+            except VitefError as e:
+                raise ConfigError(f"{key}: {e}") from e
         try:
             # Stored canonical (registry names, forward order, `all` expanded): config.yaml and plasticity.json
             # say what was measured, whatever alias or order the command line used.
@@ -97,9 +102,6 @@ class AnalysisConfig:
 
 
 def main(cfg: AnalysisConfig) -> Path:
-    # Setup: fail fast on dataset names before building a large model.
-    parse_name(cfg.source)
-    parse_name(cfg.dataset_name)
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
     comps = tuple(cfg.components)  # canonical since validate()

@@ -20,7 +20,7 @@ from typing import ClassVar
 from apps.vit.train import TrainConfig
 from vitef import distributed
 from vitef.config import cli_main, option
-from vitef.data import build_loader, num_classes, parse_name
+from vitef.data import build_loader, canonical_name, num_classes
 from vitef.errors import ConfigError, VitefError
 from vitef.evaluation import evaluate
 from vitef.models import build_model
@@ -78,7 +78,7 @@ class EvalConfig:
             raise ConfigError("root is empty: give the output root of the training runs, e.g. root=outputs")
         if self.eval_dataset:
             try:
-                parse_name(self.eval_dataset)
+                self.eval_dataset = canonical_name(self.eval_dataset)
             except VitefError as e:
                 raise ConfigError(f"eval_dataset: {e}") from e
         if self.split not in ("train", "val", "test"):

@@ -36,8 +36,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from vitef.config import cli_main, option, save_config
-from vitef.data import SPLITS, DataConfig, build_dataset
-from vitef.errors import CheckpointError, ConfigError, ModelError
+from vitef.data import SPLITS, DataConfig, build_dataset, canonical_name
+from vitef.errors import CheckpointError, ConfigError, ModelError, VitefError
 from vitef.models import ModelConfig, build_model, build_model_from_config, model_label, num_blocks
 from vitef.monitor import RunDir
 from vitef.probe import POOLS, PROBE_POINTS, SolverConfig, check_layers, check_points, extract_features, fit_probes
@@ -111,6 +111,11 @@ class LinearProbingConfig:
                 raise ConfigError(f"{key}={value} must be >= 2 (or null for the whole split)")
         if self.run_dir is None and not self.dataset_name:
             raise ConfigError("dataset_name is required to probe a pretrained model (e.g. dataset_name=cifar10)")
+        if self.dataset_name:
+            try:
+                self.dataset_name = canonical_name(self.dataset_name)  # stored canonical: one folder per dataset
+            except VitefError as e:
+                raise ConfigError(f"dataset_name: {e}") from e
 
 
 def main(cfg: LinearProbingConfig) -> None:

@@ -29,8 +29,8 @@ from torch import nn
 from tqdm import tqdm
 
 from vitef import distributed
-from vitef.config import cli_main, flatten, option, save_config, to_dict
-from vitef.data import DataConfig, build_loader, make_iterable, num_classes, parse_name
+from vitef.config import canonical_saved, cli_main, flatten, option, save_config, to_dict
+from vitef.data import DataConfig, build_loader, canonical_name, make_iterable, num_classes
 from vitef.distributed import DistInfo
 from vitef.errors import ConfigError, TrainingError, VitefError
 from vitef.evaluation import EvalResult, evaluate
@@ -133,7 +133,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         try:
-            parse_name(self.dataset_name)
+            # Stored canonical (e.g. cifar10_c-snow-5 -> cifar10_c-corruption-snow-severity-5), like trainable.
+            self.dataset_name = canonical_name(self.dataset_name)
         except VitefError as e:
             raise ConfigError(f"dataset_name: {e}") from e
         try:
@@ -435,7 +436,7 @@ def _check_same_config(cfg: TrainConfig, run: RunDir) -> None:
         saved = yaml.safe_load(run.config_path.read_text()) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{run.config_path} is not valid YAML ({e}); use overwrite=true to start afresh") from e
-    diffs = _diff(flatten(canonical_saved(saved)), flatten(to_dict(cfg)))
+    diffs = _diff(flatten(canonical_saved(TrainConfig, saved)), flatten(to_dict(cfg)))
     diffs = [d for d in diffs if not any(d[0] == k or d[0].startswith(k + ".") for k in RESUME_FREE_KEYS)]
     if diffs:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:5])
@@ -443,20 +444,6 @@ def _check_same_config(cfg: TrainConfig, run: RunDir) -> None:
             f"run directory {run.path} exists with a different config ({shown}). "
             "Use overwrite=true to replace it, or another log_dir"
         )
-
-
-def canonical_saved(saved: Any) -> Any:
-    """A saved ``config.yaml`` mapping with ``trainable`` in registry names, to compare with a validated config.
-
-    Runs written before ``validate()`` stored the canonical value hold what was typed (``[attn]``), which is
-    the same run as ``[mha]``. A name the registry does not know is left as saved, so it shows as a difference.
-    """
-    if isinstance(saved, dict) and isinstance(saved.get("trainable"), (list, str)):
-        try:
-            return {**saved, "trainable": canonical_list(saved["trainable"])}
-        except VitefError:
-            pass
-    return saved
 
 
 def _diff(a: dict, b: dict) -> list[tuple[str, Any, Any]]:

@@ -537,6 +537,27 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def canonical_saved(cls: type, saved: Any) -> Any:
+    """A saved ``config.yaml`` mapping as the loader would store it today, to compare with a config built now.
+
+    ``validate()`` stores canonical values (``trainable=[attn]`` is saved as ``[mha]``, a dataset alias as its
+    registry name); a run saved before it did, or with another spelling, is the same run. The mapping is
+    loaded through ``cls`` (so validated and canonicalised) and dumped back; ``device`` keeps its saved
+    value (the machine that reads may lack it). A mapping that no longer loads (a removed key, a value now
+    refused) is returned unchanged, so its differences show.
+    """
+    if not isinstance(saved, dict):
+        return saved
+    data = {**saved, "device": "auto"} if "device" in saved else saved
+    try:
+        out = yaml.safe_load(to_yaml(build_config(cls, ("saved config", data))))
+    except VitefError:
+        return saved
+    if "device" in saved:
+        out["device"] = saved["device"]
+    return out
+
+
 def to_yaml(cfg: Any) -> str:
     """The config as YAML text, in the same nesting as the dataclass tree."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -97,7 +97,17 @@ from typing import Any
 
 import yaml
 
-from vitef.config import aliases_of, build_config, config_layers, flatten, option, save_config, to_yaml, validate
+from vitef.config import (
+    aliases_of,
+    build_config,
+    canonical_saved,
+    config_layers,
+    flatten,
+    option,
+    save_config,
+    to_yaml,
+    validate,
+)
 from vitef.errors import ConfigError, VitefError
 from vitef.monitor.lock import LOCKED_MARK, RunLock, RunLockedError, describe_holder, holder
 from vitef.utils import atomic_write_json
@@ -669,7 +679,8 @@ def config_differences(saved: Any, cfg: Any, free: Sequence[str] = ALWAYS_FREE_K
     field that the config class no longer has is ignored (no sweep file can set it).
     """
     now = flatten(yaml.safe_load(to_yaml(cfg)) or {})  # through YAML, as the saved side went
-    old = flatten(saved) if isinstance(saved, dict) else {}
+    # The saved side as the loader stores it today (`trainable: [attn]` saved by an older run is `[mha]`).
+    old = flatten(canonical_saved(type(cfg), saved)) if isinstance(saved, dict) else {}
     try:
         defaults = flatten(yaml.safe_load(to_yaml(type(cfg))) or {})
     except Exception:  # a class whose defaults cannot be listed: compare strictly
