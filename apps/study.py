@@ -38,7 +38,7 @@ from apps.vit import loss_landscape
 from apps.vit import sweep as sweep_app
 from vitef.config import build_config, cli_main, load_config, option, save_config
 from vitef.errors import ConfigError, VitefError
-from vitef.predictors import is_snapshot_analysis
+from vitef.monitor.analysis_dir import find_analyses
 from vitef.sweep import SweepConfig, expand
 from vitef.utils import check_writable, set_console_level, setup_logging
 
@@ -189,9 +189,9 @@ def draw_figures(cfg: StudyConfig) -> None:
     Analyses of pretraining snapshots (weights whose card has a ``step``) go to the pretraining figures only.
     """
     figures = Path(cfg.root) / "figures"
-    folders = sorted(p.parent for p in (Path(cfg.root) / "analysis").glob("*/plasticity.csv"))
-    snapshots = [f for f in folders if is_snapshot_analysis(f)]
-    models = [str(f) for f in folders if f not in snapshots]
+    folders = find_analyses([Path(cfg.root) / "analysis" / "*"], complete=False)
+    snapshots = [f.path for f in folders if f.step is not None]
+    models = [str(f.path) for f in folders if f.step is None]
     if models:
         analysis_plots.main(build_config(analysis_plots.PlotConfig, {"dirs": models, "out": str(figures / "analysis")}))
     if snapshots:

@@ -14,8 +14,6 @@ Reads only analysis folders written by ``apps.vit.analysis`` (``plasticity.csv``
 from __future__ import annotations
 
 import dataclasses
-import glob
-import json
 import logging
 from pathlib import Path
 
@@ -29,6 +27,7 @@ from apps.plots.common import component_color, save_figure  # noqa: E402
 from vitef.config import cli_main, option  # noqa: E402
 from vitef.errors import ConfigError  # noqa: E402
 from vitef.models.components import DISPLAY_NAMES, RANK_ORDER, THEORETICAL_RANK  # noqa: E402
+from vitef.monitor.analysis_dir import AnalysisDir, find_analyses  # noqa: E402
 from vitef.utils import check_writable  # noqa: E402
 
 logger = logging.getLogger("apps.plots.analysis")
@@ -76,32 +75,19 @@ class Analysis:
 
 
 def find_dirs(patterns: list[str]) -> list[Path]:
-    """Analysis folders (those holding plasticity.csv) matching ``patterns``, sorted, without duplicates."""
-    found: list[Path] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) or ([pattern] if Path(pattern).exists() else [])
-        for m in matches:
-            p = Path(m)
-            if (p / "plasticity.csv").is_file() and p not in found:
-                found.append(p)
+    """Analysis folders (those holding plasticity.csv) matching ``patterns``, pattern by pattern, without duplicates."""
+    found = find_analyses(patterns, complete=False)
     if not found:
         raise ConfigError(
             f"no analysis folder (with plasticity.csv) matches {patterns}; run `python -m apps.vit.analysis` first"
         )
-    return found
+    return [f.path for f in found]
 
 
 def load(path: Path) -> Analysis:
-    try:
-        plasticity = pd.read_csv(path / "plasticity.csv")
-        bounds = pd.read_csv(path / "bounds.csv") if (path / "bounds.csv").is_file() else None
-        meta = json.loads((path / "plasticity.json").read_text()) if (path / "plasticity.json").is_file() else {}
-    except (OSError, ValueError, pd.errors.ParserError) as e:
-        raise ConfigError(f"analysis folder {path} is unreadable ({e}); re-run apps.vit.analysis") from e
-    missing = {"layer", "component", "mean", "ci95"} - set(plasticity.columns)
-    if missing:
-        raise ConfigError(f"{path / 'plasticity.csv'} lacks columns {sorted(missing)}; re-run apps.vit.analysis")
-    return Analysis(path, plasticity, bounds, meta)
+    folder = AnalysisDir(path)
+    meta = folder.read_meta() if folder.is_complete() else {}
+    return Analysis(path, folder.read_plasticity(), folder.read_bounds(), meta)
 
 
 def main(cfg: PlotConfig) -> list[Path]:

@@ -21,13 +21,12 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from vitef.config import cli_main, option
 from vitef.errors import VitefError
 from vitef.models.components import DISPLAY_NAMES
+from vitef.monitor.analysis_dir import find_analyses
 from vitef.plasticity import summarize
-from vitef.predictors import bounds_per_component, is_snapshot_analysis
 from vitef.utils import atomic_write_text, check_writable
 
 logger = logging.getLogger("apps.plots.report")
@@ -191,9 +190,7 @@ def main(cfg: ReportConfig) -> Path:
 def plasticity_section(doc: Document, root: Path) -> bool:
     """Per analysis folder: mean plasticity per component, measured vs theoretical rank, Kendall's tau, bounds."""
     # Analyses of pretraining snapshots have their own section (pretraining_section).
-    folders = sorted(
-        p.parent for p in (root / "analysis").glob("*/plasticity.csv") if not is_snapshot_analysis(p.parent)
-    )
+    folders = [f for f in find_analyses([root / "analysis" / "*"], complete=False) if f.step is None]
     if not folders:
         return False
     doc.heading("Plasticity and theoretical bounds")
@@ -204,10 +201,10 @@ def plasticity_section(doc: Document, root: Path) -> bool:
         "over blocks of the component's theoretical upper bound computed from its weights."
     )
     for folder in folders:
-        df = pd.read_csv(folder / "plasticity.csv")
+        df = folder.read_plasticity()
         per, tau, _ = summarize(df)
-        config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").is_file() else {}
-        bounds = bounds_per_component(folder / "bounds.csv")
+        config = folder.read_config()
+        bounds = folder.bounds_per_component()
         table = pd.DataFrame(
             {
                 "component": [DISPLAY_NAMES.get(c, c) for c in per["component"]],

@@ -36,6 +36,7 @@ from vitef.data import DataConfig, build_loader, canonical_name
 from vitef.errors import ComponentError, ConfigError, VitefError
 from vitef.models import BLOCK_COMPONENTS, ModelConfig, build_model_from_config, model_label
 from vitef.models.components import DISPLAY_NAMES
+from vitef.monitor.analysis_dir import AnalysisDir
 from vitef.plasticity import MODES, measure, resolve_components, summarize
 from vitef.utils import (
     PRECISIONS,
@@ -206,22 +207,23 @@ def write_results(
     seq_len: int,
 ) -> None:
     """Every file atomically; plasticity.json last, so a folder with it is complete."""
+    folder = AnalysisDir(out_dir)  # the layout its readers use
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
+    save_config(cfg, folder.config_path)
     if cfg.keep_samples:
-        with atomic_path(out_dir / "samples.npz") as tmp, open(tmp, "wb") as f:
+        with atomic_path(folder.samples_path) as tmp, open(tmp, "wb") as f:
             np.savez(
                 f,
                 ratios=df.attrs["samples"],  # (n_pairs, layers, components), NaN for identical pairs
                 layers=np.asarray(df.attrs["layers"], dtype=np.int64),
                 components=np.asarray(df.attrs["components"], dtype=str),
             )
-    with atomic_path(out_dir / "plasticity.csv") as tmp:
+    with atomic_path(folder.plasticity_path) as tmp:
         df.to_csv(tmp, index=False)
-    with atomic_path(out_dir / "bounds.csv") as tmp:
+    with atomic_path(folder.bounds_path) as tmp:
         bounds.to_csv(tmp, index=False)
     atomic_write_json(
-        out_dir / "plasticity.json",
+        folder.meta_path,
         _finite(
             {
                 "model": cfg.model.name,

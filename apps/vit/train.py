@@ -24,7 +24,6 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from tqdm import tqdm
 
@@ -433,9 +432,9 @@ def _prepare_run_dir(cfg: TrainConfig, run: RunDir, info: DistInfo) -> Path | No
 
 def _check_same_config(cfg: TrainConfig, run: RunDir) -> None:
     try:
-        saved = yaml.safe_load(run.config_path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{run.config_path} is not valid YAML ({e}); use overwrite=true to start afresh") from e
+        saved = run.read_config()
+    except ConfigError as e:
+        raise ConfigError(f"{e}; use overwrite=true to start afresh") from e
     diffs = _diff(flatten(canonical_saved(TrainConfig, saved)), flatten(to_dict(cfg)))
     diffs = [d for d in diffs if not any(d[0] == k or d[0].startswith(k + ".") for k in RESUME_FREE_KEYS)]
     if diffs:

@@ -43,7 +43,7 @@ from scipy.stats import kendalltau
 from vitef.errors import ConfigError
 from vitef.models.build import model_label
 from vitef.models.components import BLOCK_COMPONENTS
-from vitef.monitor.analysis_dir import AnalysisDir, find_analyses
+from vitef.monitor.analysis_dir import find_analyses
 
 logger = logging.getLogger(__name__)
 
@@ -84,19 +84,6 @@ def collect_analyses(root: str | Path) -> pd.DataFrame:
                 "folder": str(folder.path),
             })  # fmt: skip
     return pd.DataFrame(rows, columns=ANALYSIS_COLUMNS)
-
-
-def is_snapshot_analysis(folder: str | Path) -> bool:
-    """True for an analysis folder of a pretraining snapshot (weights whose card records a pretraining ``step``)."""
-    try:
-        return AnalysisDir(folder).step is not None
-    except ConfigError:
-        return False
-
-
-def bounds_per_component(path: str | Path) -> dict[str, float]:
-    """Mean over blocks of each component's bound in an analysis folder's ``bounds.csv`` ({} without one)."""
-    return AnalysisDir(Path(path).parent).bounds_per_component()
 
 
 def analysis_signals(analyses: pd.DataFrame, model: str = "") -> pd.DataFrame:

@@ -150,8 +150,11 @@ class AnalysisDir:
 
     @property
     def step(self) -> int | None:
-        """The pretraining step of the analysed weights (their card's ``step``); ``None`` unless a snapshot."""
-        return pretraining_step(self.model)
+        """The pretraining step of the analysed weights (their card's ``step``); ``None`` unless a snapshot.
+
+        ``None`` too for an unfinished folder (no ``plasticity.json``), which names no weights.
+        """
+        return pretraining_step(self.model) if self.is_complete() else None
 
     def is_pretrained(self) -> bool:
         """True for the pretrained model itself: not random or finetuned weights (``-random``/``@run`` tags), not a
