@@ -405,69 +405,83 @@ def _folder_classes(spec: DatasetSpec, root: Path) -> int:
 # The table: one entry per dataset family (to add a dataset, write its loader above and an entry here)
 # ---------------------------------------------------------------------------------------------------------
 
-_TORCHVISION = "(torchvision downloads it with data.download=true)"
-_CORRUPTED = "corruption-<type>-severity-<1..5> (or {key}-<type>-<s>)"
 _C_SPLITS = (
     "the 10k images of severity s: fixed seed-42 80/20 → 8k train+val / 2k test; train+val 80/20 (seed 42) → "
     "6,400 / 1,600."
 )
 _DIGITS_SPLITS = "fixed seed-42 80/20 splits, as CIFAR-C (vitef.data.digits): 1,149 / 288 / 360 for all ten."
+# The fields every family of the bundled digits shares: its loader, which also takes data.digits_size.
+_DIGITS: dict[str, Any] = {"load": load_digits, "load_options": ("digits_size",)}
+
+
+def _downloadable(key: str, *, home: str, **fields: Any) -> DatasetEntry:
+    """The entry of a plain name whose data torchvision downloads; ``home``: the official page."""
+    return DatasetEntry(
+        key=key, source=f"{home} (torchvision downloads it with data.download=true)", examples=(key,), **fields
+    )
+
+
+def _corrupted(key: str, *, official: bool = True, **fields: Any) -> DatasetEntry:
+    """The entry of a family named ``<key>-corruption-<type>-severity-<s>``: the official corrupted copies
+    (``official``: CIFAR-C, ImageNet-C files) or corruptions computed on the fly; results tables show severity 5
+    as the bare corruption."""
+    return DatasetEntry(
+        key=key,
+        parse=_official_corruption if official else _applied_corruption,
+        usage=f"{key}-corruption-<type>-severity-<1..5> (or {key}-<type>-<s>)",
+        variant=corruption_variant,
+        **fields,
+    )
+
 
 DATASETS = (
     DatasetEntry(
         key="digits",
-        load=load_digits,
+        **_DIGITS,
         classes=10,
         splits=_DIGITS_SPLITS,
         layout="none: bundled with scikit-learn, rendered at data.digits_size pixels.",
-        load_options=("digits_size",),
         examples=("digits",),
     ),
     DatasetEntry(
         key="digits_subset",
-        load=load_digits,
+        **_DIGITS,
         classes=lambda spec, root: len(spec.variant),
         splits="the listed digits only (labels 0..k-1 in digit order), split as digits.",
         parse=_digit_subset,
         usage="digits_subset-<digits> (e.g. digits_subset-01234, digits_subset-56789)",
         examples=("digits_subset-56789", "digits_subset-01234", "digits_subset-97865"),
-        load_options=("digits_size",),
     ),
-    DatasetEntry(
-        key="digits_c",
-        load=load_digits,
+    _corrupted(
+        "digits_c",
+        official=False,
+        **_DIGITS,
         classes=10,
         splits="digits with an on-the-fly corruption (vitef.data.corruptions), split as digits.",
-        parse=_applied_corruption,
-        usage="digits_c-" + _CORRUPTED.format(key="digits_c"),
         examples=("digits_c-corruption-impulse_noise-severity-5", "digits_c-gaussian_noise-5"),
-        load_options=("digits_size",),
-        variant=corruption_variant,
     ),
-    DatasetEntry(
-        key="cifar10",
+    _downloadable(
+        "cifar10",
         load=load_cifar,
         classes=10,
         splits="official train (50k) 80/20 by the RUN seed → 40k / 10k; official test 10k.",
         layout="torchvision's 'cifar-10-batches-py/' (downloadable).",
-        source=f"https://www.cs.toronto.edu/~kriz/cifar.html {_TORCHVISION}",
+        home="https://www.cs.toronto.edu/~kriz/cifar.html",
         label="CIFAR-10",
         order=0,
-        examples=("cifar10",),
     ),
-    DatasetEntry(
-        key="cifar100",
+    _downloadable(
+        "cifar100",
         load=load_cifar,
         classes=100,
         splits="as cifar10.",
         layout="torchvision's 'cifar-100-python/' (downloadable).",
-        source=f"https://www.cs.toronto.edu/~kriz/cifar.html {_TORCHVISION}",
+        home="https://www.cs.toronto.edu/~kriz/cifar.html",
         label="CIFAR-100",
         order=1,
-        examples=("cifar100",),
     ),
-    DatasetEntry(
-        key="cifar10_c",
+    _corrupted(
+        "cifar10_c",
         load=load_cifar_c,
         classes=10,
         splits=_C_SPLITS,
@@ -475,13 +489,10 @@ DATASETS = (
         source="https://zenodo.org/records/2535967 (CIFAR-10-C.tar, Hendrycks & Dietterich 2019)",
         label="C10-C",
         order=2,
-        parse=_official_corruption,
-        usage="cifar10_c-" + _CORRUPTED.format(key="cifar10_c"),
         examples=("cifar10_c-corruption-snow-severity-5", "cifar10_c-snow-5"),
-        variant=corruption_variant,
     ),
-    DatasetEntry(
-        key="cifar100_c",
+    _corrupted(
+        "cifar100_c",
         load=load_cifar_c,
         classes=100,
         splits="as cifar10_c.",
@@ -489,10 +500,7 @@ DATASETS = (
         source="https://zenodo.org/records/3555552 (CIFAR-100-C.tar, Hendrycks & Dietterich 2019)",
         label="C100-C",
         order=6,
-        parse=_official_corruption,
-        usage="cifar100_c-" + _CORRUPTED.format(key="cifar100_c"),
         examples=("cifar100_c-corruption-contrast-severity-5",),
-        variant=corruption_variant,
     ),
     DatasetEntry(
         key="domainnet",
@@ -507,27 +515,25 @@ DATASETS = (
         usage=f"domainnet-<{'|'.join(DOMAINNET_DOMAINS)}>",
         examples=("domainnet-clipart", "domainnet-sketch"),
     ),
-    DatasetEntry(
-        key="flowers102",
+    _downloadable(
+        "flowers102",
         load=load_flowers102,
         classes=102,
         splits="official 1,020 / 1,020 / 6,149.",
         layout="torchvision's 'flowers-102/' (jpg/, imagelabels.mat, setid.mat; downloadable).",
-        source=f"https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ {_TORCHVISION}",
+        home="https://www.robots.ox.ac.uk/~vgg/data/flowers/102/",
         label="Flowers102",
         order=4,
-        examples=("flowers102",),
     ),
-    DatasetEntry(
-        key="pet",
+    _downloadable(
+        "pet",
         load=load_pet,
         classes=37,
         splits="official trainval (3,680) 80/20 by the RUN seed → 2,944 / 736; test 3,669.",
         layout="torchvision's 'oxford-iiit-pet/' (images/, annotations/{trainval,test}.txt; downloadable).",
-        source=f"https://www.robots.ox.ac.uk/~vgg/data/pets/ {_TORCHVISION}",
+        home="https://www.robots.ox.ac.uk/~vgg/data/pets/",
         label="Pet",
         order=5,
-        examples=("pet",),
     ),
     DatasetEntry(
         key="imagenet",
@@ -544,8 +550,8 @@ DATASETS = (
         order=7,
         examples=("imagenet",),
     ),
-    DatasetEntry(
-        key="imagenet_c",
+    _corrupted(
+        "imagenet_c",
         load=load_imagenet_c,
         classes=1000,
         splits="as CIFAR-C: fixed seed-42 80/20 splits of the 50k images.",
@@ -553,10 +559,7 @@ DATASETS = (
         source="https://zenodo.org/records/2235448 (ImageNet-C, Hendrycks & Dietterich 2019)",
         label="IN-C",
         order=8,
-        parse=_official_corruption,
-        usage="imagenet_c-" + _CORRUPTED.format(key="imagenet_c"),
         examples=("imagenet_c-corruption-fog-severity-3",),
-        variant=corruption_variant,
     ),
     DatasetEntry(
         key="imagefolder",
