@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from vitef.data.base import VitefDataset, check_split
@@ -126,8 +125,9 @@ def build_dataset(
     )
 
 
-# build_loader's own arguments; every other keyword goes to build_dataset (``seed`` goes to both).
-_LOADER_ARGS = ("batch_size", "shuffle", "seed", "num_workers", "drop_last", "rank", "world_size", "device")
+# build_loader's keywords that go to make_loader (batch_size, shuffle, seed, num_workers, drop_last, rank,
+# world_size, device); every other keyword goes to build_dataset (``seed`` goes to both).
+_LOADER_ARGS = tuple(p for p in inspect.signature(make_loader).parameters if p != "dataset")
 
 
 def _dataset_args() -> tuple[str, ...]:
@@ -136,46 +136,27 @@ def _dataset_args() -> tuple[str, ...]:
 
 
 def build_loader(
-    name: str,
-    split: str,
-    *,
-    batch_size: int,
-    shuffle: bool | None = None,
-    seed: int = 0,
-    num_workers: int = 0,
-    drop_last: bool = False,
-    rank: int = 0,
-    world_size: int = 1,
-    device: torch.device | str | None = None,
-    **dataset_kwargs: Any,
+    name: str, split: str, *, batch_size: int, shuffle: bool | None = None, seed: int = 0, **options: Any
 ) -> VitefLoader:
-    """A loader over :func:`build_dataset` ``(name, split, seed=seed, **dataset_kwargs)`` with ``.num_classes``.
+    """A loader over :func:`build_dataset` ``(name, split, seed=seed, **dataset options)`` with ``.num_classes``.
 
     ``shuffle`` defaults to true for the train split only (as ``augment`` does in :func:`build_dataset`).
-    The order is seeded by ``seed`` (which also seeds the dataset's split) and sharded by
-    ``rank``/``world_size``; pass the loader to :func:`make_iterable` for step-based loops. ``device``
-    (default: CUDA if available) decides pinned memory. Any other keyword (``size``, ``augment``, ``root``,
+    The order is seeded by ``seed`` (which also seeds the dataset's split). The other options of
+    :func:`make_loader` go to it with its defaults: ``num_workers``, ``drop_last``, ``rank``/``world_size``
+    (sharding) and ``device`` (default: CUDA if available; decides pinned memory). Pass the loader to
+    :func:`make_iterable` for step-based loops. Any other keyword (``size``, ``augment``, ``root``,
     ``normalize``, ...) is an argument of :func:`build_dataset`; an unknown one is a ``TypeError``.
     """
     dataset_args = _dataset_args()
-    for key in dataset_kwargs:
-        if key not in dataset_args:
+    for key in options:
+        if key not in dataset_args and key not in _LOADER_ARGS:
             guess = difflib.get_close_matches(key, dataset_args + _LOADER_ARGS, n=1)
             hint = f" Did you mean {guess[0]!r}?" if guess else ""
             raise TypeError(
                 f"build_loader() got an unknown keyword argument {key!r}.{hint} It takes {', '.join(_LOADER_ARGS)} "
                 f"and build_dataset's {', '.join(dataset_args)}"
             )
-    dataset = build_dataset(name, split, seed=seed, **dataset_kwargs)
+    loader_options = {k: v for k, v in options.items() if k in _LOADER_ARGS}
+    dataset = build_dataset(name, split, seed=seed, **{k: v for k, v in options.items() if k not in _LOADER_ARGS})
     shuffle = split == "train" if shuffle is None else shuffle
-    return make_loader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        num_workers=num_workers,
-        drop_last=drop_last,
-        rank=rank,
-        world_size=world_size,
-        device=device,
-    )
+    return make_loader(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, **loader_options)
