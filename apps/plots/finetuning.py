@@ -272,15 +272,24 @@ def _components(df: pd.DataFrame, col: str) -> list[str]:
     return R.order_components(df[col].unique())
 
 
-def plot_accuracy(cells: pd.DataFrame):
-    """Best-LR test accuracy per component (bars) ± std over seeds (error bars), one panel per dataset."""
+def _dataset_panels(datasets: list[str]):
+    """A figure with one panel per dataset (at most 4 a row; the spare panels of the last row hidden) and the
+    ``(axes, dataset)`` pairs."""
     import matplotlib.pyplot as plt
 
-    datasets = R.order_datasets(cells["dataset"].unique())
-    comps = _components(cells, "component")
     rows, cols = grid_shape(len(datasets))
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-    for ax, dataset in zip(axes.flat, datasets, strict=False):
+    for ax in axes.flat[len(datasets) :]:
+        ax.axis("off")
+    return fig, list(zip(axes.flat, datasets, strict=False))
+
+
+def plot_accuracy(cells: pd.DataFrame):
+    """Best-LR test accuracy per component (bars) ± std over seeds (error bars), one panel per dataset."""
+    datasets = R.order_datasets(cells["dataset"].unique())
+    comps = _components(cells, "component")
+    fig, panels = _dataset_panels(datasets)
+    for ax, dataset in panels:
         d = cells[cells["dataset"] == dataset].set_index("component").reindex(comps)
         mean, std = 100 * d["mean"].to_numpy(float), 100 * d["std"].fillna(0).to_numpy(float)
         x = np.arange(len(comps))
@@ -296,8 +305,6 @@ def plot_accuracy(cells: pd.DataFrame):
         ax.set_xticks(x, [R.component_label(c) for c in comps], rotation=45)
         ax.set_title(R.dataset_label(dataset))
         ax.set_ylabel("test acc. (%)")
-    for ax in axes.flat[len(datasets) :]:
-        ax.axis("off")
     fig.suptitle("Best-LR test accuracy per finetuned component (mean ± std over seeds)")
     fig.tight_layout()
     return fig
@@ -305,14 +312,11 @@ def plot_accuracy(cells: pd.DataFrame):
 
 def plot_robustness(runs: pd.DataFrame):
     """Boxplots of test accuracy over every completed lr x seed run, per component and dataset."""
-    import matplotlib.pyplot as plt
-
     ok = runs[(runs["status"] == "completed") & runs["test_acc"].notna()]
     datasets = R.order_datasets(runs["dataset"].unique())
     comps = _components(runs, "trainable")
-    rows, cols = grid_shape(len(datasets))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
-    for ax, dataset in zip(axes.flat, datasets, strict=False):
+    fig, panels = _dataset_panels(datasets)
+    for ax, dataset in panels:
         d = ok[ok["dataset"] == dataset]
         data = [100 * d[d["trainable"] == c]["test_acc"].to_numpy(float) for c in comps]
         bp = ax.boxplot(data, patch_artist=True, widths=0.6)
@@ -324,8 +328,6 @@ def plot_robustness(runs: pd.DataFrame):
         ax.set_xticks(np.arange(1, len(comps) + 1), [R.component_label(c) for c in comps], rotation=45)
         ax.set_title(f"{R.dataset_label(dataset)} (n={len(d)})")
         ax.set_ylabel("test acc. (%)")
-    for ax in axes.flat[len(datasets) :]:
-        ax.axis("off")
     fig.suptitle("Robustness to learning rate and seed: test accuracy of every lr × seed run")
     fig.tight_layout()
     return fig

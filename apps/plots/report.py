@@ -223,9 +223,14 @@ def plasticity_section(doc: Document, root: Path) -> bool:
     return True
 
 
+def _result_tables(root: Path, kind: str, select_on: str) -> list[Path]:
+    """The tables ``<kind>_<tag>.md`` that ``apps.plots.finetuning <kind>`` wrote for lr chosen on ``select_on``."""
+    return sorted((root / "results" / "tables").glob(f"{kind}_*select-{select_on}.md"))
+
+
 def finetuning_section(doc: Document, root: Path, select_on: str) -> bool:
     """The accuracy table (best lr per cell, mean ± std over seeds), gains over linear probing, tests, missing runs."""
-    tables = sorted((root / "results" / "tables").glob(f"finetuning_*select-{select_on}.md"))
+    tables = _result_tables(root, "finetuning", select_on)
     if not tables:
         return False
     doc.heading("Component-wise finetuning")
@@ -255,7 +260,7 @@ def finetuning_section(doc: Document, root: Path, select_on: str) -> bool:
 
 def predictors_section(doc: Document, root: Path, select_on: str) -> bool:
     """Which signal ranks the components as finetuning does (apps.plots.finetuning predictors)."""
-    tables = sorted((root / "results" / "tables").glob(f"predictors_*select-{select_on}.md"))
+    tables = _result_tables(root, "predictors", select_on)
     if not tables:
         return False
     doc.heading("Which signal predicts finetuning")
