@@ -38,6 +38,7 @@ from apps.vit import loss_landscape
 from apps.vit import sweep as sweep_app
 from vitef.config import build_config, cli_main, load_config, option, save_config
 from vitef.errors import ConfigError, VitefError
+from vitef.landscape import default_dir
 from vitef.monitor.analysis_dir import find_analyses
 from vitef.sweep import SweepConfig, expand
 from vitef.utils import check_writable, set_console_level, setup_logging
@@ -143,7 +144,7 @@ def check_study(cfg: StudyConfig) -> None:
 def landscape_config(cfg: StudyConfig, component: str) -> loss_landscape.LandscapeConfig:
     """The config of apps.vit.loss_landscape for one component of ``landscapes`` (output: <root>/landscapes/)."""
     argv = [f"config={cfg.landscape_config}"] if cfg.landscape_config else []
-    out_dir = Path(cfg.root) / "landscapes" / component
+    out_dir = default_dir(cfg.root, component)
     argv += [f"component={component}", f"root={cfg.root}", f"out_dir={out_dir}"]
     return load_config(loss_landscape.LandscapeConfig, argv)
 

@@ -27,12 +27,12 @@ import numpy as np
 from apps.plots.common import save_figure
 from vitef.config import cli_main, option
 from vitef.errors import ConfigError
-from vitef.models import BLOCK_COMPONENTS, canonical
+from vitef.landscape import ARRAYS_FILE, SUMMARY_FILE, default_dir, landscape_component
+from vitef.models import BLOCK_COMPONENTS
 from vitef.utils import check_writable
 
 logger = logging.getLogger("apps.plots.loss_landscape")
 
-FILES = ("landscape.npz", "landscape.json")
 COMPUTE = "python -m apps.vit.loss_landscape"
 # Keys of the compute app (apps.vit.loss_landscape.LandscapeConfig and its aliases) that this app took when it
 # computed too (before issue 11); tests/apps/test_loss_landscape.py checks that the list is complete.
@@ -67,13 +67,7 @@ class LandscapePlotConfig:
             )
         if self.command != "plot":
             raise ConfigError(f"unknown command '{self.command}': use plot (computing is `{COMPUTE}`)")
-        comp = canonical(self.component)  # raises ComponentError naming the valid components
-        if comp not in BLOCK_COMPONENTS:
-            raise ConfigError(
-                f"component={self.component}: the landscape needs a per-block component, one of "
-                f"{', '.join(BLOCK_COMPONENTS)}"
-            )
-        self.component = comp
+        self.component = landscape_component(self.component)
 
     def figure_dir(self) -> Path:
         return Path(self.out_dir) if self.out_dir else Path(self.root) / "figures" / "loss_landscape" / self.component
@@ -83,9 +77,9 @@ class LandscapePlotConfig:
         a landscape (the default folder when neither does, for the error message)."""
         if self.landscape_dir:
             return Path(self.landscape_dir)
-        default = Path(self.root) / "landscapes" / self.component
+        default = default_dir(self.root, self.component)
         for folder in (default, self.figure_dir()):
-            if (folder / FILES[0]).is_file():
+            if (folder / ARRAYS_FILE).is_file():
                 return folder
         return default
 
@@ -107,18 +101,18 @@ def read_results(folder: Path, component: str) -> tuple[dict, dict]:
     ConfigError
         A file is missing (the message gives the command that computes it).
     """
-    for name in FILES:
+    for name in (ARRAYS_FILE, SUMMARY_FILE):
         if not (folder / name).is_file():
             raise ConfigError(
                 f"{folder / name} does not exist: compute the landscape first with "
                 f"`{COMPUTE} component={component} out_dir={folder}` (or give landscape_dir=<its folder>)"
             )
-    with np.load(folder / FILES[0], allow_pickle=False) as data:
+    with np.load(folder / ARRAYS_FILE, allow_pickle=False) as data:
         arrays = {k: data[k] for k in data.files}
     try:
-        meta = json.loads((folder / FILES[1]).read_text())["summary"]
+        meta = json.loads((folder / SUMMARY_FILE).read_text())["summary"]
     except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{folder / FILES[1]} is not a landscape summary ({e}): compute it again") from None
+        raise ConfigError(f"{folder / SUMMARY_FILE} is not a landscape summary ({e}): compute it again") from None
     return arrays, meta
 
 

@@ -35,10 +35,14 @@ from vitef.config import cli_main, option, save_config, to_dict
 from vitef.data import SPLITS, DataConfig, build_loader, make_iterable, num_classes
 from vitef.errors import ConfigError
 from vitef.landscape import (
+    ARRAYS_FILE,
     CENTERS,
     SCALES,
+    SUMMARY_FILE,
     component_function,
+    default_dir,
     grid,
+    landscape_component,
     loss_grid,
     mean_loss,
     pca_plane,
@@ -46,7 +50,7 @@ from vitef.landscape import (
     sgd_trajectory,
     top_directions,
 )
-from vitef.models import BLOCK_COMPONENTS, ModelConfig, build_model_from_config, canonical, embed, num_blocks
+from vitef.models import BLOCK_COMPONENTS, ModelConfig, build_model_from_config, embed, num_blocks
 from vitef.models.components import DISPLAY_NAMES
 from vitef.optim import OptimConfig
 from vitef.utils import atomic_path, atomic_write_json, check_writable, resolve_device, set_seed
@@ -98,13 +102,7 @@ class LandscapeConfig:
                 f"command={self.command}: this app only computes (command=run); draw with "
                 f"python -m apps.plots.loss_landscape landscape_dir={self.output_dir()}"
             )
-        comp = canonical(self.component)  # raises ComponentError naming the valid components
-        if comp not in BLOCK_COMPONENTS:
-            raise ConfigError(
-                f"component={self.component}: the landscape needs a per-block component, one of "
-                f"{', '.join(BLOCK_COMPONENTS)}"
-            )
-        self.component = comp
+        self.component = landscape_component(self.component)
         for key in ("steps", "grid_size", "rate_grid_size"):
             if getattr(self, key) < 2:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 2")
@@ -124,7 +122,7 @@ class LandscapeConfig:
             raise ConfigError(f"image_index={self.image_index} must be >= 0")
 
     def output_dir(self) -> Path:
-        return Path(self.out_dir) if self.out_dir else Path(self.root) / "landscapes" / self.component
+        return Path(self.out_dir) if self.out_dir else default_dir(self.root, self.component)
 
 
 def run_dir(cfg: LandscapeConfig) -> Path:
@@ -255,9 +253,9 @@ def rate_of_change(cfg: LandscapeConfig, model: torch.nn.Module, layer: int, eva
 
 def write_results(out: Path, cfg: LandscapeConfig, arrays: dict, meta: dict) -> None:
     """``landscape.npz`` (arrays only, no pickle), ``landscape.json`` and ``config.yaml``, atomically."""
-    with atomic_path(out / "landscape.npz") as tmp, open(tmp, "wb") as fh:
+    with atomic_path(out / ARRAYS_FILE) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **{k: np.asarray(v) for k, v in arrays.items()})
-    atomic_write_json(out / "landscape.json", {"summary": meta, "config": to_dict(cfg)})
+    atomic_write_json(out / SUMMARY_FILE, {"summary": meta, "config": to_dict(cfg)})
     save_config(cfg, out / "config.yaml")
 
 
@@ -271,7 +269,7 @@ def print_summary(meta: dict, out: Path) -> None:
         f"  loss at theta*: {meta['loss_at_theta_star']:.4f}, "
         f"on the grid {meta['loss_min']:.4f}..{meta['loss_max']:.4f}\n"
         f"  rate of change (block {meta['layer']}): sigma1 {meta['sigma1']:.4g}, sigma2 {meta['sigma2']:.4g}\n"
-        f"wrote {out / 'landscape.npz'} and landscape.json in {meta['seconds']}s\n"
+        f"wrote {out / ARRAYS_FILE} and {SUMMARY_FILE} in {meta['seconds']}s\n"
         f"draw it: python -m apps.plots.loss_landscape landscape_dir={out}"
     )
 

@@ -39,13 +39,14 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitef.errors import VitefError
+from vitef.errors import ConfigError, VitefError
 from vitef.models.components import BLOCK_COMPONENTS, block_module, canonical, parameters_of, set_trainable
 from vitef.optim import OptimConfig, build_optimizer, build_scheduler
 
@@ -55,6 +56,34 @@ SCALES = ("unit", "trajectory")
 CENTERS = ("final", "mean")
 # With scale="trajectory", the projected trajectory reaches this fraction of the grid's half-width.
 TRAJECTORY_FILL = 0.8
+# A computed landscape folder (apps.vit.loss_landscape writes it, apps.plots.loss_landscape draws from it):
+# every array (npz, no pickle) and the JSON summary with the config.
+ARRAYS_FILE = "landscape.npz"
+SUMMARY_FILE = "landscape.json"
+
+
+def landscape_component(name: str) -> str:
+    """The canonical name of ``name``, which must be a per-block component (a landscape is computed for one).
+
+    Raises
+    ------
+    ComponentError
+        An unknown component (the message names the valid ones).
+    ConfigError
+        A component that is not per block (``head``, ``emb``, ``all``, ...).
+    """
+    comp = canonical(name)
+    if comp not in BLOCK_COMPONENTS:
+        raise ConfigError(
+            f"component={name}: the landscape needs a per-block component, one of {', '.join(BLOCK_COMPONENTS)}"
+        )
+    return comp
+
+
+def default_dir(root: str | Path, component: str) -> Path:
+    """Where the landscape of ``component`` is written under the output root ``root`` by default."""
+    return Path(root) / "landscapes" / component
+
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
