@@ -239,7 +239,10 @@ def split_argv(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]], 
 
 
 def read_yaml_file(
-    path: str | Path, what: str = "config file", fix: str = "pass config=PATH to an existing YAML file"
+    path: str | Path,
+    what: str = "config file",
+    fix: str = "pass config=PATH to an existing YAML file",
+    damaged: str = "",
 ) -> dict:
     """Read a YAML file that must hold a mapping of keys; every way it can fail is one :class:`ConfigError`.
 
@@ -251,6 +254,9 @@ def read_yaml_file(
         How messages name the file (``"config file"``, ``"base file of sweep 'x'"``).
     fix
         What to do when the file does not exist.
+    damaged
+        What to do when the file is there but not a readable YAML mapping (a file an app wrote: ``"re-run that
+        analysis"``); empty: the messages say what the file must be.
 
     Raises
     ------
@@ -262,21 +268,22 @@ def read_yaml_file(
         raise ConfigError(f"{what} '{path}' is a directory, not a YAML file ({fix})")
     if not p.is_file():
         raise ConfigError(f"{what} not found: '{path}' ({fix})")
+    tail = f"; {damaged}" if damaged else ""
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"{what} '{path}' is not a text file (not UTF-8): give a YAML file") from None
+        raise ConfigError(f"{what} '{path}' is not a text file (not UTF-8): {damaged or 'give a YAML file'}") from None
     except OSError as e:
         raise ConfigError(f"{what} '{path}' cannot be read ({e.strerror or e}): check its permissions") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         detail = " ".join(str(e).split())  # one line: PyYAML's message spans several
-        raise ConfigError(f"{what} '{path}' is not valid YAML: {detail}") from None
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {detail}{tail}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{what} '{path}' must hold a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(f"{what} '{path}' must hold a mapping of keys, got {type(data).__name__}{tail}")
     return data
 
 

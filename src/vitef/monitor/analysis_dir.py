@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
+from vitef.config import read_yaml_file
 from vitef.errors import ConfigError
 from vitef.models.build import model_label, pretraining_step
 
@@ -98,13 +98,7 @@ class AnalysisDir:
         """``config.yaml`` as a dict (``{}`` without one)."""
         if not self.config_path.is_file():
             return {}
-        try:
-            data = yaml.safe_load(self.config_path.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{self.config_path} is not valid YAML ({e}): re-run that analysis") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{self.config_path} is not a mapping: re-run that analysis")
-        return data
+        return read_yaml_file(self.config_path, "analysis config", damaged="re-run that analysis")
 
     def read_plasticity(self) -> pd.DataFrame:
         """``plasticity.csv``: one row per (layer, component), with at least :data:`PLASTICITY_COLUMNS`."""

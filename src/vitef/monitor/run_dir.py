@@ -28,9 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
-from vitef.config import build_config
+from vitef.config import build_config, read_yaml_file
 from vitef.errors import CheckpointError, ConfigError
 from vitef.monitor.checkpoint import read_best
 from vitef.monitor.lock import LOCK_FILE
@@ -152,15 +150,7 @@ class RunDir:
         """
         if not self.config_path.is_file():
             raise ConfigError(f"no run at {self.path} (config.yaml missing): train it first or fix log_dir/root")
-        try:
-            saved = yaml.safe_load(self.config_path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{self.config_path} is not valid YAML ({e}): the run directory is damaged") from e
-        if saved is None:
-            return {}
-        if not isinstance(saved, dict):
-            raise ConfigError(f"{self.config_path} is not a mapping of config keys: the run directory is damaged")
-        return saved
+        return read_yaml_file(self.config_path, "run config", damaged="the run directory is damaged")
 
     def load_config(self, cls: type[T]) -> T:
         """The saved config as the app's dataclass ``cls``, checked by the one strict loader.
