@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 
 from apps.vit import train
-from vitef.config import cli_main, option, to_dict
+from vitef.config import cli_main, load_config, option, to_dict
 from vitef.errors import ConfigError
 from vitef.monitor import RunDir
 from vitef.utils import atomic_path, atomic_write_json, check_writable
@@ -124,6 +124,21 @@ def export(weights: Path, dest: str | Path, card: dict) -> None:
     atomic_write_json(card_path(dest), {"weights": Path(dest).name, "sha256": digest, **card})
 
 
+def card_analysis_config(card_analysis: str | Path, weights: str | Path, target: str, mode: str, root: str | Path):
+    """The ``apps.vit.analysis`` config that measures the card's plasticity of ``weights`` on ``target`` in
+    ``mode`` (the card names ``card_analysis``: re-running this config on the shipped weights reproduces it)."""
+    from apps.vit import analysis
+
+    argv = [
+        f"config={card_analysis}",
+        f"model.name={weights}",
+        f"dataset_name={target}",
+        f"mode={mode}",
+        f"root={root}",
+    ]
+    return load_config(analysis.AnalysisConfig, argv)
+
+
 def card_plasticity(cfg: PretrainConfig) -> dict:
     """Kendall's tau (measured vs theoretical ranking) and per-component plasticity of the exported weights.
 
@@ -131,16 +146,11 @@ def card_plasticity(cfg: PretrainConfig) -> dict:
     re-running that analysis on the shipped weights gives the same numbers; a test checks it).
     """
     from apps.vit import analysis
-    from vitef.config import load_config
 
     out: dict = {}
     for target in cfg.card_targets:
         for mode in analysis.MODES:
-            acfg = load_config(
-                analysis.AnalysisConfig,
-                [f"config={cfg.card_analysis}", f"model.name={cfg.export}", f"dataset_name={target}", f"mode={mode}",
-                 f"root={Path(cfg.root) / 'card_analysis'}"],
-            )  # fmt: skip
+            acfg = card_analysis_config(cfg.card_analysis, cfg.export, target, mode, Path(cfg.root) / "card_analysis")
             result = json.loads((analysis.main(acfg) / "plasticity.json").read_text())
             out.setdefault(target, {})[mode] = {
                 "kendall_tau": result["kendall_tau"],
