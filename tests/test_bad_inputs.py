@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import tiny_train
 
 import vitef.utils
 from vitef.config import build_config, cli_main
@@ -58,26 +59,7 @@ APPS = {
     "data_info": "apps.vit.data_info",
 }
 
-# A 2-block, 32-wide ViT on 16 px digits (as in tests/apps/test_train.py): builds in milliseconds.
-TINY_MODEL = {
-    "name": "vit_tiny_patch16_224",
-    "pretrained": False,
-    "img_size": 16,
-    "overrides": {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2},
-}
-TINY = {
-    "dataset_name": "digits_subset-56789",
-    "model": TINY_MODEL,
-    "data": {"num_workers": 0, "digits_size": 16},
-    "optim": {"lr": 0.05, "warmup_steps": 0},
-    "trainable": ["mha"],
-    "steps": 2,
-    "eval_period": 2,
-    "batch_size": 16,
-    "eval_batch_size": 64,
-    "tensorboard": False,
-    "device": "cpu",
-}
+TINY = tiny_train(steps=2, device="cpu")
 SWEEP = {"name": "s", "app": "train", "base": ["{tiny}"], "grid": {"lr": [0.01, 0.02]}}
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from tiny import random_vit
 
 from vitef.bounds import (
     attention_matrix_norm,
@@ -25,16 +26,8 @@ from vitef.models import BLOCK_COMPONENTS, embed
 from vitef.plasticity import measure
 
 
-def tiny_vit(seed: int = 0, **kwargs) -> VisionTransformer:
-    torch.manual_seed(seed)
-    args = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, num_classes=0)
-    args.update(kwargs)
-    model = VisionTransformer(**args)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(p + 0.5 * torch.randn_like(p))
-    return model.eval()
+def tiny_vit(seed: int = 0) -> VisionTransformer:
+    return random_vit(seed, norm_noise=0.5, num_heads=4, num_classes=0).eval()
 
 
 def test_layernorm_and_linear_bounds_equal_direct_computation():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from tiny import random_vit
 from torch import nn
 
 from vitef.errors import VitefError
@@ -27,8 +28,7 @@ from vitef.optim import OptimConfig
 
 
 def tiny_vit(seed: int = 0) -> VisionTransformer:
-    torch.manual_seed(seed)
-    return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3).eval()
+    return random_vit(seed).eval()
 
 
 def fake_batches(n: int, seed: int = 0, batch: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:

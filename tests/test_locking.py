@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import digits_train_sweep
 
 from vitef.config import build_config
 from vitef.errors import ConfigError
@@ -140,19 +141,7 @@ def test_sweep_skips_and_lists_runs_running_elsewhere(tmp_path, hold, monkeypatc
 
 def test_two_sweeps_on_one_grid_train_each_run_once(tmp_path):
     path = tmp_path / "race.yaml"
-    sweep = {
-        "name": "race",
-        "app": "train",
-        "base": [str(ROOT / "apps/vit/configs/digits.yaml")],
-        "root": str(tmp_path / "out"),
-        "overrides": {
-            "model": {"overrides": {"patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2}},
-            "steps": 2, "eval_period": 2, "batch_size": 8, "eval_batch_size": 256, "device": "cpu",
-            "optim.warmup_steps": 1, "tensorboard": False,
-        },
-        "grid": {"trainable": [["mha"], ["ln1"]]},
-        "run_name": "{trainable}",
-    }  # fmt: skip
+    sweep = digits_train_sweep("race", tmp_path / "out", "{trainable}", steps=2, eval_period=2)
     path.write_text(yaml.safe_dump(sweep))
     env = {**os.environ, **ENV, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "apps.vit.sweep", f"config={path}"]

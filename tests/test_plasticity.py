@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from tiny import random_vit
 
 from vitef.errors import ComponentError, ConfigError
 from vitef.models import BLOCK_COMPONENTS, block_module, build_model, embed, mlp_activation
@@ -13,16 +14,7 @@ from vitef.plasticity import COLUMNS, RunningStats, iter_pairs, measure
 
 
 def tiny_vit(seed: int = 0, dtype=torch.float64, **kwargs) -> VisionTransformer:
-    torch.manual_seed(seed)
-    args = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0)
-    args.update(kwargs)
-    model = VisionTransformer(**args)
-    # Non-trivial LayerNorm parameters (timm initialises γ = 1, β = 0).
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(p + 0.3 * torch.randn_like(p))
-    return model.to(dtype).eval()
+    return random_vit(seed, norm_noise=0.3, num_classes=0, **kwargs).to(dtype).eval()
 
 
 def images(n: int, seed: int, dtype=torch.float64, size: int = 16) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler, normalize
-from timm.models.vision_transformer import VisionTransformer
+from tiny import random_vit
 from torch.utils.data import DataLoader, TensorDataset
 
 from vitef.errors import ConfigError
@@ -126,9 +126,7 @@ def test_solver_rejects_bad_config():
 
 
 def _tiny_vit(**kw):
-    torch.manual_seed(0)
-    model = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=5, **kw)
-    return model.eval()
+    return random_vit(depth=3, num_classes=5, **kw).eval()
 
 
 MODELS = {

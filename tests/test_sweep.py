@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import SWEEP_MODEL, sweep_train_overrides
 
 from vitef.config import build_config
 from vitef.errors import ConfigError
@@ -238,13 +239,7 @@ def test_finished_run_with_a_changed_config_is_stale_not_reused(tmp_path):
 def test_unfinished_stale_run_keeps_its_status_and_moved_root_resumes(tmp_path):
     """The real training app: an unfinished run resumes under a moved root; with a changed config it is
     listed as stale and its status.json is left as it was (it used to become 'failed, step null')."""
-    overrides = {
-        "dataset_name": "digits_subset-56789",
-        "model": {"name": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
-                  "overrides": {"patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2}},
-        "steps": 2, "eval_period": 2, "batch_size": 8, "eval_batch_size": 256, "device": "cpu",
-        "optim.warmup_steps": 1, "tensorboard": False,
-    }  # fmt: skip
+    overrides = sweep_train_overrides(2, 2, model=SWEEP_MODEL, dataset_name="digits_subset-56789")
     spec = {"name": "m", "app": "train", "root": str(tmp_path / "a"), "overrides": overrides, "grid": {"seed": [0]}}
     first = build_config(SweepConfig, {**spec, "run_name": "s{seed}"})
     assert launch(first, "apps.vit.train").failures == []
@@ -425,13 +420,7 @@ def test_forked_training_runs_are_bit_identical_to_in_process_ones(tmp_path):
     on one thread (float sums depend on the thread count, so the in-process side runs on one too)."""
     import torch
 
-    overrides = {
-        "dataset_name": "digits_subset-56789",
-        "model": {"name": "vit_tiny_patch16_224", "pretrained": False, "img_size": 32,
-                  "overrides": {"patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2}},
-        "steps": 3, "eval_period": 3, "batch_size": 8, "eval_batch_size": 256, "device": "cpu",
-        "optim.warmup_steps": 1, "tensorboard": False,
-    }  # fmt: skip
+    overrides = sweep_train_overrides(3, 3, model=SWEEP_MODEL, dataset_name="digits_subset-56789")
     spec = {"name": "m", "app": "train", "overrides": overrides, "grid": {"trainable": [["mha"], ["ln1", "fc2"]]},
             "run_name": "{trainable}"}  # fmt: skip
     threads = torch.get_num_threads()

@@ -7,32 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_train, tiny_vit
 
 from apps.vit import eval as eval_app
 from apps.vit import train as train_app
 from vitef.config import build_config, load_config
 from vitef.data import build_loader
 from vitef.errors import CheckpointError, ConfigError
-from vitef.models import build_model
 from vitef.monitor import RunDir
 
-TINY = {
-    "dataset_name": "digits_subset-56789",
-    "model": {
-        "name": "vit_tiny_patch16_224",
-        "pretrained": False,
-        "img_size": 16,
-        "overrides": {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2},
-    },
-    "data": {"num_workers": 0, "digits_size": 16},
-    "optim": {"lr": 0.05, "warmup_steps": 0, "scheduler": "constant"},
-    "trainable": ["fc2"],
-    "steps": 4,
-    "eval_period": 2,
-    "batch_size": 16,
-    "eval_batch_size": 64,
-    "tensorboard": False,
-}
+TINY = tiny_train(optim={"lr": 0.05, "warmup_steps": 0, "scheduler": "constant"}, trainable=["fc2"])
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +28,7 @@ def trained_run(tmp_path_factory):
 
 def direct_accuracy(weights, dataset: str) -> tuple[float, int]:
     """Argmax accuracy over every test sample, computed here without vitef.evaluation."""
-    model = build_model("vit_tiny_patch16_224", pretrained=weights, img_size=16, **TINY["model"]["overrides"]).eval()
+    model = tiny_vit(pretrained=weights).eval()
     loader = build_loader(dataset, "test", batch_size=7, size=16, seed=0, digits_size=16)
     correct = total = 0
     with torch.no_grad():

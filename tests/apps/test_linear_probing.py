@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny import TINY_ARGV, TINY_MODEL, tiny_vit
 
-from vitef.models import build_model
 from vitef.monitor import save_best
 
 APP = "apps.vit.linear_probing"
-MODEL = ["model.name=vit_tiny_patch16_224", "model.pretrained=false", "model.img_size=16"]
-TINY = ["model.overrides={patch_size: 8, depth: 2, embed_dim: 32, num_heads: 2}"]
 FAST = [
     "dataset_name=digits_subset-012",
     "max_train_samples=120",
@@ -34,7 +32,7 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_pretrained_model_writes_every_file(run_app, tmp_path):
-    res = run_app(APP, *MODEL, *TINY, *FAST, f"root={tmp_path}")
+    res = run_app(APP, *TINY_ARGV, *FAST, f"root={tmp_path}")
     assert res.returncode == 0, res.stderr
     out = tmp_path / "probes" / "vit_tiny_patch16_224_digits_subset-012_mean"
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "probes.csv", "probes.json"]
@@ -58,12 +56,11 @@ def _write_run(tmp_path: Path) -> Path:
     """A run directory in the contract's format, as apps.vit.train writes it."""
     run = tmp_path / "runs" / "tiny_run"
     torch.manual_seed(0)
-    overrides = {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
-    model = build_model("vit_tiny_patch16_224", pretrained=False, img_size=16, num_classes=3, **overrides)
+    model = tiny_vit(num_classes=3)
     save_best(run / "checkpoints" / "best", model, {"step": 1, "val_acc": 0.5})  # as the training app writes it
     config = {
         "dataset_name": "digits_subset-012",
-        "model": {"name": "vit_tiny_patch16_224", "pretrained": False, "img_size": 16, "overrides": overrides},
+        "model": TINY_MODEL,
         "trainable": ["mha"],
     }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
@@ -109,7 +106,7 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, capsys, args, messa
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as exit_info:  # in-process: the same entry point, without a fresh interpreter
-        cli_main(LinearProbingConfig, main, argv=[*MODEL, *TINY, *FAST, f"root={tmp_path}", *args])
+        cli_main(LinearProbingConfig, main, argv=[*TINY_ARGV, *FAST, f"root={tmp_path}", *args])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err
     assert err.strip().splitlines()[-1].startswith("error: ") and message in err

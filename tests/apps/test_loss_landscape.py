@@ -10,19 +10,15 @@ import shutil
 import numpy as np
 import pytest
 import yaml
+from tiny import TINY_ARCH, TINY_DATA, TINY_MODEL
 
 from vitef.config import cli_main
 
+# The tests' tiny model with 4 px patches (16 tokens): the landscape sees more than a class token and 4 patches.
 TINY = {
-    "model": {
-        "name": "vit_tiny_patch16_224",
-        "pretrained": False,
-        "checkpoint": None,
-        "img_size": 16,
-        "overrides": {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},
-    },
+    "model": {**TINY_MODEL, "checkpoint": None, "overrides": {**TINY_ARCH, "patch_size": 4}},
     "dataset": "digits",
-    "data": {"num_workers": 0, "digits_size": 16},
+    "data": TINY_DATA,
     "steps": 4,
     "batch_size": 8,
     "eval_images": 24,

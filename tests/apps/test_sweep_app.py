@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import digits_train_sweep
 
 TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
@@ -81,20 +82,14 @@ def test_bad_sweep_file_is_one_clear_error(tmp_path, run_app):
 
 def test_real_training_app_runs_and_is_skipped_on_relaunch(tmp_path, run_app):
     path = tmp_path / "digits.yaml"
-    sweep = {
-        "name": "tiny",
-        "app": "train",
-        "base": [str(ROOT / "apps/vit/configs/digits.yaml")],
-        "root": str(tmp_path / "out"),
-        "overrides": {
-            "dataset_name": "digits_subset-56789",
-            "model": {"overrides": {"patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2}},
-            "steps": 2, "eval_period": 1, "batch_size": 8, "eval_batch_size": 256, "device": "cpu",
-            "optim.warmup_steps": 1, "tensorboard": False,
-        },
-        "grid": {"trainable": [["mha"], ["ln1"]]},
-        "run_name": "{dataset_name}/{trainable}",
-    }  # fmt: skip
+    sweep = digits_train_sweep(
+        "tiny",
+        tmp_path / "out",
+        "{dataset_name}/{trainable}",
+        steps=2,
+        eval_period=1,
+        dataset_name="digits_subset-56789",
+    )
     path.write_text(yaml.safe_dump(sweep))
     r = run_app("apps.vit.sweep", f"config={path}", env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]

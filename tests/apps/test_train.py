@@ -14,34 +14,19 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny import tiny_train, tiny_vit
 
 from apps.vit import train as train_app
 from vitef.config import build_config, load_config
 from vitef.errors import ComponentError, ConfigError, TrainingError
-from vitef.models import build_model, build_model_from_config, component_of, set_trainable
+from vitef.models import build_model_from_config, component_of, set_trainable
 from vitef.monitor import RunDir, read_metrics
 from vitef.utils import set_seed
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # A 2-block, 32-wide ViT on 16 px digits: 5 tokens, a few milliseconds per step.
-TINY = {
-    "dataset_name": "digits_subset-56789",
-    "model": {
-        "name": "vit_tiny_patch16_224",
-        "pretrained": False,
-        "img_size": 16,
-        "overrides": {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2},
-    },
-    "data": {"num_workers": 0, "digits_size": 16},
-    "optim": {"lr": 0.05, "warmup_steps": 2, "scheduler": "cosine"},
-    "trainable": ["mha"],
-    "steps": 8,
-    "eval_period": 4,
-    "batch_size": 16,
-    "eval_batch_size": 64,
-    "tensorboard": False,
-}
+TINY = tiny_train(optim={"lr": 0.05, "warmup_steps": 2, "scheduler": "cosine"}, steps=8, eval_period=4)
 
 
 def tiny_cfg(tmp_path: Path, **over) -> train_app.TrainConfig:
@@ -105,9 +90,7 @@ def test_training_learns_only_the_chosen_component(tmp_path):
     assert result["best_step"] == best["step"] and result["best_val_acc"] == best["val_acc"]
     assert set(result) >= {"dataset", "split", "acc", "loss", "n", "best_step", "best_val_acc"}
     assert 0.0 <= result["acc"] <= 1.0 and result["n"] == 180
-    model = build_model(
-        "vit_tiny_patch16_224", pretrained=run.best_model_path, img_size=16, **TINY["model"]["overrides"]
-    )
+    model = tiny_vit(pretrained=run.best_model_path)
     assert model.head.out_features == 5
     assert json.loads(run.status_path.read_text())["status"] == "completed"
     assert yaml.safe_load(run.config_path.read_text())["optim"]["lr"] == 0.1

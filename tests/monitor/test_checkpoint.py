@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from tiny import random_vit
 
 from vitef.errors import CheckpointError
 from vitef.models import build_model, save_timm_safetensors
@@ -24,8 +25,7 @@ from vitef.monitor import (
 
 
 def tiny(seed: int = 0, num_classes: int = 3) -> VisionTransformer:
-    torch.manual_seed(seed)
-    return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=num_classes)
+    return random_vit(seed, num_classes=num_classes)
 
 
 def draws() -> tuple:

@@ -8,38 +8,18 @@ import shutil
 import stat
 from pathlib import Path
 
-import torch
-from timm.models.vision_transformer import VisionTransformer
+from tiny import random_vit, tiny_train
 
 from apps.vit import train as train_app
 from vitef.config import build_config
 from vitef.monitor import RunDir, read_metrics, save_best, save_checkpoint
 from vitef.monitor.checkpoint import remove_leftovers
 
-TINY = {
-    "dataset_name": "digits_subset-56789",
-    "model": {
-        "name": "vit_tiny_patch16_224",
-        "pretrained": False,
-        "img_size": 16,
-        "overrides": {"patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2},
-    },
-    "data": {"num_workers": 0, "digits_size": 16},
-    "optim": {"lr": 0.05, "warmup_steps": 0},
-    "trainable": ["mha"],
-    "steps": 4,
-    "eval_period": 2,
-    "keep_last": 2,
-    "batch_size": 16,
-    "eval_batch_size": 64,
-    "tensorboard": False,
-    "device": "cpu",
-}
+TINY = tiny_train(keep_last=2, device="cpu")
 
 
-def tiny_model() -> VisionTransformer:
-    torch.manual_seed(0)
-    return VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+def tiny_model():
+    return random_vit(patch_size=8)
 
 
 def listing(folder: Path) -> list[str]:
