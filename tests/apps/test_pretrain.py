@@ -10,8 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from apps.vit import analysis
-from vitef.config import load_config
+from apps.vit import analysis, pretrain
 from vitef.data import build_loader
 from vitef.evaluation import evaluate
 from vitef.models import build_model
@@ -38,11 +37,7 @@ def test_card_matches_the_shipped_weights():
 def test_card_plasticity_is_reproduced_and_is_the_papers_ranking(tmp_path, target):
     """Re-running the seeded analysis on the shipped weights gives the card's numbers, and MHA ranks first."""
     for mode, want in CARD["plasticity"][target].items():
-        cfg = load_config(
-            analysis.AnalysisConfig,
-            [f"config={CARD['card_analysis']}", f"model.name={WEIGHTS}", f"dataset_name={target}", f"mode={mode}",
-             f"root={tmp_path}"],
-        )  # fmt: skip
+        cfg = pretrain.card_analysis_config(CARD["card_analysis"], WEIGHTS, target, mode, tmp_path)
         got = json.loads((analysis.main(cfg) / "plasticity.json").read_text())
         assert got["kendall_tau"] == pytest.approx(want["kendall_tau"], abs=1e-9)
         means = {s["component"]: s["mean_over_layers"] for s in got["summary"]}
