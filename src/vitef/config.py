@@ -272,7 +272,9 @@ def read_yaml_file(
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"{what} '{path}' is not a text file (not UTF-8): {damaged or 'give a YAML file'}") from None
+        if damaged:  # a file an app wrote, now garbled
+            raise ConfigError(f"{what} '{path}' is not valid YAML (not UTF-8 text){tail}") from None
+        raise ConfigError(f"{what} '{path}' is not a text file (not UTF-8): give a YAML file") from None
     except OSError as e:
         raise ConfigError(f"{what} '{path}' cannot be read ({e.strerror or e}): check its permissions") from None
     try:
