@@ -385,6 +385,7 @@ def plots_cases() -> list[Case]:
         ("report", "out-read-only", ["root={tmp}", "out={ro}"], "not writable"),
         ("report", "root-read-only", ["root={ro}"], "not writable"),
         ("report", "unknown-key", ["root={tmp}", "titel=x"], "Did you mean 'title'"),
+        ("report", "select-on", ["root={tmp}", "select_on=tset"], "select_on='tset' must be one of val, test"),
         ("components", "model", ["model.name=vit_nonexistent_model"], "vit_nonexistent_model"),
         ("components", "trainable", ["trainable=[mlp]"], "mlp"),
         ("components", "num-classes", ["num_classes=many"], "num_classes"),

@@ -188,3 +188,10 @@ def test_component_names_labels_and_order_come_from_the_registry():
     # Runs saved before `trainable` was stored canonical hold the name as typed: tables show the registry's.
     assert R.trainable_name(["attn"]) == "mha" and R.trainable_name(["ffn_fc1", "fc2"]) == "fc1+fc2"
     assert R.trainable_name("all") == "all" and R.trainable_name(["mystery"]) == "mystery"
+
+
+def test_damaged_probe_config_is_one_clear_error(tmp_path):
+    out = write_probe(tmp_path, "cifar10", 0.80)
+    (out / "config.yaml").write_text("dataset_name: [cifar10\n")
+    with pytest.raises(R.ResultsError, match="config.yaml.*not valid YAML.*probe that model again"):
+        R.collect_probes(tmp_path)

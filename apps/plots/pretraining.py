@@ -101,7 +101,7 @@ def collect(patterns: list[str]) -> pd.DataFrame:
     if not rows:
         raise ConfigError(
             f"no analysis folder of a pretraining snapshot matches {patterns}: export snapshots with "
-            "`apps.vit.pretrain keep_steps=[...]` and analyse them (apps/vit/studies/pretraining_dynamics.yaml)"
+            "`apps.vit.pretrain keep_steps=[...]` and analyse them (apps/vit/sweeps/digits_pretraining_dynamics.yaml)"
         )
     return pd.DataFrame(rows, columns=COLUMNS).sort_values(["target", "mode", "step"], ignore_index=True)
 

@@ -23,10 +23,11 @@ from pathlib import Path
 import pandas as pd
 
 from vitef.config import cli_main, option
-from vitef.errors import VitefError
+from vitef.errors import ConfigError, VitefError
 from vitef.models.components import DISPLAY_NAMES
 from vitef.monitor.analysis_dir import find_analyses
 from vitef.plasticity import summarize
+from vitef.results import SELECT_ON
 from vitef.utils import atomic_write_text, check_writable
 
 logger = logging.getLogger("apps.plots.report")
@@ -40,6 +41,10 @@ class ReportConfig:
     title: str = option("vitef study", "title of the report")
     select_on: str = option("val", "which result tables to show: lr chosen on val or on test")
     out: str = option("", "report folder (default: <root>/report)")
+
+    def validate(self) -> None:
+        if self.select_on not in SELECT_ON:
+            raise ConfigError(f"select_on={self.select_on!r} must be one of {', '.join(SELECT_ON)}")
 
 
 CONFIG = ReportConfig

@@ -13,7 +13,7 @@ export of the best-validation checkpoint and a JSON card next to it (test accura
 
 Snapshots. The step checkpoints of ``keep_steps`` (log-spaced, e.g. 10, 30, 100, ...) are exported too, as
 self-describing files ``<stem>_steps/<stem>_step<N>.safetensors`` with their cards, so that plasticity can be
-measured through pretraining (``apps/vit/studies/pretraining_dynamics.yaml``): a model whose linear maps are still
+measured through pretraining (``apps/vit/sweeps/digits_pretraining_dynamics.yaml``): a model whose linear maps are still
 near their small initialisation has LayerNorms that change fastest, and the paper's ranking (MHA first) only
 appears as pretraining goes on.
 """

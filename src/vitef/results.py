@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from vitef.config import read_yaml_file
 from vitef.data import table as data_table
 from vitef.errors import VitefError
 from vitef.models.build import model_label
@@ -142,8 +142,12 @@ def collect_probes(root: str | Path) -> pd.DataFrame:
     frames = []
     for path in sorted((Path(root) / "probes").glob("**/probes.csv")):
         cfg_path = path.parent / "config.yaml"
-        cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
-        if not isinstance(cfg, dict) or "dataset_name" not in cfg:
+        try:
+            found = cfg_path.exists()
+            cfg = read_yaml_file(cfg_path, "probe config", damaged="probe that model again") if found else {}
+        except VitefError as e:
+            raise ResultsError(str(e)) from e
+        if "dataset_name" not in cfg:
             raise ResultsError(f"{path}: no config.yaml with dataset_name beside it, so its dataset is unknown")
         df = pd.read_csv(path)
         for col in ("layer", "point", "test_acc"):
