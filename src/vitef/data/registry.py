@@ -47,13 +47,6 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # VALID_NAMES was a constant; the table can grow at run time, so it is computed when asked for.
-    if name == "VALID_NAMES":
-        return valid_names()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def build_dataset(
     name: str,
     split: str,
