@@ -13,12 +13,13 @@ from vitef.models import (
     block_module,
     build_model,
     canonical,
+    canonical_list,
     count_parameters,
     embed,
     mlp_activation,
     set_trainable,
 )
-from vitef.models.components import PATTERNS
+from vitef.models.components import PATTERNS, canonical_unit, count_units, unit_of, units_of
 
 VARIANTS = [
     ("vit_tiny_patch16_224", {}),
@@ -123,3 +124,115 @@ def test_display_names_and_order_are_the_registrys():
     assert RANK_ORDER == ("mha", "fc1", "fc2", "ln2", "ln1") == DISPLAY_ORDER[:5]
     assert display_name("all") == "all" and display_name("fc1+fc2") == "FC1+FC2" and display_name("x") == "x"
     assert display_order(["fc1+fc2", "emb", "all", "ln1", "mha", "mha"]) == ["mha", "ln1", "all", "emb", "fc1+fc2"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Units (issue 12): one component in some blocks
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "written, canonical_name",
+    [
+        ("mha.3", "mha.3"),
+        ("attn.03", "mha.3"),  # aliases and leading zeros
+        (" FC1.0-5 ", "fc1.0-5"),
+        ("fc1.2-2", "fc1.2"),  # a one-block range is that block
+        ("ln2.*", "ln2"),  # every block is the component
+        ("ffn_norm.1", "ln2.1"),
+        ("emb", "emb"),
+        ("head", "head"),
+        ("all", "all"),
+    ],
+)
+def test_unit_parsing(written, canonical_name):
+    assert canonical_unit(written) == canonical_name
+
+
+@pytest.mark.parametrize(
+    "written, match",
+    [
+        ("mha.x", r"unit 'mha.x': 'x' is not a block.*write <component>\.<blocks>: mha\.3 \(block 3\), fc1\.0-5"),
+        ("mha.", r"'' is not a block"),
+        ("mha.1-", r"is not a block"),
+        ("mha.5-2", r"range 5-2 is reversed, write mha\.2-5"),
+        ("emb.3", r"emb has no blocks, write emb \(units with blocks: ln1, mha, ln2, fc1, fc2\)"),
+        ("head.*", r"head has no blocks"),
+        ("all.0", r"all has no blocks"),
+        ("mlp.3", r"unknown component 'mlp'.*in unit 'mlp.3'; a unit is written <component>\.<blocks>"),
+    ],
+)
+def test_bad_units_name_the_valid_forms(written, match):
+    with pytest.raises(ComponentError, match=match):
+        canonical_unit(written)
+    with pytest.raises(ComponentError, match=match):
+        canonical_list(["mha", written])
+
+
+def test_canonical_list_takes_units_next_to_components():
+    assert canonical_list(["attn", "mha.3", "attention.3", "ln2.*", "ln2", "fc1.0-1"]) == [
+        "mha",
+        "mha.3",
+        "ln2",
+        "fc1.0-1",
+    ]
+    assert canonical_list("fc2.1") == ["fc2.1"]
+
+
+def test_every_parameter_in_exactly_one_unit():
+    for name, kwargs in VARIANTS[:3] + VARIANTS[-2:]:
+        model = build_model(name, pretrained=False, **kwargs)
+        depth = len(model.blocks)
+        units = units_of(model)
+        assert units[0] == "emb" and units[-1] == "head" and len(units) == 2 + 5 * depth
+        assert units[1:6] == ["ln1.0", "mha.0", "ln2.0", "fc1.0", "fc2.0"]
+        counts = count_units(model)
+        assert list(counts) == units
+        assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
+        # Units add up to their component.
+        per_comp = count_parameters(model)
+        for comp in COMPONENTS:
+            assert sum(n for u, n in counts.items() if u.split(".")[0] == comp) == per_comp[comp], (name, comp)
+        # Each parameter's unit, and only it, trains it: set_trainable on a unit covers exactly its parameters.
+        for unit in ("mha.0", f"fc2.{depth - 1}", "emb"):
+            set_trainable(model, [unit])
+            trained = {n for n, p in model.named_parameters() if p.requires_grad}
+            expected = {n for n, _ in model.named_parameters() if unit_of(n) in (unit, "head")}
+            assert trained == expected, (name, unit)
+
+
+def test_set_trainable_with_units_trains_exactly_their_blocks():
+    model = build_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32, depth=4)
+    units = count_units(model)
+    counts = set_trainable(model, ["mha.1", "fc1.0-2", "ln2.*"])
+    head = units["head"]
+    assert counts == {
+        "mha": units["mha.1"],
+        "ln2": sum(units[f"ln2.{i}"] for i in range(4)),
+        "fc1": sum(units[f"fc1.{i}"] for i in range(3)),
+        "head": head,
+    }
+    info = assign_components(model)
+    for n, p in model.named_parameters():
+        i = info[n]
+        want = (
+            i.component in ("ln2", "head")
+            or (i.component == "mha" and i.layer == 1)
+            or (i.component == "fc1" and i.layer <= 2)
+        )
+        assert p.requires_grad == want, n
+    # A component and its every-block unit train the same parameters; whole components behave as before.
+    assert set_trainable(model, ["ln2.*"]) == set_trainable(model, ["ln2"])
+    assert set_trainable(model, ["mha.0-3"]) == set_trainable(model, ["mha"])
+    assert set_trainable(model, ["all", "mha.1"]) == set_trainable(model, ["all"])
+
+
+def test_out_of_range_units_fail_before_changing_the_model():
+    model = build_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2)
+    set_trainable(model, ["ln1"])
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    for unit, match in [("mha.2", r"unit 'mha.2' names block 2, but this model has blocks 0-1: write mha\.0 … mha\.1"),
+                        ("fc1.0-5", r"unit 'fc1.0-5' names block 5.*fc1\.0-1.*fc1\.\* \(every block\)")]:  # fmt: skip
+        with pytest.raises(ComponentError, match=match):
+            set_trainable(model, ["mha", unit])
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == before

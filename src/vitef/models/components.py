@@ -8,6 +8,13 @@ embedding (``emb``: patch projection, CLS/register tokens, position embedding) a
 Components are anchored regular expressions over timm ``VisionTransformer`` parameter names. Freezing
 (:func:`set_trainable`), plasticity, bounds and probing all go through this module, and every parameter
 of a supported model belongs to exactly one component (:func:`assign_components` raises otherwise).
+
+Units (issue 12, choosing what to finetune). A *unit* is one component in some blocks, written
+``<component>.<blocks>``: ``mha.3`` (block 3), ``fc1.0-5`` (blocks 0 to 5, both included), ``ln2.*``
+(every block: the same as ``ln2``). ``emb`` and ``head`` are units without a block. ``trainable`` takes
+units next to component names (:func:`canonical_list`, :func:`set_trainable`). The finest units,
+:func:`units_of` (``emb``, ``ln1.0``, ``mha.0``, …, ``fc2.<L-1>``, ``head``), split the parameters of a
+model exactly: every parameter is in exactly one of them (:func:`unit_of`).
 """
 
 from __future__ import annotations
@@ -89,15 +96,138 @@ def canonical(name: str) -> str:
 
 
 def canonical_list(names: Iterable[str] | str) -> list[str]:
-    """Canonical names for a list (or one name), duplicates removed, order kept."""
+    """Canonical names for a list (or one name) of components and units, duplicates removed, order kept.
+
+    A component is its registry name (``attn`` → ``mha``); a unit its :func:`canonical_unit` (``attn.03`` →
+    ``mha.3``, ``ln2.*`` → ``ln2``). Raises :class:`ComponentError` naming the valid forms otherwise.
+    """
     if isinstance(names, str):
         names = [names]
     out: list[str] = []
     for n in names:
-        c = canonical(n)
+        c = canonical_unit(n)
         if c not in out:
             out.append(c)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Units: one component in some blocks
+# ---------------------------------------------------------------------------------------------------
+
+# How a unit is written, for error messages.
+UNIT_FORMS = "<component>.<blocks>: mha.3 (block 3), fc1.0-5 (blocks 0 to 5), ln2.* (every block)"
+_BLOCKS = re.compile(r"^(?:(?P<all>\*)|(?P<first>\d+)(?:-(?P<last>\d+))?)$")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One component in the blocks ``first`` … ``last`` (both included; ``None``: every block, or no blocks)."""
+
+    component: str
+    first: int | None = None
+    last: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The canonical spelling: ``mha``, ``mha.3`` or ``mha.0-5``."""
+        if self.first is None:
+            return self.component
+        if self.first == self.last:
+            return f"{self.component}.{self.first}"
+        return f"{self.component}.{self.first}-{self.last}"
+
+    def covers(self, info: ParamInfo) -> bool:
+        """Whether a parameter (its :func:`component_of`) is in this unit."""
+        if self.component == "all":
+            return True
+        if info.component != self.component:
+            return False
+        if self.first is None or info.layer is None:
+            return True
+        return self.first <= info.layer <= int(self.last)  # type: ignore[arg-type]
+
+    def check_depth(self, depth: int) -> None:
+        """Raise :class:`ComponentError` when the unit names a block a model of ``depth`` blocks lacks."""
+        if self.last is not None and self.last >= depth:
+            c = self.component
+            raise ComponentError(
+                f"unit '{self.name}' names block {self.last}, but this model has blocks 0-{depth - 1}: write "
+                f"{c}.0 … {c}.{depth - 1}, a range such as {c}.0-{depth - 1}, or {c}.* (every block)"
+            )
+
+
+def parse_unit(name: str) -> Unit:
+    """The :class:`Unit` written ``name``: a component (every block) or ``<component>.<blocks>``.
+
+    Raises
+    ------
+    ComponentError
+        An unknown component, bad syntax, a reversed range, or blocks on ``emb`` / ``head`` / ``all``; the
+        message names the valid forms (:data:`UNIT_FORMS`).
+    """
+    text = str(name).strip()
+    comp_part, dot, blocks = text.partition(".")
+    try:
+        comp = canonical(comp_part)
+    except ComponentError as e:
+        where = f" in unit '{name}'" if dot else ""
+        raise ComponentError(f"{e}{where}; a unit is written {UNIT_FORMS}") from None
+    if not dot:
+        return Unit(comp)
+    m = _BLOCKS.match(blocks.strip())
+    if m is None:
+        raise ComponentError(f"unit '{name}': '{blocks}' is not a block, a range or *; write {UNIT_FORMS}")
+    if comp not in BLOCK_COMPONENTS:
+        raise ComponentError(
+            f"unit '{name}': {comp} has no blocks, write {comp} (units with blocks: {', '.join(BLOCK_COMPONENTS)})"
+        )
+    if m["all"]:
+        return Unit(comp)  # ln2.* is the component ln2
+    first = int(m["first"])
+    last = int(m["last"]) if m["last"] is not None else first
+    if last < first:
+        raise ComponentError(f"unit '{name}': the range {first}-{last} is reversed, write {comp}.{last}-{first}")
+    return Unit(comp, first, last)
+
+
+def canonical_unit(name: str) -> str:
+    """The canonical spelling of a component or unit: ``ATTN`` → ``mha``, ``attn.03`` → ``mha.3``,
+    ``fc1.2-2`` → ``fc1.2``, ``ln2.*`` → ``ln2``. Raises :class:`ComponentError` naming the valid forms."""
+    return parse_unit(name).name
+
+
+def unit_name(component: str, layer: int | None) -> str:
+    """The finest unit of a parameter: ``mha.3`` in a block, the component (``emb``, ``head``) outside."""
+    return component if layer is None else f"{component}.{layer}"
+
+
+def unit_of(param_name: str) -> str:
+    """The finest unit a timm ViT parameter belongs to (``blocks.3.attn.qkv.weight`` → ``mha.3``)."""
+    info = component_of(param_name)
+    return unit_name(info.component, info.layer)
+
+
+def units_of(model: nn.Module) -> list[str]:
+    """Every finest unit of ``model`` in model order: ``emb``, then per block ``ln1.i, mha.i, ln2.i, fc1.i,
+    fc2.i``, then ``head``. Each parameter is in exactly one (:func:`unit_of`)."""
+    blocks = [unit_name(c, layer) for layer in range(num_blocks(model)) for c in BLOCK_COMPONENTS]
+    return ["emb", *blocks, "head"]
+
+
+def count_units(model: nn.Module) -> dict[str, int]:
+    """Number of parameters per finest unit (:func:`units_of` order), trainable or not.
+
+    Raises :class:`ComponentError` if a parameter falls outside the model's units (a layout the registry
+    does not know), so the counts always add up to the model's parameter count.
+    """
+    counts = dict.fromkeys(units_of(model), 0)
+    for name, p in model.named_parameters():
+        unit = unit_of(name)
+        if unit not in counts:
+            raise ComponentError(f"parameter '{name}' is in unit '{unit}', which this model's blocks do not have")
+        counts[unit] += p.numel()
+    return counts
 
 
 def display_name(name: str) -> str:
@@ -156,29 +286,40 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def set_trainable(model: nn.Module, components: Iterable[str] | str) -> dict[str, int]:
-    """Make exactly ``components`` (in every block) plus ``head`` trainable; freeze everything else.
+    """Make exactly ``components`` (in every block) or units (in their blocks) plus ``head`` trainable; freeze
+    everything else.
 
     Parameters
     ----------
     model
         A timm ``VisionTransformer``.
     components
-        Component names from :data:`COMPONENTS` or aliases, or ``["all"]`` for full finetuning.
+        Component names from :data:`COMPONENTS` or aliases, units (``mha.3``, ``fc1.0-5``, ``ln2.*``), or
+        ``["all"]`` for full finetuning.
 
     Returns
     -------
     dict
         Trainable parameter count per component (components with none are omitted).
+
+    Raises
+    ------
+    ComponentError
+        An unknown name, or a unit naming a block the model lacks (before anything is changed).
     """
     names = canonical_list(components)
     if not names:
         raise ComponentError(f"no component given to train; choose from {', '.join((*COMPONENTS, 'all'))}")
-    train_all = "all" in names
-    chosen = set(names) | {"head"}
+    units = [parse_unit(n) for n in names]
+    depth = num_blocks(model)
+    for unit in units:
+        unit.check_depth(depth)
+    units.append(Unit("head"))  # the head always trains
     counts: dict[str, int] = {}
     for name, p in model.named_parameters():
-        comp = component_of(name).component
-        trainable = train_all or comp in chosen
+        info = component_of(name)
+        comp = info.component
+        trainable = any(unit.covers(info) for unit in units)
         p.requires_grad_(trainable)
         if trainable:
             counts[comp] = counts.get(comp, 0) + p.numel()
