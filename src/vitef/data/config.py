@@ -33,6 +33,12 @@ class DataConfig:
     digits_size: int = option(32, "side in pixels at which the bundled 8x8 digits are rendered before transforms")
     crop_scale: list[float] = option([0.08, 1.0], "area range [low, high] of the train RandomResizedCrop")
     hflip: bool = option(True, "random horizontal flips when augmenting (off for digits)")
+    cache: str | None = option(
+        None,
+        "folder of the decoded-image cache: file-backed datasets (DomainNet, Flowers102, Pet, ImageNet, imagefolder) "
+        "are decoded once, stored with the shorter side at 256 px (for 224-px inputs) and shared by every run; "
+        "null: decode images on every access (vitef.data.cache)",
+    )
 
     def validate(self) -> None:
         if self.normalize not in NORMALIZATIONS:
@@ -43,6 +49,12 @@ class DataConfig:
             raise ConfigError(f"data.crop_scale={list(self.crop_scale)} must be [low, high] with 0 < low <= high <= 1")
         if self.digits_size < 8:
             raise ConfigError(f"data.digits_size={self.digits_size} must be >= 8 (the digits are 8x8 originals)")
+        if self.cache is not None:
+            if str(self.cache).strip() == "":
+                raise ConfigError("data.cache is empty: give a folder (e.g. data.cache=~/.cache/vitef) or null")
+            from vitef.data.cache import check_cache_dir
+
+            check_cache_dir(self.cache, writable=False)  # a read-only folder may still hold built entries
 
     def loader_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`vitef.data.build_loader` taken from this config."""
@@ -54,4 +66,5 @@ class DataConfig:
             "digits_size": self.digits_size,
             "crop_scale": tuple(self.crop_scale),
             "hflip": self.hflip,
+            "cache": self.cache,
         }

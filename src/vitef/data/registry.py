@@ -63,6 +63,7 @@ def build_dataset(
     digits_size: int = 32,
     crop_scale: Sequence[float] = (0.08, 1.0),
     hflip: bool = True,
+    cache: str | os.PathLike | None = None,
 ) -> VitefDataset:
     """One split of the dataset ``name``: items ``(image (3, size, size) float32, label)``, ``.num_classes``.
 
@@ -90,6 +91,10 @@ def build_dataset(
     crop_scale, hflip
         Area range of the train RandomResizedCrop and whether it flips horizontally (the paper's
         (0.08, 1) with flips; digits need milder crops and no flips).
+    cache
+        Folder of the decoded-image cache (:mod:`vitef.data.cache`): a file-backed pool (DomainNet, Flowers102,
+        Pet, ImageNet, ``imagefolder``) is decoded once, stored with its shorter side at most
+        ``max(256, ceil(size * 8/7))`` px, and read from there; ``None``: decode each image on every access.
     """
     check_split(split)
     spec = parse_name(name)
@@ -101,6 +106,10 @@ def build_dataset(
     options = {k: v for k, v in {"digits_size": digits_size}.items() if k in entry.load_options}
     root = resolve_root(root)
     source, indices, n_classes = entry.load(spec, split, root=root, seed=seed, download=download, **options)
+    if cache is not None and str(cache) != "":
+        from vitef.data.cache import cache_source
+
+        source = cache_source(source, cache, dataset=spec.canonical, size=size)
     corruption = None
     if spec.applied:
         from vitef.data.corruptions import compose_corruptions
