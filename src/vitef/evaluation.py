@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Subset
 
 from vitef import distributed
 from vitef.errors import DataError
-from vitef.utils import autocast_context
+from vitef.utils import autocast_context, precision_scope
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,8 @@ def evaluate(
         torchrun a ``DataLoader`` over the full split is re-sharded across processes when
         ``distributed_shard``; one whose sampler is already sharded (``sampler.world_size``) is kept.
     precision
-        Autocast for the forward pass; losses are accumulated in float64.
+        A name of :data:`vitef.utils.PRECISIONS`: autocast for the forward pass and the float32 matmul flags
+        (:func:`vitef.utils.precision_scope`, restored on return); losses are accumulated in float64.
     """
     world = distributed.world_size()
     # A loader already sharded over the processes (e.g. vitef.data.build_loader(rank=, world_size=)) is kept.
@@ -91,15 +92,16 @@ def evaluate(
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
     try:
-        for images, labels in loader:
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            with autocast_context(device, precision):
-                logits = model(images)  # (B, num_classes)
-            logits = logits.float()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
-            correct += (logits.argmax(dim=1) == labels).sum()
-            count += labels.numel()
+        with precision_scope(precision):
+            for images, labels in loader:
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                with autocast_context(device, precision):
+                    logits = model(images)  # (B, num_classes)
+                logits = logits.float()
+                loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+                correct += (logits.argmax(dim=1) == labels).sum()
+                count += labels.numel()
     finally:
         model.train(was_training)
     totals = torch.stack([loss_sum, correct.double(), count.double()])

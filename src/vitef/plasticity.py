@@ -53,7 +53,7 @@ from torch import nn
 
 from vitef.errors import ComponentError, ConfigError
 from vitef.models.components import BLOCK_COMPONENTS, THEORETICAL_RANK, block_module, canonical_list, embed, num_blocks
-from vitef.utils import autocast_context, check_precision
+from vitef.utils import autocast_context, check_precision, precision_scope
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +91,9 @@ def measure(
     components
         Subset of ``ln1, mha, ln2, fc1, fc2`` (aliases accepted); default all five.
     precision
-        ``"fp32"`` (no autocast: the model's own dtype, float64 included), ``"bf16"`` or ``"fp16"``
-        (autocast). Distances are always taken in at least float32.
+        ``"fp32"`` (no autocast: the model's own dtype, float64 included, TF32 off), ``"tf32"`` (as fp32 with
+        TensorFloat-32 matmuls on CUDA), ``"bf16"`` or ``"fp16"`` (autocast). Distances are always taken in at
+        least float32. The backend flags are set for the call and restored (:func:`vitef.utils.precision_scope`).
     keep_samples
         Keep every per-pair ratio: ``df.attrs["samples"]`` is a float64 array ``(n_pairs, layers,
         components)`` (NaN for dropped identical pairs), with ``df.attrs["layers"]`` and
@@ -132,9 +133,10 @@ def measure(
     model.eval()
     try:
         with torch.inference_mode():
-            # Built outside autocast: the FC1 QR factors are computed in full precision.
-            step = _EmbeddingStep(model, comps, dev) if mode == "embedding" else _HiddenStep(model, comps)
-            with step, autocast_context(dev, precision):
+            # Built outside autocast and with TF32 off: the FC1 QR factors are computed in full precision.
+            with precision_scope("fp32"):
+                step = _EmbeddingStep(model, comps, dev) if mode == "embedding" else _HiddenStep(model, comps)
+            with step, precision_scope(precision), autocast_context(dev, precision):
                 for x, y in iter_pairs(source, target, n_pairs, chunk_size):
                     images = torch.cat([x, y]).to(dev, non_blocking=True)  # (2B, C, H, W)
                     ratios = step(images, len(x))  # (layers, comps, B)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -22,9 +23,21 @@ from vitef.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 # The numeric precisions of every app and library entry point (`precision=`): name -> autocast dtype, or None
-# for no autocast (the model's own dtype). This table is the one place a precision is added: validation
-# (check_precision), autocast (autocast_context) and the help texts all read it.
-PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# for no autocast (the model's own dtype). This table and TF32_PRECISIONS below are the one place a precision
+# is added: validation (check_precision), autocast (autocast_context), the backend flags (precision_scope) and
+# the help texts all read them.
+#   fp32  strict float32 (the paper's): float32 matmuls and convolutions in full IEEE precision, TF32 off;
+#   tf32  float32 weights and activations, float32 matmuls and cuDNN convolutions on TensorFloat-32 tensor cores
+#         (CUDA Ampere and later; identical to fp32 on CPU and older GPUs);
+#   bf16, fp16  autocast to that dtype (what autocast keeps in float32 stays strict, as under fp32).
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "tf32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+# The precisions that let float32 matmuls and convolutions use TensorFloat-32 (the others turn it off).
+TF32_PRECISIONS: frozenset[str] = frozenset({"tf32"})
 
 
 @contextlib.contextmanager
@@ -167,7 +180,7 @@ def check_precision(value: str, key: str = "precision") -> str:
     Parameters
     ----------
     value
-        The precision asked for (``fp32``, ``bf16``, ``fp16``).
+        The precision asked for (``fp32``, ``tf32``, ``bf16``, ``fp16``).
     key
         The config key or argument that holds it, named in the message.
     """
@@ -185,6 +198,117 @@ def autocast_context(device: torch.device | str, precision: str) -> contextlib.A
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def uses_tf32(precision: str) -> bool:
+    """True when ``precision`` lets float32 matmuls and convolutions run on TensorFloat-32 (CUDA only)."""
+    return check_precision(precision) in TF32_PRECISIONS
+
+
+# The per-backend float32 settings of torch >= 2.9 (``torch.backends.<path>.fp32_precision``), parents before
+# children: setting a parent also sets its children, so they are restored in this order.
+_FP32_PRECISION_PATHS = (
+    "cuda.matmul",
+    "cudnn",
+    "cudnn.conv",
+    "cudnn.rnn",
+    "mkldnn",
+    "mkldnn.matmul",
+    "mkldnn.conv",
+    "mkldnn.rnn",
+)
+
+
+def _backend(path: str) -> Any:
+    return functools.reduce(getattr, path.split("."), torch.backends)
+
+
+def _read(getter: Any) -> Any:
+    """``getter()``, or None when torch refuses to answer (see :func:`_tf32_state`)."""
+    try:
+        return getter()
+    except RuntimeError:
+        return None
+
+
+def _tf32_state() -> dict[str, Any]:
+    """Every float32 precision setting this module may change, to restore it afterwards.
+
+    torch >= 2.9 has two APIs for the same switches: the legacy one (``allow_tf32``,
+    ``set_float32_matmul_precision``) and per-backend ``fp32_precision`` strings. Code that set only the new one
+    can leave the legacy readers raising ("mix of the legacy and new APIs"); such values are saved as None and the
+    new-API strings, which can always be read, carry the state instead.
+    """
+    state: dict[str, Any] = {
+        "float32_matmul_precision": _read(torch.get_float32_matmul_precision),
+        "cuda_matmul_allow_tf32": _read(lambda: torch.backends.cuda.matmul.allow_tf32),
+        "cudnn_allow_tf32": _read(lambda: torch.backends.cudnn.allow_tf32),
+    }
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        state["fp32_precision"] = {path: _backend(path).fp32_precision for path in _FP32_PRECISION_PATHS}
+    return state
+
+
+def _restore_tf32_state(state: dict[str, Any]) -> None:
+    """Put back what :func:`_tf32_state` saved: the legacy settings first, then the per-backend strings."""
+    if state["float32_matmul_precision"] is not None:
+        torch.set_float32_matmul_precision(state["float32_matmul_precision"])
+    elif state["cuda_matmul_allow_tf32"] is not None:
+        torch.backends.cuda.matmul.allow_tf32 = state["cuda_matmul_allow_tf32"]
+    if state["cudnn_allow_tf32"] is not None:
+        torch.backends.cudnn.allow_tf32 = state["cudnn_allow_tf32"]
+    for path, value in state.get("fp32_precision", {}).items():
+        _backend(path).fp32_precision = value
+
+
+def set_precision_flags(precision: str) -> None:
+    """Set the float32 matmul and cuDNN convolution flags of ``precision`` for the whole process.
+
+    ``tf32`` turns TensorFloat-32 on for CUDA matmuls (``torch.get_float32_matmul_precision()`` becomes
+    ``"high"``) and cuDNN convolutions; every other precision turns both off (``"highest"``), so ``fp32`` is the
+    strict float32 of the paper whatever the process had set before. Only the CUDA switches change: CPU matmuls
+    are float32 either way. Prefer :func:`precision_scope`, which restores the previous flags.
+
+    The legacy setters are used on purpose: they keep the legacy readers (``torch.get_float32_matmul_precision``,
+    torch.compile's guards) and torch >= 2.9's per-backend ``fp32_precision`` strings in agreement.
+    """
+    tf32 = uses_tf32(precision)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        # The legacy cuDNN setter leaves the convolution string at "none" (inherit), which a process-wide
+        # torch.backends.fp32_precision = "tf32" would still turn into TF32: name the precision of each op.
+        value = "tf32" if tf32 else "ieee"
+        for path in ("cuda.matmul", "cudnn.conv", "cudnn.rnn"):
+            _backend(path).fp32_precision = value
+
+
+@contextlib.contextmanager
+def precision_scope(precision: str) -> Iterator[None]:
+    """Inside the block, the float32 backend flags of ``precision`` (:func:`set_precision_flags`); the previous
+    flags are restored on exit, also on error, so a library call never changes the caller's settings.
+
+    Scopes nest (the inner one wins inside it). Autocast is separate (:func:`autocast_context`): wrap a whole
+    training step or evaluation in this scope (the backward pass too), and only the forward in autocast.
+
+    Raises :class:`ConfigError` for a precision not in :data:`PRECISIONS`.
+    """
+    check_precision(precision)
+    saved = _tf32_state()
+    try:
+        set_precision_flags(precision)
+        yield
+    finally:
+        _restore_tf32_state(saved)
+
+
+def precision_flags() -> dict[str, Any]:
+    """The float32 backend flags in effect now, as recorded in a run directory (``runtime.json``)."""
+    return {
+        "float32_matmul_precision": _read(torch.get_float32_matmul_precision),
+        "cuda_matmul_allow_tf32": _read(lambda: torch.backends.cuda.matmul.allow_tf32),
+        "cudnn_allow_tf32": _read(lambda: torch.backends.cudnn.allow_tf32),
+    }
 
 
 def set_console_level(level: int) -> None:

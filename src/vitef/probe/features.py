@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from vitef.errors import ConfigError
 from vitef.models import block_module, embed, mlp_activation, num_blocks
-from vitef.utils import autocast_context, check_precision
+from vitef.utils import autocast_context, check_precision, precision_scope
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +172,8 @@ def extract_features(
     pool
         ``mean`` (patch tokens) or ``cls``.
     precision
-        A name of :data:`vitef.utils.PRECISIONS` (``fp32``, ``bf16``, ``fp16``): autocast for the forward;
-        stored features are float32.
+        A name of :data:`vitef.utils.PRECISIONS` (``fp32``, ``tf32``, ``bf16``, ``fp16``): autocast and float32
+        matmul flags for the forward (restored after each batch); stored features are float32.
     num_samples
         Number of samples the loader yields (default ``len(loader.dataset)``): the bank is
         preallocated, ``n_samples x n_probes x width`` float32 in CPU memory.
@@ -203,7 +203,7 @@ def extract_features(
         if pos + b > n:
             raise ValueError(f"loader yielded more than num_samples={n} samples")
         # The bank is allocated outside inference mode so callers can preprocess it in place.
-        with torch.inference_mode(), autocast_context(device, precision):
+        with torch.inference_mode(), precision_scope(precision), autocast_context(device, precision):
             x = embed(model, images.to(device, non_blocking=True))  # (B, N, D)
             for layer in range(last + 1):
                 want = pts if layer in layer_ids else ()
