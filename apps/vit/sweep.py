@@ -1,6 +1,6 @@
 """Launch a sweep of the study (arXiv 2602.06883, §4-5): a grid of train / eval / analysis / probing runs.
 
-    python -m apps.vit.sweep config=apps/vit/sweeps/main.yaml --dry-run     # list the 924 runs
+    python -m apps.vit.sweep config=apps/vit/sweeps/main.yaml --dry-run     # list the 924 runs and their cost
     python -m apps.vit.sweep config=apps/vit/sweeps/main.yaml local.max_parallel=8 local.gpus=[0,1,2,3,4,5,6,7]
     python -m apps.vit.sweep config=apps/vit/sweeps/main.yaml backend=slurm slurm.partition=gpu
 
@@ -8,6 +8,10 @@ Relaunching the same command skips completed runs and resumes the others; failur
 the end and make the exit status non-zero. Runs whose config changed since they ran (stale) are
 listed with the changed keys and not run (``rerun_stale=true`` reruns them from scratch); runs that
 another process works on are listed and skipped. See :mod:`vitef.sweep` for the sweep file format.
+
+A dry run ends with the cost of the grid's training runs: their images (steps x batch_size) and
+GPU-hours at the rates measured in ``benchmarks/rates.csv`` (:mod:`vitef.rates`), per GPU of that
+table, or which rates are unmeasured.
 
 A sweep file's ``app:`` is one of :data:`APPS` or a module of the ``apps`` package. The test suite adds
 its fake app through the ``VITEF_SWEEP_TEST_APPS`` environment variable (comma-separated module
@@ -19,11 +23,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from pathlib import Path
 
 from tqdm import tqdm
 
 from vitef.config import cli_main
 from vitef.errors import ConfigError
+from vitef.rates import estimate, read_rates, train_run_cost
 from vitef.sweep import SweepConfig, SweepError, expand, format_value, launch, plan_runs
 from vitef.utils import check_writable
 
@@ -37,6 +43,8 @@ APPS = {
 
 
 CONFIG = SweepConfig
+# The measured training rates the dry run's GPU-hours come from (the repository's table).
+RATES_FILE = Path(__file__).resolve().parents[2] / "benchmarks" / "rates.csv"
 TEST_APPS_ENV = "VITEF_SWEEP_TEST_APPS"  # test hook: extra app modules (the test suite's fake app)
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -126,6 +134,32 @@ def print_runs(cfg: SweepConfig, runs: list) -> None:
     todo = len(plan.todo)
     detail = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     print(f"{len(runs)} runs in sweep {cfg.name} ({detail}): {todo} to launch on backend {cfg.backend}")
+    for line in cost_lines(cfg, runs):
+        print(line)
+
+
+def cost_lines(cfg: SweepConfig, runs: list, rates_file: str | os.PathLike = RATES_FILE) -> list[str]:
+    """The grid's cost: images of its training runs and GPU-hours per GPU of the rates table.
+
+    Runs of the training app (and of apps whose config extends its, such as pretrain) cost
+    ``steps x batch_size`` images; other apps' runs are not estimated.
+    """
+    from apps.vit.train import TrainConfig  # the app the sweep runs is imported already
+
+    rates_file = Path(rates_file)
+    shown = _shown_path(rates_file)
+    rates = read_rates(rates_file) if rates_file.is_file() else []
+    if not rates_file.is_file():
+        shown += " (not found)"
+    costs = [train_run_cost(run.cfg) if isinstance(run.cfg, TrainConfig) else None for run in runs]
+    return estimate(costs, rates, source=shown).lines(app=cfg.app)
+
+
+def _shown_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def test_dry_run_lists_runs_and_runs_nothing(tmp_path, run_app):
     r = run_app("apps.vit.sweep", f"config={path}", "--dry-run", env=ENV)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert len(lines) == 6 and lines[-1].startswith("5 runs in sweep cli (5 new): 5 to launch")
+    assert len(lines) == 7 and lines[-2].startswith("5 runs in sweep cli (5 new): 5 to launch")
+    assert lines[-1].startswith("cost: not estimated for app sweep_fake_app (5 runs): only training runs")
     assert f"new        {tmp_path / 'out/runs/cli/a/s1'}  dataset_name=a seed=1" in lines
     assert not (tmp_path / "out").exists()
 
@@ -156,7 +158,25 @@ def test_apps_declare_their_run_directory(name, folder, own_status, monkeypatch)
     assert [(r.run_dir, r.own_status) for r in by_module] == [(r.run_dir, r.own_status) for r in runs]
 
 
-def test_main_grid_dry_run_shows_924(run_app):
+def test_main_grid_dry_run_shows_924_and_their_cost(run_app):
     r = run_app("apps.vit.sweep", "config=apps/vit/sweeps/main.yaml", "root=/nonexistent-vitef", "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == "924 runs in sweep main (924 new): 924 to launch on backend local"
+    lines = r.stdout.strip().splitlines()
+    end = lines.index("924 runs in sweep main (924 new): 924 to launch on backend local")
+    assert end == 924
+    # 84 runs per dataset x (7 x 10k + 2 x 20k + 5k + 4k steps) x 512 images = 5.118 G images
+    assert lines[end + 1] == (
+        "cost: 924 training runs, 5.12 G images (steps x batch_size each); GPU-hours = images / the images/s "
+        "measured in benchmarks/rates.csv"
+    )
+    h200 = next(line for line in lines[end + 2 :] if line.startswith("  NVIDIA H200: "))
+    found = re.match(r"  NVIDIA H200: ([\d,]+) GPU-hours for vit_base_patch16_224 at 224 px, fp32, compile=false at "
+                     r"([\d,]+) images/s \(step rate", h200)  # fmt: skip
+    assert found, h200
+    hours, rate = found.group(1), float(found.group(2).replace(",", ""))
+    assert hours == f"{84 * 119_000 * 512 / rate / 3600:,.0f}"
+    assert h200.endswith("792 runs train part of the model (emb, ln1, mha, ln2, fc1, fc2) at trainable=all's rate: "
+                         "an upper bound")  # fmt: skip
+    # the README's GPU-hour column is this estimate (python -m benchmarks.rates writes it)
+    readme = next(line for line in (ROOT / "README.md").read_text().splitlines() if "sweeps/main.yaml` | 924 |" in line)
+    assert f"| {hours} † (step) |" in readme
