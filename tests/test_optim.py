@@ -16,6 +16,7 @@ from vitef.optim import (
     build_scheduler,
     clip_gradients,
     grad_norms,
+    implementation,
     load_scheduler_state,
     lr_factor,
     scheduler_state,
@@ -78,6 +79,47 @@ def test_optimizers_get_their_hyperparameters():
     assert adamw.param_groups[0]["betas"] == (0.8, 0.99)
     with pytest.raises(ConfigError, match="no trainable parameters"):
         build_optimizer([frozen], OptimConfig())
+
+
+def test_cuda_parameters_get_the_fused_optimizer_and_others_torchs_default():
+    cpu = [nn.Parameter(torch.zeros(2))]
+    assert implementation(cpu) == {}
+    for name in ("sgd", "adamw"):
+        opt = build_optimizer(cpu, OptimConfig(name=name))
+        assert not opt.defaults["fused"] and opt.defaults["foreach"] is None  # CPU results as they always were
+    # Without a GPU here, stand-ins say what build_optimizer asks for on CUDA (the GPU benchmark runs it).
+    cuda = torch.empty(0, device="meta")
+    assert implementation([_OnCuda(cuda), _OnCuda(cuda)]) == {"fused": True}
+    assert implementation([_OnCuda(cuda), cpu[0]]) == {}  # mixed devices: torch's default
+
+
+class _OnCuda:
+    """A tensor stand-in that says it lives on CUDA."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.is_cuda = True
+        self.is_floating_point = tensor.is_floating_point
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fused_optimizers_match_foreach_on_cuda():
+    torch.manual_seed(0)
+    for name in ("sgd", "adamw"):
+        weights = [torch.randn(64, 32, device="cuda") for _ in range(3)]
+        results = []
+        for fused in (True, False):
+            params = [nn.Parameter(w.clone()) for w in weights]
+            opt = build_optimizer(params, OptimConfig(name=name, lr=0.1, weight_decay=0.01))
+            if not fused:
+                opt = type(opt)(params, **{**opt.defaults, "fused": None, "foreach": True})
+            assert bool(opt.defaults["fused"]) == fused
+            for step in range(3):
+                for p in params:
+                    p.grad = torch.full_like(p, 0.1 * (step + 1))
+                opt.step()
+            results.append(params)
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_grad_norms_and_clipping_match_direct_computation():

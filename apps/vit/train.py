@@ -70,7 +70,9 @@ from vitef.utils import (
     autocast_context,
     check_precision,
     check_writable,
+    precision_scope,
     resolve_device,
+    runtime_info,
     set_seed,
     setup_logging,
 )
@@ -121,8 +123,10 @@ class TrainConfig:
     keep_last: int = option(1, "step checkpoints kept (the best one is kept besides)")
     keep_steps: list[int] = option([], "steps checkpointed and kept for good besides keep_last (e.g. log-spaced)")
     seed: int = option(0, "seed of the head initialisation, the data order/split and augmentation")
-    precision: str = option("fp32", f"numeric precision: {', '.join(PRECISIONS)} (fp32: the paper's)")
-    compile: bool = option(False, "torch.compile the model")
+    precision: str = option(
+        "fp32", f"numeric precision: {', '.join(PRECISIONS)} (fp32: the paper's, strict; tf32: fp32 on tensor cores)"
+    )
+    compile: bool = option(False, "torch.compile the model (compiled once, at the first step)")
     device: str = option("auto", "auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK)")
     root: str = option("outputs", "output root; the run goes to <root>/runs/<log_dir>")
     log_dir: str = option("", "run name (default: <dataset>_<trainable>_lr<lr>_seed<seed>) or a run directory")
@@ -238,8 +242,17 @@ def train_step(s: Stepper, batches: Iterator, step: int | None = None) -> dict[s
     or infinite (under fp16, a non-finite norm only once the loss scale is down to ``MIN_LOSS_SCALE``:
     before that GradScaler skips the update and lowers its scale). ``step`` (the number of this update)
     is named in that message.
+
+    The whole update runs under :func:`vitef.utils.precision_scope` of ``s.precision`` (backward pass included),
+    autocast covers the forward only. The host waits for the device once per update: every number of the row
+    comes back in one copy, before the checks that must precede the update (a ``.item()`` per value would each
+    stall the queue of device work).
     """
-    where = f"step {step}: " if step is not None else ""
+    with precision_scope(s.precision):
+        return _train_step(s, batches, f"step {step}: " if step is not None else "")
+
+
+def _train_step(s: Stepper, batches: Iterator, where: str) -> dict[str, Any]:
     s.model.train()
     s.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=s.device)
@@ -256,15 +269,17 @@ def train_step(s: Stepper, batches: Iterator, step: int | None = None) -> dict[s
             loss = F.cross_entropy(logits.float(), labels) / s.grad_accumulation
             s.scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    loss_value = distributed.all_reduce_mean(loss_sum).item()
+    distributed.all_reduce_mean(loss_sum)
+    # Unscaling and the norms only read the gradients: the weights are still untouched when a check below fails.
+    s.scaler.unscale_(s.optimizer)
+    total, per_component = grad_norms(s.named_params, s.groups)
+    values = torch.stack([loss_sum.float(), *(v.to(loss_sum.device) for v in (total, *per_component.values()))])
+    loss_value, norm, *component_norms = values.tolist()  # the one host sync of the step
     if not math.isfinite(loss_value) or loss_value > MAX_LOSS:
         raise TrainingError(
             f"{where}the training loss is {loss_value:.4g}: training diverged. Lower the learning rate (lr=...), "
             "keep gradient clipping on (optim.clip_grad=1.0) or use precision=fp32"
         )
-    s.scaler.unscale_(s.optimizer)
-    total, per_component = grad_norms(s.named_params, s.groups)
-    norm = total.item()
     # Clipping by an infinite norm zeroes every update (and NaN spreads into the weights): a run that goes
     # on after this only looks finished, so it fails as a NaN loss does.
     if not math.isfinite(norm) and not (s.scaler.is_enabled() and s.scaler.get_scale() > MIN_LOSS_SCALE):
@@ -281,7 +296,7 @@ def train_step(s: Stepper, batches: Iterator, step: int | None = None) -> dict[s
     s.scaler.update()
     s.scheduler.step()
     row: dict[str, Any] = {"loss": loss_value, "lr": lr, "grad_norm": norm}
-    row.update({f"grad_norm/{c}": v.item() for c, v in per_component.items()})
+    row.update({f"grad_norm/{c}": v for c, v in zip(per_component, component_norms)})
     return row
 
 
@@ -294,7 +309,10 @@ def main(cfg: TrainConfig) -> None:
     info, device = distributed.init_distributed(cfg.device)
     try:
         # One process per run for its whole life (docs/ARCHITECTURE.md, run.lock); the main process holds it.
-        with run_lock(RunDir.from_log_dir(cfg.root, cfg.run_name).path, "apps.vit.train", enabled=info.is_main):
+        run_path = RunDir.from_log_dir(cfg.root, cfg.run_name).path
+        # The float32 flags of cfg.precision for the whole run (steps, validation, test), restored on return so
+        # that a sweep running apps in-process does not leak them into the next run.
+        with run_lock(run_path, "apps.vit.train", enabled=info.is_main), precision_scope(cfg.precision):
             train(cfg, info, device)
     finally:
         distributed.destroy_distributed()
@@ -334,6 +352,7 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
         logger.info("resumed %s from step %d", run.path, progress["step"])
     else:
         _write_run_header(cfg, run, model, counts, info)
+    _write_runtime(cfg, run, device, info, progress["step"])
     logger.info(
         "training %s on %s: trainable %s (%s parameters), %d steps of %d images (%d per process and micro-batch)",
         cfg.model.name, cfg.dataset_name, ",".join(counts), f"{sum(counts.values()):,}", cfg.steps, cfg.batch_size,
@@ -468,6 +487,40 @@ def _write_run_header(cfg: TrainConfig, run: RunDir, model: nn.Module, counts: d
     for comp, n in counts.items():
         logger.info("trainable %-5s %14s parameters", comp, f"{n:,}")
     run.write_status("running", 0, "started")
+
+
+def _write_runtime(cfg: TrainConfig, run: RunDir, device: torch.device, info: DistInfo, step: int) -> None:
+    """runtime.json: what this process computes with (precision, effective TF32 flags, device, versions).
+
+    Written at every start; a resumed run keeps the records of its earlier processes under ``earlier`` (oldest
+    first), since a run may be resumed on another machine (``device`` may change between them).
+    """
+    if not info.is_main:
+        return
+    record = runtime_info(device, cfg.precision)
+    record.update(
+        compile=cfg.compile,
+        world_size=info.world_size,
+        num_workers=cfg.data.num_workers,
+        start_step=step,
+        started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    earlier: list[dict[str, Any]] = []
+    try:
+        previous = run.read_runtime() if step > 0 else None
+    except VitefError as e:  # a damaged record must not stop the run: it is information, not state
+        logger.warning("%s: starting a new runtime record", e)
+        previous = None
+    if previous is not None:
+        earlier = [*previous.pop("earlier", []), previous]
+    if earlier:
+        record["earlier"] = earlier
+    atomic_write_json(run.runtime_path, record)
+    logger.info(
+        "precision %s (float32 matmul precision %s, TF32 matmul %s, cuDNN %s) on %s (%s)",
+        cfg.precision, record["float32_matmul_precision"], record["cuda_matmul_allow_tf32"],
+        record["cudnn_allow_tf32"], record["device"], record["device_name"],
+    )  # fmt: skip
 
 
 def _resume(ckpt: Path, model: nn.Module, stepper: Stepper, batches, info: DistInfo) -> dict:

@@ -84,15 +84,28 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.o
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ConfigError("no trainable parameters: check `trainable` (e.g. trainable=[mha] or trainable=[all])")
+    fast = implementation(params)
     if cfg.name == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **fast
         )
     if cfg.name == "adamw":
         return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay
+            params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay, **fast
         )
     raise ConfigError(f"optim.name='{cfg.name}' is unknown: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def implementation(params: Sequence[torch.Tensor]) -> dict[str, bool]:
+    """The optimiser implementation for ``params``: ``{"fused": True}`` when they all live on CUDA, else ``{}``.
+
+    The fused kernels update every parameter in one launch and take GradScaler's scale and overflow flag on the
+    device (no host sync under fp16); torch's default on CUDA is the multi-tensor ``foreach`` path, a few
+    launches per update. On other devices torch's default is kept, so CPU results are what they always were.
+    """
+    if params and all(p.is_cuda and p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {}
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:

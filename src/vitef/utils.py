@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import os
+import platform
 import random
 import re
 import sys
@@ -308,6 +309,41 @@ def precision_flags() -> dict[str, Any]:
         "float32_matmul_precision": _read(torch.get_float32_matmul_precision),
         "cuda_matmul_allow_tf32": _read(lambda: torch.backends.cuda.matmul.allow_tf32),
         "cudnn_allow_tf32": _read(lambda: torch.backends.cudnn.allow_tf32),
+    }
+
+
+def runtime_info(device: torch.device | str, precision: str) -> dict[str, Any]:
+    """What computes, as recorded beside results: the precision, the float32 flags in effect now (call it inside
+    :func:`precision_scope`), the device and the library versions.
+
+    Parameters
+    ----------
+    device
+        The device the computation runs on (``cuda`` without an index: the current CUDA device).
+    precision
+        A name of :data:`PRECISIONS`.
+    """
+    import timm  # here, not at module level: utils is imported by everything, timm only by model code
+
+    dtype = PRECISIONS[check_precision(precision)]
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        name = torch.cuda.get_device_name(index)
+    else:
+        name = platform.processor() or platform.machine()
+    return {
+        "precision": precision,
+        "autocast": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        **precision_flags(),
+        "device": str(device),
+        "device_name": name,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "host": platform.node(),
     }
 
 

@@ -44,7 +44,7 @@ def initial_model(cfg: train_app.TrainConfig):
     return build_model_from_config(cfg.model, num_classes=5)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "fp16"])
 def test_train_step_reduces_the_loss(tmp_path, precision):
     # The app's own step function on one fixed batch: a few updates of MHA + head lower its loss.
     cfg = tiny_cfg(tmp_path, trainable=["mha"], optim={"lr": 0.05, "scheduler": "constant", "warmup_steps": 0})
@@ -257,3 +257,61 @@ def test_trainable_alias_is_stored_canonical_and_resumes_either_spelling(tmp_pat
             train_app._check_same_config(tiny_cfg(tmp_path, trainable=typed, steps=2, eval_period=2, log_dir=""), run)
     with pytest.raises(ConfigError, match="different config.*trainable: \\['mha'\\] -> \\['fc1'\\]"):
         train_app._check_same_config(tiny_cfg(tmp_path, trainable=["fc1"], steps=2, eval_period=2, log_dir=""), run)
+
+
+def test_compile_traces_once_whatever_the_validations_and_checkpoints_in_between(tmp_path, monkeypatch):
+    # torch.compile with a backend that counts the graphs it is handed (no compiler on a CPU test machine; the
+    # guards and recompilations are Dynamo's, whatever the backend): the first step compiles, the other steps,
+    # around validations (plain model in eval mode) and checkpoints, run what was compiled.
+    graphs: list[int] = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    real_compile, real_step = torch.compile, train_app.train_step
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counting_backend))
+    after_step: list[int] = []
+
+    def step(*args, **kwargs):
+        row = real_step(*args, **kwargs)
+        after_step.append(len(graphs))
+        return row
+
+    monkeypatch.setattr(train_app, "train_step", step)
+    torch._dynamo.reset()
+    train_app.main(tiny_cfg(tmp_path, steps=6, eval_period=3, checkpoint_period=2, compile=True))
+    torch._dynamo.reset()
+    assert after_step == [1] * 6, after_step
+
+
+def test_runtime_json_records_the_effective_precision_and_the_callers_flags_come_back(tmp_path):
+    from vitef.utils import precision_flags, precision_scope
+
+    with precision_scope("fp32"):  # e.g. a sweep running apps in-process
+        before = precision_flags()
+        train_app.main(tiny_cfg(tmp_path, steps=2, eval_period=2, precision="tf32"))
+        assert precision_flags() == before
+    run = RunDir(tmp_path / "out" / "runs" / "run")
+    runtime = run.read_runtime()
+    assert runtime["precision"] == "tf32" and runtime["autocast"] is None
+    # The flags in effect while training (TF32 on; on a CPU machine they change nothing, and say so no less).
+    assert runtime["float32_matmul_precision"] == "high"
+    assert runtime["cuda_matmul_allow_tf32"] is True and runtime["cudnn_allow_tf32"] is True
+    assert runtime["device"] == "cpu" and runtime["torch"] == torch.__version__ and runtime["timm"]
+    assert (runtime["compile"], runtime["world_size"], runtime["start_step"]) == (False, 1, 0)
+    assert "runtime.json" in {p.name for p in run.path.iterdir()} and run.looks_like_run()
+    # A resumed run records its own start and keeps the earlier ones.
+    run.write_status("running", 2, "pretend it was interrupted")
+    train_app.main(tiny_cfg(tmp_path, steps=2, eval_period=2, precision="tf32"))
+    resumed = run.read_runtime()
+    assert resumed["start_step"] == 2 and [r["start_step"] for r in resumed["earlier"]] == [0]
+    # bf16: autocast dtype and strict float32 flags for what autocast keeps in float32.
+    train_app.main(tiny_cfg(tmp_path, steps=2, eval_period=2, precision="bf16", overwrite=True))
+    runtime = run.read_runtime()
+    assert (runtime["precision"], runtime["autocast"], runtime["float32_matmul_precision"]) == (
+        "bf16",
+        "bfloat16",
+        "highest",
+    )
+    assert "earlier" not in runtime

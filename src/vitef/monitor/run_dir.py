@@ -8,6 +8,7 @@ Layout (docs/ARCHITECTURE.md, "Run directory")::
       train.log       the log
       status.json     {"status": "running" | "completed" | "failed", "step": int, "message": str}
       params.json     parameters per component: total and trainable
+      runtime.json    what computed it: precision, effective TF32 flags, device, torch/timm versions (per start)
       checkpoints/    step_<N>/ (model.safetensors + state.pt) and best/ (model.safetensors + best.json)
       eval.json       test metrics of the best checkpoint
       run.lock        held (flock) by the process working on the run: see vitef.monitor.lock
@@ -40,7 +41,8 @@ logger = logging.getLogger(__name__)
 STATUSES = ("running", "completed", "failed")
 # Everything a run may write (a folder holding anything else is not deleted by ``remove``).
 RUN_FILES = frozenset(
-    {"config.yaml", "metrics.jsonl", "train.log", "status.json", "params.json", "checkpoints", "eval.json"}
+    {"config.yaml", "metrics.jsonl", "train.log", "status.json", "params.json", "runtime.json", "checkpoints"}
+    | {"eval.json"}
     | {"tensorboard", LOCK_FILE}
 )
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -91,6 +93,10 @@ class RunDir:
     @property
     def params_path(self) -> Path:
         return self.path / "params.json"
+
+    @property
+    def runtime_path(self) -> Path:
+        return self.path / "runtime.json"
 
     @property
     def eval_path(self) -> Path:
@@ -208,6 +214,10 @@ class RunDir:
     def read_params(self) -> dict[str, Any] | None:
         """``params.json`` (parameters per component, total and trainable), or ``None`` without one."""
         return self.read_eval(self.params_path)
+
+    def read_runtime(self) -> dict[str, Any] | None:
+        """``runtime.json`` (precision, TF32 flags, device and versions of the latest start), or ``None``."""
+        return self.read_eval(self.runtime_path)
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """The complete rows of ``metrics.jsonl`` (a partial last line of a killed run is skipped)."""
