@@ -210,6 +210,7 @@ def make_loader(cfg: LinearProbingConfig, model, dataset_name: str, split: str, 
         normalize=data.normalize,
         model=model,
         digits_size=data.digits_size,
+        cache=data.cache,
     )
     num_classes = dataset.num_classes
     if limit is not None and limit < len(dataset):
