@@ -59,7 +59,7 @@ def test_budgets_are_fractions_or_unit_counts():
     assert budget_limit(0.1234, 1000) == ("params", 123)  # floor: never above the fraction
     assert budget_limit(3, 1000) == ("units", 3)
     assert budget_limit(1.0, 1000) == ("units", 1)
-    assert budget_label(0.1) == "10%" and budget_label(0.005) == "0.5%" and budget_label(3) == "3units"
+    assert budget_label(0.1) == "10%" and budget_label(0.005) == "0.5%" and budget_label(3) == "3 units"
     for bad, match in [(0, "must be a fraction"), (-0.1, "must be a fraction"), (math.nan, "must be a fraction"),
                        (2.5, r"neither a fraction.*budget=2 units or budget=0.025")]:  # fmt: skip
         with pytest.raises(ConfigError, match=match):
@@ -322,3 +322,14 @@ def test_config_validation():
         score_units(model, _cfg("rgn"))
     with pytest.raises(ConfigError, match="reads source images"):
         score_units(model, _cfg("plasticity"), target=_batches())
+
+
+def test_an_impossible_budget_fails_before_scoring():
+    from vitef.selection import check_budget
+
+    model = _model()
+    check_budget(model, 0.1)
+    with pytest.raises(ConfigError, match="fewer than the smallest unit"):
+        check_budget(model, 0.0001)
+    with pytest.raises(ConfigError, match="budget=11 units, but the model has 10"):
+        select(model, _cfg("rgn", budget=11))  # no target given: the budget error comes first

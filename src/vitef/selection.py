@@ -43,6 +43,7 @@ the smallest budget that picks one.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import itertools
 import json
 import logging
@@ -194,9 +195,11 @@ def budget_limit(budget: float, backbone: int) -> tuple[str, int]:
 
 
 def budget_label(budget: float) -> str:
-    """``0.1`` → ``10%``, ``3`` → ``3units``: the budget in folder names and tables."""
+    """``0.1`` → ``10%``, ``3`` → ``3 units``, ``1`` → ``1 unit``: the budget in tables and figures."""
     kind, value = budget_limit(budget, 1)
-    return f"{value}units" if kind == "units" else f"{budget * 100:g}%"
+    if kind == "units":
+        return f"{value} unit" + ("s" if value > 1 else "")
+    return f"{budget * 100:g}%"
 
 
 def ranking(scores: dict[str, float], units: list[str]) -> list[str]:
@@ -271,6 +274,15 @@ def pick_units(
         last = order.index(chosen[-1])
         skipped = [u for u in skipped if order.index(u) < last]
     return Pick(chosen, skipped, kind, limit, limit - left)
+
+
+def check_budget(model: nn.Module, budget: float) -> None:
+    """Raise the :func:`pick_units` error for a budget that can pick no unit of ``model``, before any scoring."""
+    sizes = {u: n for u, n in count_units(model).items() if u not in ("emb", "head")}
+    backbone = backbone_parameters(model)
+    kind, limit = budget_limit(budget, backbone)
+    if (kind == "units" and limit > len(sizes)) or (kind == "params" and limit < min(sizes.values())):
+        pick_units(dict.fromkeys(sizes, 0.0), sizes, budget, backbone)
 
 
 def compact_units(units: Iterable[str], depth: int) -> list[str]:
@@ -587,6 +599,7 @@ def select(
     ``model`` is the pretrained ViT (its head is not used: the gradient criteria put a fresh one in its place
     for the time of the computation); its weights are left unchanged. See :func:`score_units` for the data.
     """
+    check_budget(model, cfg.budget)  # before minutes of scoring
     scores, details = score_units(model, cfg, target=target, source=source, num_classes=num_classes, device=device)
     sizes = {u: n for u, n in count_units(model).items() if u in scores}
     backbone = backbone_parameters(model)
@@ -678,3 +691,16 @@ def read_selection(folder: str | Path) -> Selection:
         return Selection.from_json(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise ConfigError(f"{path} is not a selection ({type(e).__name__}: {e}): run apps.vit.select again") from None
+
+
+def find_selections(patterns: Iterable[str | Path]) -> list[Path]:
+    """Complete selection folders (holding ``selection.json``) matching glob ``patterns`` or naming folders:
+    pattern by pattern, each sorted, no duplicates."""
+    found: dict[Path, None] = {}
+    for pattern in patterns:
+        matches = sorted(glob.glob(str(pattern))) or [str(pattern)]
+        for m in matches:
+            folder = Path(m)
+            if (folder / SELECTION_FILE).is_file():
+                found.setdefault(folder, None)
+    return list(found)
