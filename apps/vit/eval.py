@@ -36,6 +36,7 @@ class MachineDataConfig:
     root: str | None = option(None, "dataset root (default: the run's, else $VITEF_DATA, else ./datasets)")
     num_workers: int = option(2, "DataLoader worker processes (0 = load in the main process)")
     download: bool = option(True, "download the evaluation dataset into the root when missing (torchvision)")
+    cache: str | None = option(None, "decoded-image cache folder on this machine (default: the run's data.cache)")
 
     def validate(self) -> None:
         if self.num_workers < 0:
@@ -158,8 +159,9 @@ def main(cfg: EvalConfig) -> None:
 def _data_overrides(cfg: EvalConfig) -> dict:
     """Machine-specific data options of this command (where the data lives, workers) win over the run's."""
     out = {"num_workers": cfg.data.num_workers, "download": cfg.data.download}
-    if cfg.data.root is not None:
-        out["root"] = cfg.data.root
+    for key in ("root", "cache"):  # None: the run's
+        if getattr(cfg.data, key) is not None:
+            out[key] = getattr(cfg.data, key)
     return out
 
 
