@@ -78,9 +78,47 @@ class EpochSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         start, self.start = self.start, 0
-        epoch = self.epoch
+        yield from self.items(self.epoch, start)
+
+    def items(self, epoch: int, start: int = 0) -> Iterator[tuple[int, int]]:
+        """``(index, aug_seed)`` of this rank's samples of ``epoch``, from position ``start`` on."""
         for i in self.epoch_indices(epoch)[start:]:
             yield i, mix_seed(self.seed, epoch, i)
+
+
+class EpochBatches(Sampler):
+    """The batches of an :class:`EpochSampler`, epoch after epoch without end, from batch ``batch`` of ``epoch``.
+
+    The batches are those a ``DataLoader`` over the sampler makes in each epoch (``drop_last`` included). One
+    ``DataLoader`` iteration over them keeps the workers busy across epoch boundaries: a new iteration per epoch
+    drains the prefetch queue at the end of each epoch, and the first step of the next one waits for a worker to
+    produce a whole batch (on a GPU, a step several times slower than the others, every epoch).
+    """
+
+    def __init__(self, sampler: EpochSampler, batch_size: int, drop_last: bool, epoch: int = 0, batch: int = 0):
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.epoch = epoch
+        self.batch = batch
+
+    def per_epoch(self) -> int:
+        """Batches in one epoch."""
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, start = self.epoch, self.batch * self.batch_size
+        while True:
+            chunk: list[tuple[int, int]] = []
+            for item in self.sampler.items(epoch, start):
+                chunk.append(item)
+                if len(chunk) == self.batch_size:
+                    yield chunk
+                    chunk = []
+            if chunk and not self.drop_last:
+                yield chunk
+            epoch, start = epoch + 1, 0
 
 
 class VitefLoader(DataLoader):
@@ -136,6 +174,9 @@ class EndlessIterator:
 
     ``state_dict()`` = ``{"epoch": e, "batch": b, "seed": s}``: ``b`` batches of epoch ``e`` have been
     returned. Loading it makes the next batch the ``b``-th of epoch ``e`` (0-based).
+
+    The batches come from one ``DataLoader`` pass over :class:`EpochBatches` that never ends, so the workers
+    prefetch across epoch boundaries; the stream restarts only when a state is loaded.
     """
 
     def __init__(self, loader: DataLoader, seed: int | None = None):
@@ -158,28 +199,43 @@ class EndlessIterator:
         return self
 
     def __next__(self) -> Any:
-        empty_epochs = 0
-        while True:
-            if self._it is None:
-                self.sampler.set_epoch(self.epoch)
-                self.sampler.set_start(self.batch * self.loader.batch_size)
-                self._it = iter(self.loader)
-            try:
-                out = next(self._it)
-            except StopIteration:
-                self._it = None
-                if self.batch == 0:
-                    empty_epochs += 1
-                    if empty_epochs > 1:
-                        raise DataError(
-                            f"the loader yields no batch ({len(self.sampler)} samples per rank, batch_size="
-                            f"{self.loader.batch_size}, drop_last={self.loader.drop_last}): lower batch_size"
-                        ) from None
-                self.epoch += 1
-                self.batch = 0
-                continue
-            self.batch += 1
-            return out
+        loader = self.loader
+        per_epoch = EpochBatches(self.sampler, loader.batch_size, loader.drop_last).per_epoch()
+        if per_epoch == 0:
+            raise DataError(
+                f"the loader yields no batch ({len(self.sampler)} samples per rank, batch_size="
+                f"{loader.batch_size}, drop_last={loader.drop_last}): lower batch_size"
+            )
+        if self.batch >= per_epoch:  # the previous batch closed its epoch
+            self.epoch += 1
+            self.batch = 0
+            self.sampler.set_epoch(self.epoch)
+        if self._it is None:
+            self.sampler.set_epoch(self.epoch)
+            self._it = iter(self._stream())
+        out = next(self._it)
+        self.batch += 1
+        return out
+
+    def _stream(self) -> DataLoader:
+        """One endless ``DataLoader`` pass from the current position (:class:`EpochBatches`), with the loader's
+        dataset, workers, pinning and prefetching."""
+        loader = self.loader
+        options: dict[str, Any] = {
+            "num_workers": loader.num_workers,
+            "collate_fn": loader.collate_fn,
+            "pin_memory": loader.pin_memory,
+            "timeout": loader.timeout,
+            "worker_init_fn": loader.worker_init_fn,
+            "multiprocessing_context": loader.multiprocessing_context,
+            "generator": loader.generator,
+        }
+        if loader.num_workers > 0:
+            options["prefetch_factor"] = loader.prefetch_factor
+        if getattr(loader, "pin_memory_device", ""):
+            options["pin_memory_device"] = loader.pin_memory_device
+        batches = EpochBatches(self.sampler, loader.batch_size, loader.drop_last, self.epoch, self.batch)
+        return DataLoader(loader.dataset, batch_sampler=batches, **options)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.sampler.seed}
