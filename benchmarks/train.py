@@ -3,15 +3,24 @@
     python -m benchmarks.train                          # ViT-B/16, batch 16, 224 px, random init, CPU
     python -m benchmarks.train steps=5 warmup=2         # longer, steadier run
     python -m benchmarks.train model=vit_tiny_patch16_224 img_size=64 steps=3   # quick smoke run
+    python -m benchmarks.train device=cuda batch_size=256 steps=20 warmup=3     # every GPU variant
+    python -m benchmarks.train variants=[ours-tf32,plain-tf32]                  # chosen variants
 
 Variants (same model, same freezing through the component registry, same fixed batch, SGD momentum 0.9,
-cosine schedule, clipping at 1.0):
+cosine schedule, clipping at 1.0) are named ``<loop>-<precision>[-compile][-<component>]``:
 
-- ``ours-fp32``: the app's own :func:`apps.vit.train.train_step` plus its ``metrics.jsonl`` row (total and
-  per-component gradient norms, lr, loss), i.e. what one step of the app costs;
-- ``plain-fp32``: zero_grad / forward / cross-entropy / backward / ``clip_grad_norm_`` / step / loss.item();
-- ``ours-bf16``: the app's step under bf16 autocast;
-- ``ours-ln1``: the app's step training LN1 (+ head) only, as in the paper's LN1 configuration.
+- loop ``ours``: the app's own :func:`apps.vit.train.train_step` plus its ``metrics.jsonl`` row (total and
+  per-component gradient norms, lr, loss), i.e. what one step of the app costs (fused SGD on CUDA);
+- loop ``plain``: zero_grad / forward / cross-entropy / backward / ``clip_grad_norm_`` / step / loss.item(), with
+  torch's default SGD (the hand-written loop, like timm's train.py);
+- precision: a name of ``vitef.utils.PRECISIONS`` (``fp32`` strict, ``tf32``, ``bf16``, ``fp16``), under
+  ``vitef.utils.precision_scope`` (both loops) and autocast;
+- ``compile``: the model under ``torch.compile`` (compiled in the warm-up steps; keep ``warmup`` >= 1);
+- component: train only that one (+ head), e.g. ``ours-fp32-ln1`` (``ours-ln1`` is its short name) as in the
+  paper's LN1 configuration; default all.
+
+``variants=[]`` (the default) runs :data:`CPU_VARIANTS` on CPU (``tf32`` is ``fp32`` there and compiling takes
+minutes) and :data:`CUDA_VARIANTS` on CUDA.
 
 All variants share one model and run round-robin, one step each in turn (each step first applies its
 variant's freezing), so load from other processes on a shared machine hits them alike; each time is the
@@ -38,11 +47,24 @@ import torch.nn.functional as F
 
 from apps.vit.train import Stepper, train_step
 from vitef.config import cli_main, option
-from vitef.errors import ConfigError
-from vitef.models import build_model, component_of, set_trainable
+from vitef.errors import ConfigError, VitefError
+from vitef.models import BLOCK_COMPONENTS, build_model, canonical_list, component_of, set_trainable
 from vitef.monitor import MetricsLogger
 from vitef.optim import OptimConfig, clip_gradients, grad_norms
-from vitef.utils import resolve_device, set_seed
+from vitef.utils import PRECISIONS, autocast_context, precision_scope, resolve_device, set_seed
+
+CPU_VARIANTS = ("ours-fp32", "plain-fp32", "ours-bf16", "ours-ln1")
+CUDA_VARIANTS = (
+    "ours-fp32",
+    "plain-fp32",
+    "ours-tf32",
+    "plain-tf32",
+    "ours-bf16",
+    "plain-bf16",
+    "ours-bf16-compile",
+    "plain-bf16-compile",
+    "ours-ln1",
+)
 
 
 @dataclasses.dataclass
@@ -57,6 +79,9 @@ class BenchConfig:
     warmup: int = option(1, "untimed warm-up steps per variant")
     device: str = option("cpu", "cpu or cuda")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
+    variants: list[str] = option(
+        [], "<ours|plain>-<precision>[-compile][-<component>], e.g. [ours-tf32,plain-bf16-compile]; []: the device's"
+    )
 
     def validate(self) -> None:
         for key in ("img_size", "batch_size", "num_classes", "steps"):
@@ -64,6 +89,42 @@ class BenchConfig:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
         if self.warmup < 0 or self.threads < 0:
             raise ConfigError("warmup and threads must be >= 0")
+        for name in self.variants:
+            parse_variant(name)
+        if len(set(self.variants)) != len(self.variants):
+            raise ConfigError(f"variants={self.variants} names a variant twice: list each once")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One benchmarked loop: whose step, in which precision, compiled or not, training what."""
+
+    loop: str
+    precision: str
+    compile: bool
+    trainable: tuple[str, ...]
+
+
+def parse_variant(name: str) -> Variant:
+    """``ours-bf16-compile`` -> Variant("ours", "bf16", True, ("all",)); a :class:`ConfigError` naming the fix."""
+    hint = (
+        f"variants: {name!r} is not <ours|plain>-<precision>[-compile][-<component>] "
+        f"(precision one of {', '.join(PRECISIONS)}, component one of {', '.join(BLOCK_COMPONENTS)}), "
+        "e.g. ours-tf32 or plain-bf16-compile"
+    )
+    loop, *rest = name.split("-")
+    if loop not in ("ours", "plain"):
+        raise ConfigError(hint)
+    precision = rest.pop(0) if rest and rest[0] in PRECISIONS else "fp32"
+    compiled = bool(rest) and rest[0] == "compile"
+    rest = rest[1:] if compiled else rest
+    if len(rest) > 1:
+        raise ConfigError(hint)
+    try:
+        trainable = tuple(canonical_list(rest)) if rest else ("all",)
+    except VitefError:
+        raise ConfigError(hint) from None
+    return Variant(loop, precision, compiled, trainable)
 
 
 def _sync(device: torch.device) -> None:
@@ -77,14 +138,16 @@ def _peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def ours(model, cfg: BenchConfig, device, trainable, precision: str, log_dir: Path) -> Callable[[], None]:
+def ours(model, cfg: BenchConfig, device, variant: Variant, log_dir: Path) -> Callable[[], None]:
     """One step of the app: its step function and its metrics row."""
+    trainable = list(variant.trainable)
     set_trainable(model, trainable)
     optim = OptimConfig(lr=1e-3, warmup_steps=0)
-    stepper = Stepper.build(model, model, optim, 1000, device, precision)
+    forward = torch.compile(model) if variant.compile else model
+    stepper = Stepper.build(forward, model, optim, 1000, device, variant.precision)
     batch = _batch(cfg, device)
     batches = itertools.repeat(batch)
-    metrics = MetricsLogger(log_dir / f"{'-'.join(trainable)}-{precision}.jsonl")
+    metrics = MetricsLogger(log_dir / f"{'-'.join(trainable)}-{variant.precision}-{variant.compile}.jsonl")
     counter = itertools.count(1)
 
     def step() -> None:
@@ -96,24 +159,33 @@ def ours(model, cfg: BenchConfig, device, trainable, precision: str, log_dir: Pa
     return step
 
 
-def plain(model, cfg: BenchConfig, device, trainable) -> Callable[[], None]:
+def plain(model, cfg: BenchConfig, device, variant: Variant) -> Callable[[], None]:
     """The minimal loop one writes by hand with the same freezing, optimiser, schedule and clipping."""
+    trainable = list(variant.trainable)
     set_trainable(model, trainable)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / 1000, 1))))
+    forward = torch.compile(model) if variant.compile else model
+    scaler = torch.amp.GradScaler(device.type, enabled=variant.precision == "fp16")
     images, labels = _batch(cfg, device)
 
     def step() -> None:
         set_trainable(model, trainable)
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(images), labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        loss.item()
+        # A hand-written loop sets its flags once; the scope costs microseconds and keeps the variants apart.
+        with precision_scope(variant.precision):
+            forward.train()
+            opt.zero_grad(set_to_none=True)
+            with autocast_context(device, variant.precision):
+                logits = forward(images)
+            loss = F.cross_entropy(logits.float(), labels)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            loss.item()
 
     return step
 
@@ -165,13 +237,15 @@ def _time(step: Callable[[], None], device) -> float:
 def run(steps: dict[str, Callable[[], None]], cfg: BenchConfig, device) -> dict[str, list[float]]:
     """Alternate the variants step by step (warm-up untimed); the seconds of each timed step."""
     times: dict[str, list[float]] = {name: [] for name in steps}
+    width = max(11, *map(len, steps))
     for i in range(cfg.warmup + cfg.steps):
         for name, step in steps.items():
             t = _time(step, device)
             if i >= cfg.warmup:
                 times[name].append(t)
             note = "" if i >= cfg.warmup else " (warm-up)"
-            print(f"  {name:<11} step {i + 1}/{cfg.warmup + cfg.steps}: {t:.3f}s{note}", file=sys.stderr, flush=True)
+            line = f"  {name:<{width}} step {i + 1}/{cfg.warmup + cfg.steps}: {t:.3f}s{note}"
+            print(line, file=sys.stderr, flush=True)
     return times
 
 
@@ -185,34 +259,59 @@ def main(cfg: BenchConfig) -> None:
         f"{cfg.model}, batch {cfg.batch_size}, {cfg.img_size} px, {device}, {torch.get_num_threads()} threads, "
         f"median of {cfg.steps} steps after {cfg.warmup} warm-up"
     )
+    names = list(cfg.variants) or list(CUDA_VARIANTS if device.type == "cuda" else CPU_VARIANTS)
     with tempfile.TemporaryDirectory() as tmp:
         log_dir = Path(tmp)
-        variants = {
-            "ours-fp32": ours(model, cfg, device, ["all"], "fp32", log_dir),
-            "plain-fp32": plain(model, cfg, device, ["all"]),
-            "ours-bf16": ours(model, cfg, device, ["all"], "bf16", log_dir),
-            "ours-ln1": ours(model, cfg, device, ["ln1"], "fp32", log_dir),
-        }
+        variants = {}
+        for name in names:
+            variant = parse_variant(name)
+            if variant.loop == "ours":
+                variants[name] = ours(model, cfg, device, variant, log_dir)
+            else:
+                variants[name] = plain(model, cfg, device, variant)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times = run(variants, cfg, device)
         ours_ms, plain_ms = bookkeeping(model, device)
     peak = _peak_mb(device)
     results = {name: statistics.median(ts) for name, ts in times.items()}
-    print(f"{'variant':<12}{'s/step':>9}{'images/s':>10}")
+    width = max(12, *(len(name) + 2 for name in results))
+    print(f"{'variant':<{width}}{'s/step':>9}{'images/s':>10}")
     for name, sec in results.items():
-        print(f"{name:<12}{sec:>9.3f}{cfg.batch_size / sec:>10.2f}")
+        print(f"{name:<{width}}{sec:>9.3f}{cfg.batch_size / sec:>10.2f}")
     print(f"peak memory: {peak:.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
-    base = results["ours-fp32"]
-    overhead = base / results["plain-fp32"] - 1
-    print(f"overhead of the app's step vs plain loop: {100 * overhead:+.1f}% (goal <= +5%)")
-    extra = (ours_ms - plain_ms) / 1000 / results["plain-fp32"]
-    print(
-        f"gradient bookkeeping per step: ours {ours_ms:.1f} ms (total + per-component norms, clipping), plain "
-        f"{plain_ms:.1f} ms (clip_grad_norm_): {100 * extra:+.2f}% of a plain step (noise-free part of the overhead)"
-    )
-    print(f"bf16 autocast speed-up over fp32:        {base / results['ours-bf16']:.2f}x")
-    print(f"LN1-only speed-up over all:              {base / results['ours-ln1']:.2f}x")
+    for summary in summaries(results, ours_ms, plain_ms):
+        print(summary)
+
+
+def summaries(results: dict[str, float], ours_ms: float, plain_ms: float) -> list[str]:
+    """The comparison lines whose variants were run (seconds per step in ``results``)."""
+    lines = []
+    for precision in PRECISIONS:
+        for suffix in ("", "-compile"):
+            a, b = f"ours-{precision}{suffix}", f"plain-{precision}{suffix}"
+            if a in results and b in results:
+                overhead = results[a] / results[b] - 1
+                lines.append(f"overhead of the app's step vs plain loop, {precision}{suffix}: {100 * overhead:+.1f}%")
+    if "plain-fp32" in results:
+        extra = (ours_ms - plain_ms) / 1000 / results["plain-fp32"]
+        lines.append(
+            f"gradient bookkeeping per step: ours {ours_ms:.1f} ms (total + per-component norms, clipping), plain "
+            f"{plain_ms:.1f} ms (clip_grad_norm_): {100 * extra:+.2f}% of a plain step (noise-free part of the "
+            "overhead)"
+        )
+    ratios = [
+        ("ours-fp32", "ours-tf32", "tf32 speed-up over fp32 (ours)"),
+        ("plain-fp32", "plain-tf32", "tf32 speed-up over fp32 (plain)"),
+        ("ours-fp32", "ours-bf16", "bf16 autocast speed-up over fp32"),
+        ("ours-bf16", "ours-bf16-compile", "torch.compile speed-up, bf16 (ours)"),
+        ("plain-bf16", "plain-bf16-compile", "torch.compile speed-up, bf16 (plain)"),
+        ("ours-fp32", "ours-ln1", "LN1-only speed-up over all"),
+    ]
+    for slow, fast, label in ratios:
+        if slow in results and fast in results:
+            lines.append(f"{label + ':':<40} {results[slow] / results[fast]:.2f}x")
+    return lines
 
 
 if __name__ == "__main__":

@@ -129,3 +129,19 @@ def test_library_entry_points_compute_under_their_precision_and_restore_the_call
     expected = TF32_ON if precision == "tf32" else STRICT
     assert len(seen) == 2 + 1 + 1 + 2 and all(flags == expected for flags in seen), seen
     assert precision_flags() == before
+
+
+def test_benchmark_variants_name_loop_precision_compile_and_component():
+    from benchmarks.train import CPU_VARIANTS, CUDA_VARIANTS, Variant, parse_variant, summaries
+
+    assert parse_variant("ours-tf32") == Variant("ours", "tf32", False, ("all",))
+    assert parse_variant("plain-bf16-compile") == Variant("plain", "bf16", True, ("all",))
+    assert parse_variant("ours-ln1") == Variant("ours", "fp32", False, ("ln1",))  # the old short name
+    assert parse_variant("ours-fp16-compile-attn") == Variant("ours", "fp16", True, ("mha",))
+    for bad in ("mine-fp32", "ours-fp8", "ours-bf16-ln1-mha", "ours-compile-xx"):
+        with pytest.raises(ConfigError, match=f"variants: '{bad}' is not <ours|plain>-<precision>"):
+            parse_variant(bad)
+    assert all(parse_variant(v) for v in CPU_VARIANTS + CUDA_VARIANTS)
+    lines = summaries({"ours-fp32": 2.0, "ours-tf32": 1.0, "plain-fp32": 2.0}, 1.0, 1.0)
+    assert any(line.startswith("tf32 speed-up over fp32 (ours):") and line.endswith("2.00x") for line in lines)
+    assert "overhead of the app's step vs plain loop, fp32: +0.0%" in lines
