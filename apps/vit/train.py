@@ -64,6 +64,16 @@ from vitef.optim import (
     load_scheduler_state,
     scheduler_state,
 )
+from vitef.selection import (
+    SELECTION_FILE,
+    SelectConfig,
+    Selection,
+    budget_label,
+    build_streams,
+    read_selection,
+    write_selection,
+)
+from vitef.selection import select as select_units
 from vitef.utils import (
     PRECISIONS,
     atomic_write_json,
@@ -133,6 +143,11 @@ class TrainConfig:
     overwrite: bool = option(False, "delete an existing run directory and start afresh")
     log_every: int = option(50, "write a progress line to the log every this many updates")
     tensorboard: bool = option(True, "also write TensorBoard scalars when tensorboard is installed")
+    select: SelectConfig = option(
+        SelectConfig(seed=-1),
+        "choose the trainable units at start (select.criterion=plasticity select.budget=0.1; criterion empty: off); "
+        "select.seed=-1 is the run's seed",
+    )
 
     def validate(self) -> None:
         try:
@@ -148,6 +163,11 @@ class TrainConfig:
             raise ConfigError(f"trainable: {e}") from e
         if not self.trainable:
             raise ConfigError("trainable=[] trains nothing: use trainable=[all] or e.g. trainable=[mha]")
+        if self.select.enabled and self.trainable != ["all"]:
+            raise ConfigError(
+                f"trainable={self.trainable} and select.criterion={self.select.criterion} both choose what trains: "
+                "leave trainable at its default ([all]) to train the selected units, or drop select.criterion"
+            )
         positive = ("steps", "batch_size", "eval_batch_size", "eval_period", "keep_last", "log_every")
         for key in positive:
             if getattr(self, key) < 1:
@@ -183,7 +203,12 @@ class TrainConfig:
             parts.append(model_label(self.model.name))
         if self.optim.name != "sgd":
             parts.append(self.optim.name)
-        parts += ["-".join(self.trainable), f"lr{self.optim.lr:g}", f"seed{self.seed}"]
+        if self.select.enabled:  # the pick is only known at start: name the criterion and budget
+            budget = budget_label(self.select.budget).replace("%", "pct").replace(" ", "")
+            parts.append(f"select-{self.select.label()}-{budget}")
+        else:
+            parts.append("-".join(self.trainable))
+        parts += [f"lr{self.optim.lr:g}", f"seed{self.seed}"]
         return re.sub(r"[^A-Za-z0-9_.+-]+", "_", "_".join(parts))
 
 
@@ -330,8 +355,10 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
     set_seed(cfg.seed)
     classes = num_classes(cfg.dataset_name, cfg.data.root)
     model = build_model_from_config(cfg.model, num_classes=classes)
-    counts = set_trainable(model, cfg.trainable)
     model.to(device)
+    selection = _selection(cfg, run, model, classes, device) if cfg.select.enabled else None
+    trainable = selection.trainable if selection is not None else list(cfg.trainable)
+    counts = set_trainable(model, trainable)
     size = model.patch_embed.img_size[0]
     train_loader, val_loader, test_loader = _loaders(cfg, info, model, size, micro_batch, device)
     resume = _prepare_run_dir(cfg, run, info)
@@ -351,7 +378,7 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
             run.write_status("running", progress["step"], f"resumed from step {progress['step']}")
         logger.info("resumed %s from step %d", run.path, progress["step"])
     else:
-        _write_run_header(cfg, run, model, counts, info)
+        _write_run_header(cfg, run, model, counts, info, selection)
     _write_runtime(cfg, run, device, info, progress["step"])
     logger.info(
         "training %s on %s: trainable %s (%s parameters), %d steps of %d images (%d per process and micro-batch)",
@@ -384,7 +411,7 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
     finally:
         bar.close()
     metrics.close()
-    _test_best(cfg, run, model, test_loader, device, progress, info)
+    _test_best(cfg, run, model, test_loader, device, progress, info, trainable, selection)
 
 
 def _already_complete(run: RunDir, info: DistInfo) -> bool:
@@ -478,11 +505,46 @@ def _wrap(model: nn.Module, cfg: TrainConfig, info: DistInfo, device: torch.devi
     return out
 
 
-def _write_run_header(cfg: TrainConfig, run: RunDir, model: nn.Module, counts: dict, info: DistInfo) -> None:
-    """config.yaml, params.json (parameters per component) and status.json of a new run."""
+def _selection(cfg: TrainConfig, run: RunDir, model: nn.Module, classes: int, device: torch.device) -> Selection:
+    """The units to train: the run's saved ``selection.json`` when it resumes, else scored now (vitef.selection).
+
+    Scored as ``apps.vit.select`` does, on the train split of the run's dataset (the pick never sees the
+    evaluation data), with the run's seed unless ``select.seed`` is given. Every process computes the same pick
+    (seeded), so none waits on another's errors. The global RNG states are left as they were, so the head and
+    the training draws do not depend on the criterion.
+    """
+    saved = run.path / SELECTION_FILE
+    if not cfg.overwrite and saved.is_file() and run.config_path.is_file() and run.latest_checkpoint() is not None:
+        selection = read_selection(saved)
+        logger.info("resuming with the saved selection %s: %s", saved, " ".join(selection.trainable))
+        return selection
+    sel_cfg = dataclasses.replace(cfg.select, seed=cfg.seed if cfg.select.seed < 0 else cfg.select.seed)
+    start = time.perf_counter()
+    target, source = build_streams(sel_cfg, cfg.dataset_name, model, **cfg.data.loader_kwargs())
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        selection = select_units(model, sel_cfg, target=target, source=source, num_classes=classes, device=device)
+    selection.meta = {
+        "model": cfg.model.name,
+        "dataset": cfg.dataset_name,
+        "split": sel_cfg.split if target is not None else None,
+        "source": f"{sel_cfg.source}/{sel_cfg.source_split}" if source is not None else None,
+        "label": sel_cfg.label(),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return selection
+
+
+def _write_run_header(
+    cfg: TrainConfig, run: RunDir, model: nn.Module, counts: dict, info: DistInfo, selection: Selection | None
+) -> None:
+    """config.yaml, selection.json (scores and pick, when selecting), params.json (parameters per component) and
+    status.json of a new run."""
     if not info.is_main:
         return
     save_config(cfg, run.config_path)
+    if selection is not None:
+        write_selection(run.path, selection)
     atomic_write_json(run.params_path, {"trainable": counts, "total": count_parameters(model)})
     for comp, n in counts.items():
         logger.info("trainable %-5s %14s parameters", comp, f"{n:,}")
@@ -574,7 +636,7 @@ def _fail(run: RunDir, info: DistInfo, step: int, message: str, metrics: Metrics
         run.write_status("failed", step, message)
 
 
-def _test_best(cfg, run, model, test_loader, device, progress, info) -> None:
+def _test_best(cfg, run, model, test_loader, device, progress, info, trainable, selection) -> None:
     """Evaluate the best-validation checkpoint on the test split; write eval.json; mark the run complete."""
     distributed.barrier()
     load_weights(model, run.best_model_path)
@@ -589,11 +651,19 @@ def _test_best(cfg, run, model, test_loader, device, progress, info) -> None:
             "n": result.n,
             "best_step": best["step"],
             "best_val_acc": best["val_acc"],
-            "trainable": list(cfg.trainable),
+            "trainable": list(trainable),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "lr": cfg.optim.lr,
             "seed": cfg.seed,
             "model": cfg.model.name,
         }
+        if selection is not None:
+            payload["select"] = {
+                "criterion": selection.meta.get("label", selection.criterion),
+                "budget": selection.budget,
+                "picked_params": selection.picked_params,
+                "picked_fraction": selection.picked_fraction,
+            }
         atomic_write_json(run.eval_path, payload)
         run.write_status("completed", cfg.steps, f"test acc {result.acc:.4f} at best step {best['step']}")
         logger.info("best step %d (val %.2f%%): test acc %.2f%%", best["step"], 100 * best["val_acc"], 100 * result.acc)

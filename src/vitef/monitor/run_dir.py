@@ -9,6 +9,7 @@ Layout (docs/ARCHITECTURE.md, "Run directory")::
       status.json     {"status": "running" | "completed" | "failed", "step": int, "message": str}
       params.json     parameters per component: total and trainable
       runtime.json    what computed it: precision, effective TF32 flags, device, torch/timm versions (per start)
+      selection.json  with select.criterion: the scores of every unit and the pick trained (vitef.selection)
       checkpoints/    step_<N>/ (model.safetensors + state.pt) and best/ (model.safetensors + best.json)
       eval.json       test metrics of the best checkpoint
       run.lock        held (flock) by the process working on the run: see vitef.monitor.lock
@@ -42,7 +43,7 @@ STATUSES = ("running", "completed", "failed")
 # Everything a run may write (a folder holding anything else is not deleted by ``remove``).
 RUN_FILES = frozenset(
     {"config.yaml", "metrics.jsonl", "train.log", "status.json", "params.json", "runtime.json", "checkpoints"}
-    | {"eval.json"}
+    | {"eval.json", "selection.json"}  # selection.json: vitef.selection.SELECTION_FILE, the pick of select.criterion
     | {"tensorboard", LOCK_FILE}
 )
 _STEP_DIR = re.compile(r"^step_(\d+)$")
