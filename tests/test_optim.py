@@ -158,3 +158,46 @@ def test_grad_norms_and_clipping_match_direct_computation():
 def test_bad_values_fail_clearly(override, match):
     with pytest.raises(ConfigError, match=match):
         build_config(OptimConfig, override)
+
+
+@pytest.mark.parametrize("trainable", [["all"], ["mha", "fc2"]])
+def test_layer_decay_groups_scale_lr_by_depth(trainable):
+    # timm's grouping: embedding = layer 0, block i = layer i + 1, head = layer depth + 1; lr × decay^(depth+1-layer).
+    from tiny import random_vit
+
+    from vitef.models import component_of, set_trainable
+
+    depth, decay, lr = 3, 0.5, 0.1
+    model = random_vit(depth=depth)
+    set_trainable(model, trainable)
+    names = {id(p): n for n, p in model.named_parameters()}
+    cfg = OptimConfig(lr=lr, layer_decay=decay, weight_decay=0.01, warmup_steps=0, scheduler="constant")
+    cfg.validate()
+    opt = build_optimizer(model.parameters(), cfg, model)
+    seen = set()
+    for group in opt.param_groups:
+        assert group["weight_decay"] == 0.01  # weight decay untouched, 1-D parameters included
+        for p in group["params"]:
+            name = names[id(p)]
+            seen.add(name)
+            info = component_of(name)
+            if info.layer is not None:
+                layer = info.layer + 1
+            elif info.component == "emb":
+                layer = 0
+            elif name.startswith("head."):
+                layer = depth + 1
+            else:  # the final norm: timm groups it with the last block
+                layer = depth
+            assert group["lr"] == pytest.approx(lr * decay ** (depth + 1 - layer)), name
+    assert seen == {n for n, p in model.named_parameters() if p.requires_grad}
+    # The schedule scales every group alike; layer_decay=1 is one group at lr.
+    sched = build_scheduler(opt, OptimConfig(lr=lr, warmup_steps=2, scheduler="constant"), total_steps=4)
+    assert sched.get_last_lr() == pytest.approx([g["initial_lr"] * 0.5 for g in opt.param_groups])
+    assert len(build_optimizer(model.parameters(), OptimConfig(lr=lr), model).param_groups) == 1
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5, float("nan")])
+def test_layer_decay_out_of_range_is_refused(value):
+    with pytest.raises(ConfigError, match="optim.layer_decay=.*must be in \\(0, 1\\]"):
+        OptimConfig(layer_decay=value).validate()

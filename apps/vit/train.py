@@ -28,6 +28,17 @@ from torch import nn
 from tqdm import tqdm
 
 from vitef import distributed
+from vitef.adapters import (
+    LoraConfig,
+    adapter_state,
+    add_lora,
+    base_fingerprint,
+    load_adapter_state,
+    load_merged,
+    merged_model,
+    train_biases,
+    trainable_counts,
+)
 from vitef.config import canonical_saved, cli_main, flatten, option, save_config, to_dict
 from vitef.data import DataConfig, build_loader, canonical_name, make_iterable, num_classes
 from vitef.distributed import DistInfo
@@ -62,6 +73,7 @@ from vitef.optim import (
     clip_gradients,
     grad_norms,
     load_scheduler_state,
+    peak_lr,
     scheduler_state,
 )
 from vitef.selection import (
@@ -96,6 +108,12 @@ MIN_LOSS_SCALE = 1.0
 # A mean cross-entropy this large needs logit gaps of about this size: no run that is still learning gets there,
 # while a diverging one can stay finite (e.g. loss 1e13 with finite gradient norms) and end "completed" at chance.
 MAX_LOSS = 1e4
+# What trains (method=): full finetuning of `trainable` (the paper's), BitFit, LoRA. A dict: method → description.
+METHODS: dict[str, str] = {
+    "full": "every parameter of `trainable` (+ head)",
+    "bitfit": "the biases of `trainable` (+ head)",
+    "lora": "LoRA adapters (lora.*) on the Linear modules of `trainable`, merged into the checkpoints (+ head)",
+}
 # Keys that may change between a run and its resumption (they do not change the result).
 RESUME_FREE_KEYS = (
     "root",  # the output root: a run folder moved under another root still resumes
@@ -125,6 +143,8 @@ class TrainConfig:
     data: DataConfig = option(DataConfig(), "dataset root, normalisation, loader workers")
     optim: OptimConfig = option(OptimConfig(), "optimiser, schedule, clipping, accumulation")
     trainable: list[str] = option(["all"], "components to train: all, or a list of emb/ln1/mha/ln2/fc1/fc2")
+    method: str = option("full", "how `trainable` trains: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()))
+    lora: LoraConfig = option(LoraConfig(), "LoRA adapters of method=lora: rank, alpha, dropout, modules")
     steps: int = option(10_000, "optimiser updates")
     batch_size: int = option(512, "images per update, over all processes and accumulation micro-batches")
     eval_batch_size: int = option(256, "images per evaluation batch and process")
@@ -163,6 +183,13 @@ class TrainConfig:
             raise ConfigError(f"trainable: {e}") from e
         if not self.trainable:
             raise ConfigError("trainable=[] trains nothing: use trainable=[all] or e.g. trainable=[mha]")
+        if self.method not in METHODS:
+            raise ConfigError(f"method={self.method!r} is unknown: choose one of {', '.join(METHODS)}")
+        if self.method == "lora" and self.select.enabled:
+            raise ConfigError(
+                "method=lora with select.criterion: a selection picks whole units to train in full; use method=full "
+                "(or bitfit) with select, or method=lora with trainable=[...]"
+            )
         if self.select.enabled and self.trainable != ["all"]:
             raise ConfigError(
                 f"trainable={self.trainable} and select.criterion={self.select.criterion} both choose what trains: "
@@ -203,6 +230,12 @@ class TrainConfig:
             parts.append(model_label(self.model.name))
         if self.optim.name != "sgd":
             parts.append(self.optim.name)
+        if self.method == "lora":
+            parts.append(f"lora-r{self.lora.rank}")
+        elif self.method != "full":
+            parts.append(self.method)
+        if self.optim.layer_decay < 1:
+            parts.append(f"ld{self.optim.layer_decay:g}")
         if self.select.enabled:  # the pick is only known at start: name the criterion and budget
             budget = budget_label(self.select.budget).replace("%", "pct").replace(" ", "")
             parts.append(f"select-{self.select.label()}-{budget}")
@@ -241,7 +274,7 @@ class Stepper:
         cls, model: nn.Module, plain: nn.Module, cfg: OptimConfig, steps: int, device: torch.device, precision: str
     ) -> Stepper:
         named = [(n, p) for n, p in plain.named_parameters() if p.requires_grad]
-        optimizer = build_optimizer([p for _, p in named], cfg)
+        optimizer = build_optimizer([p for _, p in named], cfg, model=plain)
         return cls(
             model=model,
             named_params=named,
@@ -312,11 +345,11 @@ def _train_step(s: Stepper, batches: Iterator, where: str) -> dict[str, Any]:
         fp16 = f" even at loss scale {s.scaler.get_scale():g}" if s.scaler.is_enabled() else ""
         raise TrainingError(
             f"{where}the gradient norm is {norm}{fp16} (loss {loss_value:.4g}): training diverged. "
-            f"Lower the learning rate (lr={s.optimizer.param_groups[0]['lr']:g} now){clip}"
+            f"Lower the learning rate (lr={peak_lr(s.optimizer):g} now){clip}"
             + (" or use precision=bf16 or fp32" if s.scaler.is_enabled() else "")
         )
     clip_gradients([p for _, p in s.named_params], s.clip_grad, total)
-    lr = s.optimizer.param_groups[0]["lr"]
+    lr = peak_lr(s.optimizer)  # with layer decay, the head's (the schedule's lr)
     s.scaler.step(s.optimizer)
     s.scaler.update()
     s.scheduler.step()
@@ -359,6 +392,12 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
     selection = _selection(cfg, run, model, classes, device) if cfg.select.enabled else None
     trainable = selection.trainable if selection is not None else list(cfg.trainable)
     counts = set_trainable(model, trainable)
+    lora = None  # the PEFT wrapper of method=lora (model is its inner timm model, which trains)
+    if cfg.method == "bitfit":
+        counts = train_biases(model)
+    elif cfg.method == "lora":
+        lora = Lora(add_lora(model, cfg.lora, trainable), model)
+        counts = trainable_counts(model)
     size = model.patch_embed.img_size[0]
     train_loader, val_loader, test_loader = _loaders(cfg, info, model, size, micro_batch, device)
     resume = _prepare_run_dir(cfg, run, info)
@@ -372,7 +411,7 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
     metrics = MetricsLogger(run.metrics_path, run.tensorboard_dir if cfg.tensorboard else None, enabled=info.is_main)
     progress = {"step": 0, "best_val_acc": -1.0, "best_step": 0, "best_val_loss": math.inf}
     if resume is not None:
-        progress = _resume(resume, model, stepper, batches, info)
+        progress = _resume(resume, model, stepper, batches, info, lora)
         metrics.truncate_after(progress["step"])
         if info.is_main:
             run.write_status("running", progress["step"], f"resumed from step {progress['step']}")
@@ -398,10 +437,10 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
             if step % cfg.log_every == 0:
                 logger.info("step %d loss %.4f lr %.3g grad_norm %.3g", step, row["loss"], row["lr"], row["grad_norm"])
             if step % cfg.eval_period == 0 or step == cfg.steps:
-                _validate(cfg, run, model, val_loader, device, step, progress, metrics, info)
+                _validate(cfg, run, model, val_loader, device, step, progress, metrics, info, lora)
             if step % (cfg.checkpoint_period or cfg.eval_period) == 0 or step == cfg.steps or step in cfg.keep_steps:
                 progress["step"] = step
-                _checkpoint(cfg, run, model, stepper, batches, progress, info)
+                _checkpoint(cfg, run, model, stepper, batches, progress, info, lora)
     except TrainingError as e:
         _fail(run, info, step, str(e), metrics)
         raise
@@ -411,7 +450,7 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
     finally:
         bar.close()
     metrics.close()
-    _test_best(cfg, run, model, test_loader, device, progress, info, trainable, selection)
+    _test_best(cfg, run, model, test_loader, device, progress, info, trainable, selection, lora)
 
 
 def _already_complete(run: RunDir, info: DistInfo) -> bool:
@@ -585,9 +624,38 @@ def _write_runtime(cfg: TrainConfig, run: RunDir, device: torch.device, info: Di
     )  # fmt: skip
 
 
-def _resume(ckpt: Path, model: nn.Module, stepper: Stepper, batches, info: DistInfo) -> dict:
-    load_weights(model, ckpt / "model.safetensors")
+class Lora:
+    """method=lora: PEFT's wrapper, and the fingerprint of the frozen weights under the adapters at start.
+
+    The step and best checkpoints hold the merged model (timm layout: what eval, probing and build_model read);
+    a step checkpoint's ``state.pt`` holds the adapters besides and the fingerprint of the frozen weights under
+    them when saved, so that a resumed run continues from the same factors on the same base (merging is not
+    invertible bit for bit) or says that the base changed.
+    """
+
+    def __init__(self, wrapped: nn.Module, model: nn.Module):
+        self.wrapped = wrapped
+        self.fingerprint = base_fingerprint(model)
+
+
+def _plain(model: nn.Module, lora: Lora | None) -> nn.Module:
+    """The model to save: itself, or for LoRA a merged copy (timm layout)."""
+    return model if lora is None else merged_model(lora.wrapped)
+
+
+def _resume(ckpt: Path, model: nn.Module, stepper: Stepper, batches, info: DistInfo, lora: Lora | None) -> dict:
     state = load_state(ckpt)
+    if lora is None:
+        load_weights(model, ckpt / "model.safetensors")
+    else:
+        saved = state.get("lora") or {}
+        if saved.get("base_sha256") != lora.fingerprint:
+            raise ConfigError(
+                f"{ckpt}: the pretrained weights under the LoRA adapters differ from those the run started from "
+                "(model file changed?); restore them or use overwrite=true"
+            )
+        load_merged(model, ckpt / "model.safetensors")
+        load_adapter_state(model, saved["adapters"])
     stepper.optimizer.load_state_dict(state["optimizer"])
     load_scheduler_state(stepper.scheduler, state["scheduler"])
     if state.get("scaler"):
@@ -601,7 +669,7 @@ def _resume(ckpt: Path, model: nn.Module, stepper: Stepper, batches, info: DistI
     return dict(state["progress"])
 
 
-def _validate(cfg, run, model, val_loader, device, step, progress, metrics, info) -> None:
+def _validate(cfg, run, model, val_loader, device, step, progress, metrics, info, lora=None) -> None:
     result = evaluate(model, val_loader, device, precision=cfg.precision)
     metrics.log({"step": step, "val_loss": result.loss, "val_acc": result.acc})
     improved = result.acc > progress["best_val_acc"]
@@ -609,10 +677,10 @@ def _validate(cfg, run, model, val_loader, device, step, progress, metrics, info
     if improved:
         progress.update(best_val_acc=result.acc, best_val_loss=result.loss, best_step=step)
         if info.is_main:
-            save_best(run.best_dir, model, {"step": step, "val_acc": result.acc, "val_loss": result.loss})
+            save_best(run.best_dir, _plain(model, lora), {"step": step, "val_acc": result.acc, "val_loss": result.loss})
 
 
-def _checkpoint(cfg, run, model, stepper: Stepper, batches, progress, info) -> None:
+def _checkpoint(cfg, run, model, stepper: Stepper, batches, progress, info, lora=None) -> None:
     rngs = distributed.all_gather_object(capture_rng())
     if info.is_main:
         state = {
@@ -623,7 +691,9 @@ def _checkpoint(cfg, run, model, stepper: Stepper, batches, progress, info) -> N
             "data": batches.state_dict(),
             "rng": rngs,
         }
-        save_checkpoint(run.step_dir(progress["step"]), model, state)
+        if lora is not None:
+            state["lora"] = {"adapters": adapter_state(model), "base_sha256": base_fingerprint(model)}
+        save_checkpoint(run.step_dir(progress["step"]), _plain(model, lora), state)
         run.prune_checkpoints(cfg.keep_last, keep=cfg.keep_steps)
         run.write_status("running", progress["step"], "checkpointed")
     distributed.barrier()
@@ -636,9 +706,12 @@ def _fail(run: RunDir, info: DistInfo, step: int, message: str, metrics: Metrics
         run.write_status("failed", step, message)
 
 
-def _test_best(cfg, run, model, test_loader, device, progress, info, trainable, selection) -> None:
+def _test_best(cfg, run, model, test_loader, device, progress, info, trainable, selection, lora=None) -> None:
     """Evaluate the best-validation checkpoint on the test split; write eval.json; mark the run complete."""
     distributed.barrier()
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if lora is not None:  # the best checkpoint is the merged plain model
+        model = _plain(model, lora)
     load_weights(model, run.best_model_path)
     result: EvalResult = evaluate(model, test_loader, device, precision=cfg.precision)
     best = read_best(run.best_dir)
@@ -652,7 +725,8 @@ def _test_best(cfg, run, model, test_loader, device, progress, info, trainable, 
             "best_step": best["step"],
             "best_val_acc": best["val_acc"],
             "trainable": list(trainable),
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "method": cfg.method,
+            "trainable_params": trained,
             "lr": cfg.optim.lr,
             "seed": cfg.seed,
             "model": cfg.model.name,

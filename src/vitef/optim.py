@@ -11,6 +11,15 @@ the factor applies to update ``s + 1``):
 - then, with ``p = (s - warmup_steps) / (total - warmup_steps)`` in ``[0, 1)``:
   ``constant`` → 1, ``linear`` → ``m + (1 - m)(1 - p)``, ``cosine`` → ``m + (1 - m)(1 + cos(pi p)) / 2``,
   where ``m`` is ``min_factor`` (0: decay to 0 as in the paper).
+
+Layer-wise learning-rate decay (BEiT; timm's ``--layer-decay``), ``layer_decay`` below 1: the trainable
+parameters are grouped by depth with timm's ``param_groups_layer_decay`` (the model's ``group_matcher``: the
+embedding is layer 0, block ``i`` layer ``i + 1``, the head the last layer ``depth + 1``; timm puts the final norm
+with the last block), and each group's peak learning rate is ``lr × layer_decay^(depth + 1 − layer)``: the head
+trains at ``lr``, block ``i`` at ``lr × layer_decay^(depth − i)``, the embedding at ``lr × layer_decay^(depth + 1)``.
+The schedule multiplies every group alike. Weight decay stays as configured on every parameter (timm's exemption
+of 1-D parameters is undone), so ``layer_decay`` changes the learning rates and nothing else;
+``layer_decay=1`` (the default) is one group, today's optimiser.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ class OptimConfig:
     min_factor: float = option(0.0, "final learning rate as a fraction of lr (linear/cosine)")
     clip_grad: float | None = option(1.0, "clip the global gradient norm to this value (null or 0: off)")
     grad_accumulation: int = option(1, "micro-batches accumulated per update (batch_size is the full batch)")
+    layer_decay: float = option(1.0, "layer-wise lr decay in (0, 1]: block i trains at lr × decay^(depth − i) (1: off)")
 
     def validate(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -71,29 +81,67 @@ class OptimConfig:
             raise ConfigError(f"optim.clip_grad={self.clip_grad} must be >= 0 (0 or null turns clipping off)")
         if self.grad_accumulation < 1:
             raise ConfigError(f"optim.grad_accumulation={self.grad_accumulation} must be >= 1")
+        if not (math.isfinite(self.layer_decay) and 0 < self.layer_decay <= 1):
+            raise ConfigError(
+                f"optim.layer_decay={self.layer_decay} must be in (0, 1]: e.g. 0.75 (BEiT's), or 1.0 to turn it off"
+            )
 
 
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: Iterable[nn.Parameter], cfg: OptimConfig, model: nn.Module | None = None
+) -> torch.optim.Optimizer:
     """The optimiser of ``cfg`` over ``params`` (pass only the trainable ones).
+
+    With ``cfg.layer_decay < 1``, ``model`` (a timm ViT, the owner of ``params``) gives the layer of each trainable
+    parameter, and the optimiser holds one group per layer (:func:`layer_decay_groups`).
 
     Raises
     ------
     ConfigError
-        When ``params`` is empty (nothing would train).
+        When ``params`` is empty (nothing would train), or layer decay without ``model``.
     """
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ConfigError("no trainable parameters: check `trainable` (e.g. trainable=[mha] or trainable=[all])")
     fast = implementation(params)
+    groups: list[nn.Parameter] | list[dict] = params
+    if cfg.layer_decay < 1:
+        if model is None:
+            raise ConfigError("optim.layer_decay < 1 needs the model to group parameters by layer")
+        groups = layer_decay_groups(model, cfg, params)
     if cfg.name == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **fast
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, **fast
         )
     if cfg.name == "adamw":
         return torch.optim.AdamW(
-            params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay, **fast
+            groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=cfg.eps, weight_decay=cfg.weight_decay, **fast
         )
     raise ConfigError(f"optim.name='{cfg.name}' is unknown: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def layer_decay_groups(model: nn.Module, cfg: OptimConfig, params: Sequence[nn.Parameter]) -> list[dict]:
+    """Parameter groups of the trainable parameters of ``model`` by layer, from timm's ``param_groups_layer_decay``.
+
+    Each group holds ``lr = cfg.lr × lr_scale`` (its peak learning rate, which the schedule then scales) and keeps
+    timm's ``lr_scale``; ``weight_decay`` is ``cfg.weight_decay`` for all. ``params`` must be exactly the trainable
+    parameters of ``model`` (checked: a parameter in neither would silently not train).
+    """
+    from timm.optim import param_groups_layer_decay  # timm's grouping (model.group_matcher), not a copy of it
+
+    groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
+    grouped = {id(p) for g in groups for p in g["params"]}
+    if grouped != {id(p) for p in params}:
+        raise ConfigError("optim.layer_decay: the parameters to train are not the model's trainable parameters")
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_scale"]
+        g["weight_decay"] = cfg.weight_decay  # timm exempts 1-D parameters; vitef decays all alike, as without groups
+    return groups
+
+
+def peak_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate of the schedule: the largest of the groups' (all alike without layer decay)."""
+    return max(g["lr"] for g in optimizer.param_groups)
 
 
 def implementation(params: Sequence[torch.Tensor]) -> dict[str, bool]:

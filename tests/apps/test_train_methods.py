@@ -90,3 +90,99 @@ def test_select_seed_follows_the_run_and_trainable_conflicts(tmp_path):
     assert sel.seed == 3 and len(sel.picked) == 2
     with pytest.raises(ConfigError, match=r"trainable=\['mha'\] and select.criterion=plasticity"):
         cfg_of(tmp_path, select=SELECT, trainable=["mha"])
+
+
+def test_bitfit_trains_the_biases_and_the_head_only(tmp_path):
+    cfg = cfg_of(tmp_path, method="bitfit", trainable=["mha", "fc1"], log_dir="")
+    assert cfg.run_name == "digits_subset-56789_vit_tiny_patch16_224_bitfit_mha-fc1_lr0.1_seed0"
+    train_app.main(cfg)
+    run = RunDir(tmp_path / "out" / "runs" / cfg.run_name)
+    before, after = initial_state(cfg), load_file(run.step_dir(4) / "model.safetensors")
+    expected = 0
+    for name, value in before.items():
+        trains = unit_of(name) == "head" or (name.endswith(".bias") and unit_of(name).split(".")[0] in ("mha", "fc1"))
+        expected += value.numel() * trains
+        assert torch.equal(value, after[name]) != trains, name
+    result = json.loads(run.eval_path.read_text())
+    assert result["method"] == "bitfit" and result["trainable_params"] == expected
+
+
+def test_layer_decay_run_logs_the_heads_lr(tmp_path):
+    cfg = cfg_of(tmp_path, optim={**TINY["optim"], "scheduler": "constant", "layer_decay": 0.5}, log_dir="")
+    assert cfg.run_name == "digits_subset-56789_vit_tiny_patch16_224_ld0.5_all_lr0.1_seed0"
+    train_app.main(cfg)
+    rows = RunDir(tmp_path / "out" / "runs" / cfg.run_name).read_metrics()
+    assert [r["lr"] for r in rows if "lr" in r] == [0.1] * 4
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"method": "prompt"}, "method='prompt' is unknown: choose one of full, bitfit, lora"),
+        ({"method": "lora", "lora": {"rank": 0}}, "lora.rank=0"),
+        ({"method": "lora", "lora": {"modules": ["q"]}}, r"lora.modules=\['q'\]: choose among qkv, proj, fc1, fc2"),
+        ({"method": "lora", "select": SELECT}, "method=lora with select.criterion"),
+    ],
+)
+def test_bad_methods_name_the_key_and_the_choices(tmp_path, over, match):
+    with pytest.raises(ConfigError, match=match):
+        cfg_of(tmp_path, **over)
+    assert not (tmp_path / "out").exists()
+
+
+def wrapped_initial(cfg: train_app.TrainConfig):
+    """The LoRA model as the app builds it at start (same seed, same draws)."""
+    from vitef.adapters import add_lora
+    from vitef.models import set_trainable
+
+    set_seed(cfg.seed)
+    model = build_model_from_config(cfg.model, num_classes=5)
+    set_trainable(model, cfg.trainable)
+    add_lora(model, cfg.lora, cfg.trainable)
+    return model
+
+
+def test_lora_best_checkpoint_is_a_plain_timm_model_with_the_adapted_logits_and_resumes_exactly(tmp_path):
+    from tiny import tiny_vit
+
+    from vitef.adapters import base_fingerprint, load_adapter_state, load_merged
+    from vitef.monitor import load_state
+
+    over = {"method": "lora", "lora": {"rank": 4, "alpha": 8}, "trainable": ["mha", "fc1.1"]}
+    cfg = cfg_of(tmp_path, **over, eval_period=2, checkpoint_period=2, keep_last=2)
+    train_app.main(cfg)
+    run = RunDir(tmp_path / "out" / "runs" / "run")
+    result = json.loads(run.eval_path.read_text())
+    best_step = result["best_step"]
+    # The adapted model at the best step: the start's base + the saved adapters (+ head from the merged file).
+    adapted = wrapped_initial(cfg)
+    start = base_fingerprint(adapted)
+    state = load_state(run.step_dir(best_step))
+    assert state["lora"]["base_sha256"] == start  # the frozen base under the adapters is bit-identical after training
+    load_merged(adapted, run.step_dir(best_step) / "model.safetensors")
+    load_adapter_state(adapted, state["lora"]["adapters"])
+    # The best checkpoint is a timm-layout file: build_model loads it as a plain ViT with the adapted logits.
+    plain = tiny_vit(pretrained=run.best_model_path)  # head from the file (num_classes= would draw a new one)
+    assert not any("lora" in n or "base_layer" in n for n in load_file(run.best_model_path))
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(images), adapted.eval()(images), atol=1e-5, rtol=0)
+    # Frozen components are bit-identical; trainable parameters: adapters + head, in eval.json and params.json.
+    before, after = initial_state(cfg), load_file(run.best_model_path)
+    for name in before:
+        if unit_of(name).split(".")[0] in ("ln1", "ln2", "emb", "fc2") or name == "blocks.0.mlp.fc1.weight":
+            assert torch.equal(before[name], after[name]), name
+    adapters = sum(t.numel() for t in state["lora"]["adapters"].values())
+    head = sum(v.numel() for n, v in before.items() if unit_of(n) == "head")
+    assert adapters == 2 * 4 * ((32 + 96) + (32 + 32)) + 4 * (32 + 128)  # rank 4: qkv, proj of 2 blocks; fc1.1
+    assert result["trainable_params"] == adapters + head and result["method"] == "lora"
+    assert sum(json.loads(run.params_path.read_text())["trainable"].values()) == adapters + head
+    # Resume equals uninterrupted: same merged weights and adapters at the end.
+    reference = load_file(run.step_dir(4) / "model.safetensors")
+    reference_adapters = load_state(run.step_dir(4))["lora"]["adapters"]
+    interrupt_and_resume(cfg, run)
+    resumed = load_file(run.step_dir(4) / "model.safetensors")
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+    got = load_state(run.step_dir(4))["lora"]["adapters"]
+    assert all(torch.equal(reference_adapters[k], got[k]) for k in reference_adapters)
+    assert json.loads(run.eval_path.read_text()) == result

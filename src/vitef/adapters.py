@@ -1,0 +1,244 @@
+"""Parameter-efficient finetuning methods on a timm ViT: BitFit and LoRA (issue 12's baselines).
+
+BitFit (Ben Zaken et al., 2022) trains only the biases: :func:`train_biases` keeps, of the parameters that
+:func:`vitef.models.set_trainable` made trainable, those whose name ends in ``.bias`` (linear, patch-projection
+and LayerNorm biases), plus the head, which always trains.
+
+LoRA (Hu et al., 2022) through HF PEFT: :func:`add_lora` wraps Linear modules of the chosen blocks with PEFT's
+``lora.Linear`` (``W x + (alpha / r) B A x``, ``B`` initialised to zero so the wrapped model starts as the
+pretrained one). The Linear modules of a block are the registry's ``qkv`` and ``proj`` (component ``mha``, the
+fused query/key/value projection and the output projection), ``fc1`` and ``fc2``; :class:`LoraConfig` says which
+of them, ``trainable`` (components or units, as for full finetuning) in which blocks. The wrapped model keeps the
+timm class and names (``blocks.0.attn.qkv.base_layer.weight``, ``blocks.0.attn.qkv.lora_A.default.weight``), so
+the component registry still assigns every parameter. :func:`merged_model` merges the adapters into a copy with
+PEFT's ``merge_and_unload``: a plain timm model whose state dict is the timm layout every reader loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vitef.config import option
+from vitef.errors import CheckpointError, ConfigError
+from vitef.models.components import component_of, num_blocks, parse_unit
+
+logger = logging.getLogger(__name__)
+
+# The Linear modules LoRA may adapt: name → (component, path inside a block).
+LORA_MODULES: dict[str, tuple[str, str]] = {
+    "qkv": ("mha", "attn.qkv"),
+    "proj": ("mha", "attn.proj"),
+    "fc1": ("fc1", "mlp.fc1"),
+    "fc2": ("fc2", "mlp.fc2"),
+}
+ADAPTER_NAME = "default"  # PEFT's name of the one adapter
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """LoRA adapters (method=lora): rank, scale, dropout and which Linear modules of the trainable blocks."""
+
+    rank: int = option(8, "rank r of the adapters")
+    alpha: float = option(16.0, "scale numerator: the update is (alpha / rank) B A")
+    dropout: float = option(0.0, "dropout on the adapters' input")
+    modules: list[str] = option(
+        ["qkv", "proj", "fc1", "fc2"],
+        f"Linear modules adapted in the blocks of `trainable`: {', '.join(LORA_MODULES)} (qkv, proj: mha)",
+    )
+
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank={self.rank} must be >= 1 (e.g. 8)")
+        if not self.alpha > 0:
+            raise ConfigError(f"lora.alpha={self.alpha} must be positive (e.g. 16)")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        bad = [m for m in self.modules if m not in LORA_MODULES]
+        if bad or not self.modules:
+            raise ConfigError(
+                f"lora.modules={list(self.modules)}: choose among {', '.join(LORA_MODULES)} (e.g. [qkv,proj] for mha)"
+            )
+        self.modules = list(dict.fromkeys(self.modules))
+
+
+# ---------------------------------------------------------------------------------------------------
+# BitFit
+# ---------------------------------------------------------------------------------------------------
+
+
+def train_biases(model: nn.Module) -> dict[str, int]:
+    """BitFit: freeze every trainable parameter that is not a bias, except the head's; returns the trainable
+    parameter count per component.
+
+    Raises
+    ------
+    ConfigError
+        When no bias outside the head is trainable (e.g. components without biases).
+    """
+    kept = 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad or component_of(name).component == "head":
+            continue
+        if name.endswith(".bias"):
+            kept += p.numel()
+        else:
+            p.requires_grad_(False)
+    if not kept:
+        raise ConfigError(
+            "method=bitfit: the components of `trainable` have no biases; choose others (trainable=[all])"
+        )
+    return trainable_counts(model)
+
+
+def trainable_counts(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters per component (components with none omitted), in registry order."""
+    counts: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            comp = component_of(name).component
+            counts[comp] = counts.get(comp, 0) + p.numel()
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------------
+
+
+def lora_targets(model: nn.Module, trainable: Iterable[str], modules: Iterable[str]) -> list[str]:
+    """The module names LoRA wraps: each of ``modules`` whose component ``trainable`` covers, in each block it covers.
+
+    ``trainable`` holds components or units (``all``, ``mha``, ``fc1.0-5``); ``emb``, ``ln1``, ``ln2`` and
+    ``head`` have no Linear module to adapt (the head trains in full anyway) and are refused, except within
+    ``all``.
+
+    Raises
+    ------
+    ConfigError
+        A component without Linear modules, or a choice that adapts nothing.
+    """
+    depth = num_blocks(model)
+    units = [parse_unit(u) for u in trainable]
+    for unit in units:
+        unit.check_depth(depth)
+        if unit.component not in ("all", "mha", "fc1", "fc2"):
+            raise ConfigError(
+                f"method=lora adapts Linear modules; trainable={unit.name} has none: choose among all, mha, fc1, fc2 "
+                "(or their units, e.g. mha.6-11), or method=full to train it"
+            )
+    targets = []
+    for layer in range(depth):
+        for module in modules:
+            comp, path = LORA_MODULES[module]
+            if any(u.component in ("all", comp) and (u.first is None or u.first <= layer <= u.last) for u in units):
+                targets.append(f"blocks.{layer}.{path}")
+    if not targets:
+        raise ConfigError(
+            f"method=lora: lora.modules={list(modules)} has no module in trainable={list(trainable)}; e.g. "
+            "trainable=[mha] with lora.modules=[qkv,proj]"
+        )
+    return targets
+
+
+def add_lora(model: nn.Module, cfg: LoraConfig, trainable: Iterable[str]):
+    """Wrap the Linear modules of ``trainable`` × ``cfg.modules`` with LoRA adapters (HF PEFT), in place.
+
+    Only the adapters and the head train afterwards. Returns PEFT's ``PeftModel``: ``peft_model.base_model.model``
+    is ``model`` itself (the timm class, its names with ``base_layer`` / ``lora_A`` / ``lora_B`` inside the adapted
+    modules), what the training loop runs; the ``PeftModel`` is what :func:`merged_model` merges. The adapters'
+    ``A`` is drawn from torch's global generator (seed it first), ``B`` is zero.
+    """
+    import peft
+
+    targets = lora_targets(model, trainable, cfg.modules)
+    config = peft.LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none"
+    )
+    wrapped = peft.get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+    adapters = {id(p) for n, p in model.named_parameters() if _is_adapter(n)}
+    for name, p in model.named_parameters():
+        p.requires_grad_(id(p) in adapters or component_of(name).component == "head")
+    logger.info("LoRA rank %d alpha %g on %d modules: %s", cfg.rank, cfg.alpha, len(targets), ", ".join(targets))
+    return wrapped
+
+
+def _is_adapter(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors (``lora_A`` / ``lora_B``) of a wrapped model, by name, detached on the CPU."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if _is_adapter(n)}
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy :func:`adapter_state` back into a model wrapped the same way (bit-exact)."""
+    params = {n: p for n, p in model.named_parameters() if _is_adapter(n)}
+    if set(params) != set(state):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        raise ConfigError(
+            f"the checkpoint's LoRA adapters do not fit the model (missing {missing[:3]}, unexpected {extra[:3]}): "
+            "did lora.* or trainable change? use overwrite=true"
+        )
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n])
+
+
+def load_merged(model: nn.Module, path: str | Path) -> None:
+    """Load a merged checkpoint (timm layout) into a wrapped model, except the adapted modules' weights.
+
+    Every tensor outside the adapted modules (head, frozen components) is copied bit for bit; the adapted modules
+    keep the frozen pretrained weights the model was built with (``base_layer``), since a merged weight is the base
+    plus the adapters' product and cannot be split back exactly: load the adapters with :func:`load_adapter_state`.
+
+    Raises
+    ------
+    CheckpointError
+        An unreadable file, or one whose names or shapes do not fit the model.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    own = model.state_dict()
+    plain = {n: t for n, t in own.items() if ".base_layer." not in n and not _is_adapter(n)}
+    merged = {n.replace(".base_layer.", "."): t for n, t in own.items() if ".base_layer." in n}
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"'{path}' is not a readable safetensors file ({e}); use overwrite=true") from e
+    expected = {n: t.shape for n, t in {**plain, **merged}.items()}
+    found = {n: t.shape for n, t in state.items()}
+    if expected != found:
+        wrong = sorted(n for n in set(expected) | set(found) if expected.get(n) != found.get(n))
+        raise CheckpointError(f"'{path}' does not fit the LoRA model ({', '.join(wrong[:3])}); use overwrite=true")
+    with torch.no_grad():
+        for name, tensor in plain.items():
+            tensor.copy_(state[name])
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the frozen weights the adapters sit on (``base_layer``), to check a resume rebuilt the same ones."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if ".base_layer." in name:
+            digest.update(name.encode())
+            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def merged_model(wrapped) -> nn.Module:
+    """A plain timm model with the adapters merged into the weights (PEFT's ``merge_and_unload`` on a copy).
+
+    ``wrapped`` (the ``PeftModel`` of :func:`add_lora`) is left as it is; the copy has the timm layout and names.
+    """
+    with torch.no_grad():
+        return copy.deepcopy(wrapped).merge_and_unload()
