@@ -5,7 +5,8 @@
 A study is a config of the general tools, not a code path of its own: each entry of ``sweeps`` is a
 sweep file run by ``apps.vit.sweep`` (in order, with ``root`` set to the study's root), then
 ``apps.vit.loss_landscape`` computes the landscapes of ``landscapes``, ``apps.plots.finetuning``
-aggregates the runs (csv, table, stat, figures), ``apps.plots.analysis`` draws the plasticity figures,
+aggregates the runs (csv, table, stat, figures, predictors; ``methods`` when LoRA, BitFit, selection or
+layer-decay runs are there: ``apps/studies/selection.yaml``), ``apps.plots.analysis`` draws the plasticity figures,
 ``apps.plots.loss_landscape`` the landscapes, and ``apps.plots.report`` writes ``report.md`` and
 ``report.html`` (arXiv 2602.06883 in miniature for the quickstart). Relaunching skips finished runs, like
 every sweep. The study runs apps of both ``apps/vit`` (computing) and ``apps/plots`` (drawing), so it
@@ -170,18 +171,27 @@ def compute_landscapes(cfg: StudyConfig) -> None:
 
 
 def write_results(cfg: StudyConfig) -> None:
-    """CSVs, the accuracy table, the significance tests and the predictors of the finetuning runs (if any)."""
+    """CSVs, then the accuracy table, the significance tests, figures and predictors of the component-wise runs
+    (when they hold the paper's grid: MHA among others), and the methods comparison when other methods ran."""
     if not any((Path(cfg.root) / "runs").glob("**/eval.json")):
         logger.info("no finetuning runs under %s: no result tables", cfg.root)
         return
     results_dir = str(Path(cfg.root) / "results")
-    for command in ("csv", "table", "stat", "figures", "predictors"):
+
+    def run(command: str) -> None:
         finetuning.main(
             build_config(
                 finetuning.FinetuningPlotsConfig,
                 {"command": command, "root": cfg.root, "results_dir": results_dir, "select_on": cfg.select_on},
             )
         )
+
+    run("csv")
+    if finetuning.has_paper_grid(results_dir):
+        for command in ("table", "stat", "figures", "predictors"):
+            run(command)
+    if finetuning.has_method_runs(results_dir):  # LoRA, BitFit, selections, layer decay (issue 12)
+        run("methods")
 
 
 def draw_figures(cfg: StudyConfig) -> None:

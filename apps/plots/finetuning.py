@@ -6,6 +6,7 @@
     python -m apps.plots.finetuning stat                   # MHA vs each component: paired t-test, Wilcoxon
     python -m apps.plots.finetuning figures                # accuracy, robustness, training curves (PNG + PDF)
     python -m apps.plots.finetuning predictors             # which signal ranks the components as finetuning does
+    python -m apps.plots.finetuning methods                # methods table, Pareto figure, criterion vs random
 
 ``csv`` reads run directories (``<root>/runs/<runs_glob>/``: config.yaml, status.json, eval.json)
 and probe results (``<root>/probes/**/probes.csv``); the other verbs read what ``csv`` wrote, plus the
@@ -13,6 +14,14 @@ runs' metrics.jsonl for the training curves. ``predictors`` also reads the analy
 (``<root>/analysis/*``) and ranks the components by plasticity, gradient norm and bound against the
 finetuning results (:mod:`vitef.predictors`). How the learning rate is chosen, the std (ddof), missing
 runs and the relative gain are defined in :mod:`vitef.results`.
+
+``table``, ``stat``, ``figures`` and ``predictors`` read the component-wise runs (``method=full``, no
+selection, no layer decay: the paper's grid) and leave the others out. ``methods`` compares every method
+(issue 12): full finetuning, layer decay, LoRA, BitFit, components, selections by a criterion and random picks,
+each named by :func:`vitef.results.method_label`; it writes ``tables/methods_<tag>.{md,csv}`` (accuracy ± std
+and trainable parameters per method and budget, lr chosen per method), ``tables/criterion_vs_random_<tag>.{md,
+csv}`` (each criterion's pick against the random picks of its budget) and ``figures/methods/<tag>/pareto``
+(accuracy against trainable parameters, front highlighted, one panel per dataset).
 """
 
 from __future__ import annotations
@@ -33,20 +42,22 @@ from vitef.utils import atomic_path, atomic_write_text, check_writable, safe_nam
 
 logger = logging.getLogger(__name__)
 
-COMMANDS = ("csv", "table", "stat", "figures", "predictors")
+COMMANDS = ("csv", "table", "stat", "figures", "predictors", "methods")
 
 
 @dataclasses.dataclass
 class FinetuningPlotsConfig:
     """Aggregate finetuning runs into CSVs, the paper's accuracy table, significance tests and figures."""
 
-    command: str = option("csv", "what to do: csv, table, stat, figures or predictors")
+    command: str = option("csv", "what to do: csv, table, stat, figures, predictors or methods")
     root: str = option("outputs", "output root holding runs/ (finetuning) and probes/ (linear probing)")
     runs_glob: str = option("**", "which run directories under <root>/runs to read (glob), e.g. 'main/**'")
     results_dir: str = option("results", "where CSVs, tables and figures are written")
     select_on: str = option("val", "choose each cell's learning rate on val (mean best_val_acc) or test (authors)")
     ddof: int = option(1, "delta degrees of freedom of the std over seeds (1: sample std)")
-    optimizer: str = option("", "optimizer whose runs to tabulate (empty: the only one in the results)")
+    optimizer: str = option(
+        "", "optimizer whose runs to tabulate (empty: the only one in the results; methods: every one, labelled)"
+    )
     model: str = option("", "model whose runs to tabulate (empty: the only one in the results)")
     datasets: list[str] = option([], "datasets to include (empty: all in the results)")
     lrs: list[float] = option([], "expected learning-rate grid (empty: every lr seen for the dataset)")
@@ -76,6 +87,7 @@ def main(cfg: FinetuningPlotsConfig) -> None:
         "stat": write_stats,
         "figures": write_figures,
         "predictors": write_predictors,
+        "methods": write_methods,
     }
     commands[cfg.command](cfg)
 
@@ -94,8 +106,10 @@ def write_csvs(cfg: FinetuningPlotsConfig) -> None:
             f"{Path(cfg.root) / 'probes'}: run the sweeps first or set root="
         )
     out = Path(cfg.results_dir)
+    # The method columns only when some run is not a component run: the paper's CSVs read as they always did.
+    columns = list(R.drop_default_method_columns(runs).columns)
     for dataset, df in runs.groupby("dataset", sort=False):
-        df = df.sort_values(["trainable", "optimizer", "model", "lr", "seed"])
+        df = df.sort_values(["trainable", "optimizer", "model", "lr", "seed"])[columns]
         _write_csv(df, out / "finetuning" / f"{safe_name(dataset)}.csv")
         counts = df["status"].value_counts().to_dict()
         print(f"{dataset}: {len(df)} runs ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))})")
@@ -112,16 +126,57 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
         df.to_csv(tmp, index=False)
 
 
-def load_results(cfg: FinetuningPlotsConfig) -> tuple[pd.DataFrame, pd.Series, str]:
-    """The finetuning rows of one (optimizer, model), the LP baselines, and a tag naming the selection."""
+def read_csvs(cfg: FinetuningPlotsConfig) -> pd.DataFrame:
+    """Every row the ``csv`` command wrote, with the method columns (defaults for CSVs of component runs only)."""
     folder = Path(cfg.results_dir) / "finetuning"
     files = sorted(folder.glob("*.csv"))
     if not files:
         raise R.ResultsError(f"no results in {folder}: run `python -m apps.plots.finetuning csv` first")
-    runs = pd.concat([pd.read_csv(f, dtype={"trainable": str, "dataset": str}) for f in files], ignore_index=True)
-    missing_cols = set(R.FINETUNING_COLUMNS) - set(runs.columns)
+    dtypes = {"trainable": str, "dataset": str, "criterion": str, "method": str}
+    runs = pd.concat([pd.read_csv(f, dtype=dtypes) for f in files], ignore_index=True)
+    missing_cols = set(R.BASE_COLUMNS) - set(runs.columns)
     if missing_cols:
         raise R.ResultsError(f"{folder} holds CSVs without columns {sorted(missing_cols)}: rerun the csv command")
+    return R.with_method_columns(runs)
+
+
+def has_paper_grid(results_dir: str | Path) -> bool:
+    """Whether the CSVs in ``<results_dir>/finetuning`` hold component runs of MHA (what ``stat`` compares with the
+    other components), so that the component-wise tables apply (for the study)."""
+    files = sorted((Path(results_dir) / "finetuning").glob("*.csv"))
+    if not files:
+        return False
+    runs = pd.concat(
+        [pd.read_csv(f, dtype={"trainable": str, "criterion": str, "method": str}) for f in files], ignore_index=True
+    )
+    return bool((R.is_component_run(runs) & (runs["trainable"].astype(str) == "mha")).any())
+
+
+def has_method_runs(results_dir: str | Path) -> bool:
+    """Whether the CSVs in ``<results_dir>/finetuning`` hold runs other than component runs (for the study)."""
+    files = sorted((Path(results_dir) / "finetuning").glob("*.csv"))
+    if not files:
+        return False
+    runs = pd.concat([pd.read_csv(f, dtype={"criterion": str, "method": str}) for f in files], ignore_index=True)
+    return bool(len(runs)) and not R.is_component_run(runs).all()
+
+
+def load_results(cfg: FinetuningPlotsConfig) -> tuple[pd.DataFrame, pd.Series, str]:
+    """The component runs of one (optimizer, model), the LP baselines, and a tag naming the selection.
+
+    Runs of other methods (LoRA, BitFit, selections, layer decay) are left out: the ``methods`` command has them.
+    """
+    runs = read_csvs(cfg)
+    component = R.is_component_run(runs)
+    if not component.all():
+        logger.info("%d runs of other methods left out of the component tables (see `methods`)", (~component).sum())
+        runs = runs[component]
+        if runs.empty:
+            raise R.ResultsError(
+                f"no component-wise runs in {Path(cfg.results_dir) / 'finetuning'} (only LoRA, BitFit, selection "
+                "or layer-decay runs): use `python -m apps.plots.finetuning methods`"
+            )
+    runs = runs[[c for c in runs.columns if c not in R.METHOD_COLUMNS]]
     if cfg.datasets:
         unknown = set(cfg.datasets) - set(runs["dataset"])
         if unknown:
@@ -241,6 +296,129 @@ def predictors_markdown(taus: pd.DataFrame, signals: pd.DataFrame, cfg: Finetuni
             + "; ".join(sorted({f"{r.dataset}: {r.status}" for r in missing.itertuples() if r.dataset != "all"}))
         )
     return "\n\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# methods (issue 12)
+# ---------------------------------------------------------------------------------------------------
+
+# One colour and marker per family of methods in the Pareto figure (vitef.results.FAMILIES).
+FAMILY_STYLE = {
+    "full": ("#7f7f7f", "s"),
+    "layer decay": ("#9467bd", "D"),
+    "lora": ("#2ca02c", "^"),
+    "bitfit": ("#e377c2", "v"),
+    "components": ("#1f77b4", "o"),
+    "select": ("#d62728", "*"),
+    "random": ("#bcbd22", "o"),
+}
+
+
+def load_method_runs(cfg: FinetuningPlotsConfig) -> tuple[pd.DataFrame, str]:
+    """Every run of one model (all methods, every optimizer unless ``optimizer=``) and the tag of its files."""
+    runs = read_csvs(cfg)
+    if cfg.datasets:
+        unknown = set(cfg.datasets) - set(runs["dataset"])
+        if unknown:
+            raise R.ResultsError(f"datasets {sorted(unknown)} are not in the results ({sorted(set(runs['dataset']))})")
+        runs = runs[runs["dataset"].isin(cfg.datasets)]
+    if cfg.optimizer:
+        optimizers = sorted(runs["optimizer"].astype(str).unique())
+        if cfg.optimizer not in optimizers:
+            raise R.ResultsError(
+                f"no runs with optimizer={cfg.optimizer!r}; the results hold optimizer in {optimizers}"
+            )
+        runs = runs[runs["optimizer"].astype(str) == cfg.optimizer]
+    # The optimizer is part of each method's label (vitef.results.method_label): only the model must be one.
+    models = sorted(runs["model"].astype(str).unique())
+    model = cfg.model or (models[0] if len(models) == 1 else "")
+    if model not in models:
+        what = (
+            f"no runs of model={cfg.model!r}" if cfg.model else f"the results mix several models ({', '.join(models)})"
+        )
+        raise R.ResultsError(f"{what}: choose one with model= among {models}")
+    runs = runs[runs["model"].astype(str) == model]
+    tag = safe_name(f"{model}_select-{cfg.select_on}")
+    return runs, tag
+
+
+def write_methods(cfg: FinetuningPlotsConfig) -> None:
+    """The methods table, criterion vs random and the accuracy-vs-trainable-parameters figure (Pareto front)."""
+    import matplotlib.pyplot as plt
+
+    runs, tag = load_method_runs(cfg)
+    cells = R.method_cells(runs, cfg.select_on, cfg.ddof)
+    if cells.empty:
+        raise R.ResultsError(f"no finetuning runs in {Path(cfg.results_dir) / 'finetuning'} to compare")
+    table = R.method_table(cells, cfg.ddof)
+    vs = R.criterion_vs_random(cells, cfg.ddof)
+    out = Path(cfg.results_dir) / "tables"
+    title = (
+        f"Methods: test accuracy (%) at each method's learning rate chosen on {cfg.select_on}, mean ± std over "
+        f"seeds (ddof={cfg.ddof}; random picks: over the picks), and the parameters each trains"
+    )
+    md = f"{title}\n\n{R.methods_markdown(table)}"
+    atomic_write_text(out / f"methods_{tag}.md", md)
+    _write_csv(table, out / f"methods_{tag}.csv")
+    _write_csv(cells, out / f"methods_cells_{tag}.csv")
+    print(md)
+    written = [out / f"methods_{tag}.md"]
+    if not vs.empty:
+        title = (
+            "Criterion vs random: each criterion's pick against random picks of the same budget (test accuracy, %, "
+            f"lr chosen on {cfg.select_on})"
+        )
+        md = f"{title}\n\n{R.vs_random_markdown(vs)}"
+        atomic_write_text(out / f"criterion_vs_random_{tag}.md", md)
+        _write_csv(vs, out / f"criterion_vs_random_{tag}.csv")
+        print(md)
+        written.append(out / f"criterion_vs_random_{tag}.md")
+    with plt.rc_context(STYLE):
+        figs = save_figure(plot_pareto(table, cells), Path(cfg.results_dir) / "figures" / "methods" / tag / "pareto")
+    print(f"wrote {', '.join(str(p) for p in written)} (+ .csv) and {figs[0]} (+ .pdf)")
+
+
+def plot_pareto(table: pd.DataFrame, cells: pd.DataFrame):
+    """Test accuracy against trainable parameters (log x) per method, one panel per dataset; the front joined.
+
+    Random picks are small dots, their mean a marker with the std over picks; every other method one marker
+    (± std over seeds). Methods on the front are labelled.
+    """
+    datasets = R.order_datasets(table["dataset"].unique())
+    fig, panels = _dataset_panels(datasets)
+    fig.set_size_inches(4.6 * min(len(datasets), 4), 3.8 * ((len(datasets) + 3) // 4))
+    for ax, dataset in panels:
+        d = table[(table["dataset"] == dataset) & (table["status"] != "missing")]
+        picks = cells[(cells["dataset"] == dataset) & (cells["family"] == "random") & (cells["status"] != "missing")]
+        if len(picks):
+            ax.scatter(picks["trainable_params"], 100 * picks["mean"], s=8, color=FAMILY_STYLE["random"][0], alpha=0.6,
+                       zorder=2, label="random pick")  # fmt: skip
+        seen = set()
+        for r in d.itertuples():
+            color, mark = FAMILY_STYLE.get(r.family, (OTHER_FAMILY_COLOR, "o"))
+            label = r.family if r.family not in seen else None
+            seen.add(r.family)
+            std = 100 * r.std if np.isfinite(r.std) else 0.0
+            ax.errorbar(r.trainable_params, 100 * r.mean, yerr=std, fmt=mark, color=color, ms=7 if mark == "*" else 5,
+                        mec="k" if r.pareto else color, mew=0.8, capsize=2, zorder=3, label=label)  # fmt: skip
+        front = d[d["pareto"]].sort_values("trainable_params")
+        if len(front):
+            ax.step(front["trainable_params"], 100 * front["mean"], where="post", color="k", lw=1, alpha=0.6,
+                    zorder=1, label="Pareto front")  # fmt: skip
+            for r in front.itertuples():
+                ax.annotate(r.group, (r.trainable_params, 100 * r.mean), textcoords="offset points", xytext=(4, 4),
+                            fontsize=6)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (head included)")
+        ax.set_ylabel("test acc. (%)")
+        ax.set_title(R.dataset_label(dataset))
+        ax.legend(fontsize=6, frameon=False, loc="lower right")
+    fig.suptitle("Accuracy vs trainable parameters per method (lr chosen per method)")
+    fig.tight_layout()
+    return fig
+
+
+OTHER_FAMILY_COLOR = "#8c564b"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 
 Reads what the apps wrote under ``root`` — analysis folders (plasticity and bounds), the result tables of
 ``apps.plots.finetuning`` (accuracy per component, relative gain over linear probing, significance
-tests, missing runs) and every figure — and writes ``<root>/report/report.md`` (figures linked) and
+tests, missing runs), the methods comparison (methods table, accuracy-vs-trainable-parameters figure,
+criterion vs random) and every figure — and writes ``<root>/report/report.md`` (figures linked) and
 ``report.html`` (figures embedded, one file to send around).
 """
 
@@ -18,6 +19,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -180,8 +182,9 @@ def main(cfg: ReportConfig) -> Path:
         plasticity_section(doc, root),
         finetuning_section(doc, root, cfg.select_on),
         predictors_section(doc, root, cfg.select_on),
+        methods_section(doc, root, cfg.select_on),
         pretraining_section(doc, root),
-        figures_section(doc, root),
+        figures_section(doc, root, skip=methods_figures(root, cfg.select_on)),
     ]
     if not any(sections):
         raise VitefError(f"nothing to report under {root}: no analysis folders, result tables or figures")
@@ -281,6 +284,36 @@ def predictors_section(doc: Document, root: Path, select_on: str) -> bool:
     return True
 
 
+def methods_figures(root: Path, select_on: str) -> list[Path]:
+    """The Pareto figures of ``apps.plots.finetuning methods`` for lr chosen on ``select_on`` (one per tag)."""
+    return sorted((root / "results" / "figures" / "methods").glob(f"*select-{select_on}/pareto.png"))
+
+
+def methods_section(doc: Document, root: Path, select_on: str) -> bool:
+    """Which parameters to finetune: the methods table, the Pareto figure, criterion vs random (issue 12)."""
+    tables = _result_tables(root, "methods", select_on)
+    if not tables:
+        return False
+    doc.heading("Which parameters to finetune: methods, budgets and selection criteria")
+    doc.text(
+        "Every method in the same harness (data, schedule, evaluation): full finetuning, layer-wise lr decay, LoRA, "
+        "BitFit, LayerNorm tuning, the units picked by each criterion within a budget (a share of the backbone's "
+        f"parameters) and random picks of the same budget. Each method's learning rate is chosen on {select_on}; "
+        "accuracy is the test accuracy of the best-validation checkpoint."
+    )
+    for path in tables:
+        tag = path.stem.removeprefix("methods_")
+        doc.text(path.read_text().strip())
+        pareto = root / "results" / "figures" / "methods" / tag / "pareto.png"
+        if pareto.is_file():
+            doc.figure(pareto, "Accuracy vs trainable parameters per method; the Pareto front joined and labelled")
+        vs = path.parent / f"criterion_vs_random_{tag}.md"
+        if vs.is_file():
+            doc.heading("Criterion vs random", 3)
+            doc.text(vs.read_text().strip())
+    return True
+
+
 def pretraining_section(doc: Document, root: Path) -> bool:
     """Plasticity through pretraining: Kendall's tau and token radius per snapshot (apps.plots.pretraining)."""
     path = root / "figures" / "pretraining" / "pretraining_dynamics.csv"
@@ -307,9 +340,10 @@ def pretraining_section(doc: Document, root: Path) -> bool:
 FIGURE_ORDER = ("analysis", "pretraining", "finetuning", "loss_landscape")
 
 
-def figures_section(doc: Document, root: Path) -> bool:
-    """Every PNG the figure apps wrote, grouped by kind."""
+def figures_section(doc: Document, root: Path, skip: Sequence[Path] = ()) -> bool:
+    """Every PNG the figure apps wrote, grouped by kind, but those of ``skip`` (shown in their own section)."""
     pngs = sorted(set((root / "figures").glob("**/*.png")) | set((root / "results" / "figures").glob("**/*.png")))
+    pngs = [p for p in pngs if p not in set(skip)]
     if not pngs:
         return False
     doc.heading("Figures")

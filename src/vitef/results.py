@@ -42,10 +42,11 @@ from vitef.errors import VitefError
 from vitef.models.build import model_label
 from vitef.models.components import DISPLAY_NAMES, DISPLAY_ORDER, canonical, display_name, display_order
 from vitef.monitor.run_dir import RunDir
+from vitef.selection import budget_label
 
 logger = logging.getLogger(__name__)
 
-FINETUNING_COLUMNS = [
+BASE_COLUMNS = [
     "dataset",
     "trainable",
     "optimizer",
@@ -58,6 +59,31 @@ FINETUNING_COLUMNS = [
     "best_step",
     "run_dir",
 ]
+# What tells the finetuning methods apart (issue 12): the method, the selection (criterion, budget, seed of the
+# pick), layer decay, the LoRA rank, and the parameter counts. Runs of the paper's grid hold the defaults below.
+METHOD_COLUMNS = [
+    "method",
+    "criterion",
+    "budget",
+    "select_seed",
+    "layer_decay",
+    "lora_rank",
+    "trainable_params",
+    "backbone_params",
+    "head_params",
+]
+METHOD_DEFAULTS = {
+    "method": "full",
+    "criterion": "",
+    "budget": math.nan,
+    "select_seed": -1,
+    "layer_decay": 1.0,
+    "lora_rank": 0,
+    "trainable_params": -1,
+    "backbone_params": -1,
+    "head_params": -1,
+}
+FINETUNING_COLUMNS = BASE_COLUMNS + METHOD_COLUMNS
 PROBE_COLUMNS = ["dataset", "model", "pool", "seed", "layer", "point", "train_acc", "test_acc", "source"]
 # Columns of the paper's table: theoretical plasticity rank (MHA most plastic), then full finetuning; the
 # component registry owns the order and the labels.
@@ -111,6 +137,10 @@ def read_run(run_dir: str | Path) -> dict | None:
     model = cfg.get("model") or {}
     if status == "completed" and not ev:
         status = "no_eval"
+    try:
+        params = run.read_params() or {}
+    except VitefError as e:
+        raise ResultsError(str(e)) from e
     return {
         "dataset": str(cfg["dataset_name"]),
         "trainable": trainable_name(cfg["trainable"]),
@@ -123,7 +153,113 @@ def read_run(run_dir: str | Path) -> dict | None:
         "test_acc": float(ev.get("acc", math.nan)),
         "best_step": int(ev["best_step"]) if ev.get("best_step") is not None else -1,
         "run_dir": str(run.path),
+        **_method_fields(cfg, ev, params),
     }
+
+
+def _method_fields(cfg: dict, ev: dict, params: dict) -> dict:
+    """The :data:`METHOD_COLUMNS` of a run from its config.yaml, eval.json and params.json (defaults when absent).
+
+    The criterion is the selection's label (``plasticity`` in embedding mode, ``plasticity-hidden``, ``rgn``); the
+    pick's seed is the run's seed unless ``select.seed`` is set (as ``apps.vit.train`` derives it).
+    """
+    out = dict(METHOD_DEFAULTS)
+    out["method"] = str(cfg.get("method") or "full")
+    sel = cfg.get("select") or {}
+    if isinstance(sel, dict) and sel.get("criterion"):
+        criterion = str(sel["criterion"])
+        mode = str(sel.get("mode") or "embedding")
+        out["criterion"] = f"plasticity-{mode}" if criterion == "plasticity" and mode != "embedding" else criterion
+        out["budget"] = float(sel.get("budget", math.nan))
+        seed = int(sel.get("seed", -1))
+        out["select_seed"] = int(cfg.get("seed", -1)) if seed < 0 else seed
+    optim = cfg.get("optim") or {}
+    out["layer_decay"] = float(optim.get("layer_decay", 1.0) or 1.0)
+    if out["method"] == "lora":
+        out["lora_rank"] = int((cfg.get("lora") or {}).get("rank", 8))
+    if ev.get("trainable_params") is not None:
+        out["trainable_params"] = int(ev["trainable_params"])
+    total = params.get("total") if isinstance(params, dict) else None
+    if isinstance(total, dict) and total:
+        head = int(total.get("head", 0))
+        out["head_params"] = head
+        out["backbone_params"] = int(sum(int(v) for v in total.values())) - head
+    return out
+
+
+def with_method_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with every :data:`METHOD_COLUMNS` column (defaults filled in: a CSV written before issue 12)."""
+    out = df.copy()
+    for col, default in METHOD_DEFAULTS.items():
+        if col not in out.columns:
+            out[col] = default
+        elif col == "criterion":
+            out[col] = out[col].fillna("").astype(str)
+    return out
+
+
+def is_component_run(df: pd.DataFrame) -> pd.Series:
+    """Which rows are runs of the paper's grid: full finetuning of ``trainable``, no selection, no layer decay."""
+    df = with_method_columns(df)
+    return (df["method"].astype(str) == "full") & (df["criterion"] == "") & (df["layer_decay"].astype(float) == 1.0)
+
+
+def drop_default_method_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """The :data:`BASE_COLUMNS` alone when every run is a component run (the CSV files read as before issue 12),
+    else every column."""
+    if len(df) and not is_component_run(df).all():
+        return df
+    return df[[c for c in df.columns if c not in METHOD_COLUMNS]]
+
+
+def method_label(
+    method: str = "full",
+    trainable: str = "all",
+    criterion: str = "",
+    budget: float = math.nan,
+    select_seed: int = -1,
+    layer_decay: float = 1.0,
+    lora_rank: int = 0,
+    optimizer: str = "sgd",
+    pick: bool = True,
+) -> str:
+    """The one name of a finetuning method in tables and figures.
+
+    ``full:mha``, ``full:all ld0.75``, ``bitfit``, ``bitfit:mha``, ``lora r8``, ``lora r8:mha``,
+    ``select rgn 10%``, ``random 10% seed 2`` (``random 10%`` with ``pick=False``: the group of random picks);
+    a selection trained with BitFit says ``select rgn 10% bitfit``; an optimizer other than SGD is appended.
+    """
+    if criterion:
+        text = f"{'random' if criterion == 'random' else 'select ' + criterion} {budget_label(float(budget))}"
+        if criterion == "random" and pick:
+            text += f" seed {int(select_seed)}"
+        if method != "full":
+            text += f" {method}"
+    elif method == "lora":
+        text = f"lora r{int(lora_rank)}" + ("" if trainable == "all" else f":{trainable}")
+    elif method == "bitfit":
+        text = "bitfit" + ("" if trainable == "all" else f":{trainable}")
+    else:
+        text = f"{method}:{trainable}"
+    if layer_decay < 1:
+        text += f" ld{layer_decay:g}"
+    if optimizer and optimizer != "sgd":
+        text += f" {optimizer}"
+    return text
+
+
+def method_labels(df: pd.DataFrame, pick: bool = True) -> pd.Series:
+    """:func:`method_label` of every row of a runs frame."""
+    df = with_method_columns(df)
+    return pd.Series(
+        [
+            method_label(r.method, r.trainable, r.criterion, r.budget, r.select_seed, r.layer_decay, r.lora_rank,
+                         r.optimizer, pick)
+            for r in df.itertuples()
+        ],
+        index=df.index,
+        dtype=object,
+    )  # fmt: skip
 
 
 def collect_finetuning(root: str | Path, runs_glob: str = "**") -> pd.DataFrame:
@@ -514,3 +650,231 @@ def mean_curve(runs: Sequence[str | Path], column: str) -> pd.DataFrame:
         return pd.DataFrame(columns=["step", "mean", "min", "max"])
     both = pd.concat(series, axis=1, join="inner")
     return pd.DataFrame({"mean": both.mean(axis=1), "min": both.min(axis=1), "max": both.max(axis=1)}).reset_index()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Methods: full, layer decay, LoRA, BitFit, components, selections, random picks (issue 12)
+# ---------------------------------------------------------------------------------------------------
+
+FAMILIES = ("full", "layer decay", "lora", "bitfit", "components", "select", "random")
+METHOD_CELL_COLUMNS = [
+    "dataset", "label", "group", "family", "method", "criterion", "budget", "select_seed", "status", "lr", "mean",
+    "std", "n_seeds", "select_mean", "trainable_params", "backbone_params", "head_params", "backbone_share",
+]  # fmt: skip
+METHOD_TABLE_COLUMNS = [
+    "dataset", "group", "family", "method", "criterion", "budget", "status", "lr", "mean", "std", "n", "n_picks",
+    "trainable_params", "backbone_share", "pareto",
+]  # fmt: skip
+VS_RANDOM_COLUMNS = [
+    "dataset", "budget", "method", "criterion", "acc", "random_mean", "random_std", "n_random", "z", "rank", "of",
+    "random_min", "random_max",
+]  # fmt: skip
+
+
+def method_family(row) -> str:
+    """The family of a run or cell (one of :data:`FAMILIES`): what the methods table and figure group by."""
+    if row.criterion == "random":
+        return "random"
+    if row.criterion:
+        return "select"
+    if row.method in ("lora", "bitfit"):
+        return str(row.method)
+    if float(row.layer_decay) < 1:
+        return "layer decay"
+    return "full" if row.trainable == "all" else "components"
+
+
+def method_cells(df: pd.DataFrame, select_on: str = "val", ddof: int = 1) -> pd.DataFrame:
+    """One cell per dataset x method label (each random pick its own label), as :func:`summarize` makes them.
+
+    The learning rate of a label is chosen among the learning rates of that label (selections may have fewer
+    than the baselines) on ``select_on``; ``mean`` and ``std`` are over the training seeds at that lr. Parameter
+    counts are the mean over the runs at the chosen lr (a pick may differ between training seeds);
+    ``backbone_share`` is (trainable − head) / backbone parameters (LoRA's adapters counted at their size).
+    """
+    df = with_method_columns(df)
+    if df.empty:
+        return pd.DataFrame(columns=METHOD_CELL_COLUMNS)
+    df = df.assign(label=method_labels(df), group=method_labels(df, pick=False))
+    df["family"] = [method_family(r) for r in df.itertuples()]
+    cells = []
+    for label, sub in df.groupby("label", sort=False):
+        found, _ = summarize(sub.assign(trainable=label), select_on, ddof)
+        first = sub.iloc[0]
+        for cell in found.itertuples():
+            at = sub[(sub["dataset"] == cell.dataset) & (sub["status"] == "completed")]
+            at = at[np.isclose(at["lr"].astype(float), cell.lr)] if np.isfinite(cell.lr) else at.iloc[:0]
+            counts = {}
+            for col in ("trainable_params", "backbone_params", "head_params"):
+                values = at[col].astype(float)
+                values = values[values >= 0]
+                counts[col] = float(values.mean()) if len(values) else math.nan
+            share = (counts["trainable_params"] - counts["head_params"]) / counts["backbone_params"]
+            cells.append({
+                "dataset": cell.dataset, "label": label, "group": first["group"], "family": first["family"],
+                "method": first["method"], "criterion": first["criterion"], "budget": float(first["budget"]),
+                "select_seed": int(first["select_seed"]), "status": cell.status, "lr": cell.lr, "mean": cell.mean,
+                "std": cell.std, "n_seeds": cell.n_seeds, "select_mean": cell.select_mean, **counts,
+                "backbone_share": share,
+            })  # fmt: skip
+    return order_method_rows(pd.DataFrame(cells, columns=METHOD_CELL_COLUMNS), "label")
+
+
+def order_method_rows(df: pd.DataFrame, name: str) -> pd.DataFrame:
+    """Datasets in the paper's order; within one: family (:data:`FAMILIES`), budget, criterion, then ``name``."""
+    from vitef.selection import CRITERIA
+
+    if df.empty:
+        return df.reset_index(drop=True)
+    datasets = {d: i for i, d in enumerate(order_datasets(df["dataset"].unique()))}
+    crit = {c: i for i, c in enumerate(CRITERIA)}
+
+    def key(r) -> tuple:
+        base = str(r["criterion"]).split("-")[0]
+        budget = float(r["budget"]) if np.isfinite(float(r["budget"])) else -1.0
+        return (datasets[r["dataset"]], FAMILIES.index(r["family"]), budget, crit.get(base, len(crit)), r[name])
+
+    order = sorted(range(len(df)), key=lambda i: key(df.iloc[i]))
+    return df.iloc[order].reset_index(drop=True)
+
+
+def pareto_front(params: Sequence[float], acc: Sequence[float]) -> np.ndarray:
+    """Which points no other point beats: none has at most as many parameters and at least the accuracy, one of
+    them strictly. NaN points are never on the front."""
+    x, y = np.asarray(params, dtype=float), np.asarray(acc, dtype=float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    front = np.zeros(len(x), dtype=bool)
+    for i in np.flatnonzero(ok):
+        dominated = ok & (x <= x[i]) & (y >= y[i]) & ((x < x[i]) | (y > y[i]))
+        front[i] = not dominated.any()
+    return front
+
+
+def method_table(cells: pd.DataFrame, ddof: int = 1) -> pd.DataFrame:
+    """One row per dataset x method group: a method's cell, or the random picks of one budget together.
+
+    For a group of random picks, ``mean`` and ``std`` are over the picks' cell means (``ddof``), ``n`` the
+    training seeds of each pick and ``n_picks`` the picks with results; elsewhere ``n_picks`` is 1. ``pareto``
+    marks the groups on the dataset's accuracy-vs-trainable-parameters front.
+    """
+    rows = []
+    for _, g in cells.groupby(["dataset", "group"], sort=False):
+        first = g.iloc[0]
+        ok = g[g["status"] != "missing"]
+        row = {c: first[c] for c in ("dataset", "group", "family", "method", "criterion", "budget")}
+        if first["family"] == "random":
+            means = ok["mean"].to_numpy(float)
+            status = "missing" if ok.empty else ("ok" if (g["status"] == "ok").all() else "partial")
+            row.update(
+                status=status, lr=float(ok["lr"].iloc[0]) if ok["lr"].nunique() == 1 else math.nan,
+                mean=float(means.mean()) if len(means) else math.nan,
+                std=float(means.std(ddof=ddof)) if len(means) > ddof else math.nan,
+                n=int(ok["n_seeds"].min()) if len(ok) else 0, n_picks=len(ok),
+            )  # fmt: skip
+        else:
+            row.update(status=first["status"], lr=first["lr"], mean=first["mean"], std=first["std"],
+                       n=int(first["n_seeds"]), n_picks=1 if first["status"] != "missing" else 0)  # fmt: skip
+        row["trainable_params"] = float(ok["trainable_params"].mean()) if len(ok) else math.nan
+        row["backbone_share"] = float(ok["backbone_share"].mean()) if len(ok) else math.nan
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=[c for c in METHOD_TABLE_COLUMNS if c != "pareto"])
+    table["pareto"] = False
+    for dataset in table["dataset"].unique():
+        at = table["dataset"] == dataset
+        table.loc[at, "pareto"] = pareto_front(table.loc[at, "trainable_params"], table.loc[at, "mean"])
+    return order_method_rows(table, "group")
+
+
+def criterion_vs_random(cells: pd.DataFrame, ddof: int = 1) -> pd.DataFrame:
+    """Each criterion's pick against the random picks of the same dataset, budget and method.
+
+    ``acc`` is the criterion's cell mean; ``random_mean`` / ``random_std`` (``ddof``) / ``n_random`` are over the
+    random picks' cell means; ``z`` = (acc − random_mean) / random_std (NaN when the std is 0 or undefined);
+    ``rank`` is the criterion's place among itself and the random picks, 1 = best (1 + the picks strictly
+    better), ``of`` = n_random + 1. Cells without results are left out; a budget without random picks gives rows
+    with ``n_random`` 0.
+    """
+    ok = cells[cells["status"] != "missing"]
+    sel = ok[(ok["criterion"] != "") & (ok["criterion"] != "random")]
+    rand = ok[ok["criterion"] == "random"]
+    rows = []
+    for r in sel.itertuples():
+        same = rand[(rand["dataset"] == r.dataset) & np.isclose(rand["budget"].astype(float), r.budget)]
+        same = same[same["method"] == r.method]["mean"].to_numpy(float)
+        n = len(same)
+        mean = float(same.mean()) if n else math.nan
+        std = float(same.std(ddof=ddof)) if n > ddof else math.nan
+        z = (r.mean - mean) / std if np.isfinite(std) and std > 0 else math.nan
+        rows.append({
+            "dataset": r.dataset, "budget": r.budget, "method": r.method, "criterion": r.criterion, "acc": r.mean,
+            "random_mean": mean, "random_std": std, "n_random": n, "z": z, "rank": 1 + int((same > r.mean).sum()),
+            "of": n + 1, "random_min": float(same.min()) if n else math.nan,
+            "random_max": float(same.max()) if n else math.nan,
+        })  # fmt: skip
+    out = pd.DataFrame(rows, columns=VS_RANDOM_COLUMNS)
+    if out.empty:
+        return out
+    out = out.assign(family="select", group="")
+    out = order_method_rows(out, "criterion")
+    return out[VS_RANDOM_COLUMNS]
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{_pct(mean)} ± {_pct(std)}" if np.isfinite(std) else _pct(mean)
+
+
+def _count(n: float) -> str:
+    if not np.isfinite(n):
+        return "—"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}")
+
+
+def methods_markdown(table: pd.DataFrame) -> str:
+    """The methods table, one block per dataset: accuracy (%) mean ± std, trainable parameters, share, lr."""
+    parts = []
+    for dataset in order_datasets(table["dataset"].unique()):
+        d = table[table["dataset"] == dataset]
+        best = d["mean"].max()
+        header = ["method", "trainable params", "% of backbone", "lr", "test acc. (%)", "n"]
+        body = []
+        for r in d.itertuples():
+            text = "—" if r.status == "missing" else _pm(r.mean, r.std)
+            if r.status != "missing" and r.mean == best:
+                text = f"**{text}**"
+            if r.status == "partial":
+                text += " †"
+            name = f"{r.group} ◆" if r.pareto else r.group
+            n = f"{r.n_picks} picks × {r.n}" if r.family == "random" else str(r.n)
+            lr = f"{r.lr:g}" if np.isfinite(r.lr) else "—"
+            share = f"{100 * r.backbone_share:.1f}" if np.isfinite(r.backbone_share) else "—"
+            body.append([name, _count(r.trainable_params), share, lr, text, n])
+        parts.append(f"**{dataset_label(dataset)}**\n\n{to_markdown(header, body).rstrip()}")
+    notes = [
+        "◆ on the accuracy-vs-trainable-parameters Pareto front; trainable params include the head; % of backbone: "
+        "(trainable − head) / backbone parameters; n: training seeds (random: picks × seeds, ± over the picks)"
+    ]
+    if (table["status"] == "partial").any():
+        notes.append("† partial: some lr × seed runs are missing; the lr was chosen among the complete ones")
+    return "\n\n".join(parts) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def vs_random_markdown(vs: pd.DataFrame) -> str:
+    """Criterion vs random, one block per dataset: rows (budget, criterion) with the random picks' summary."""
+    parts = []
+    for dataset in order_datasets(vs["dataset"].unique()):
+        d = vs[vs["dataset"] == dataset]
+        header = ["budget", "criterion", "acc. (%)", "random (%) mean ± std", "random min – max", "n random", "z",
+                  "rank"]  # fmt: skip
+        body = []
+        for r in d.itertuples():
+            crit = r.criterion + ("" if r.method == "full" else f" ({r.method})")
+            spread = f"{_pct(r.random_min)} – {_pct(r.random_max)}" if r.n_random else "—"
+            z = f"{r.z:+.2f}" if np.isfinite(r.z) else "—"
+            body.append([budget_label(r.budget), crit, _pct(r.acc), _pm(r.random_mean, r.random_std), spread,
+                         str(r.n_random), z, f"{r.rank}/{r.of}"])  # fmt: skip
+        parts.append(f"**{dataset_label(dataset)}**\n\n{to_markdown(header, body).rstrip()}")
+    note = (
+        "z = (acc − random mean) / random std; rank: the criterion's place among itself and the random picks of "
+        "the same budget (1 = best)"
+    )
+    return "\n\n".join(parts) + "\n\n" + note + "\n"
