@@ -34,3 +34,22 @@ def run_module(module: str, *args: str, cwd: Path | None = None, env: dict | Non
 @pytest.fixture
 def run_app():
     return run_module
+
+
+@pytest.fixture
+def run_inprocess(capsys, monkeypatch):
+    """``run_app`` without the subprocess (tests/inprocess.py): same cwd, ``env`` set until the test ends."""
+    from inprocess import run_cli
+
+    def run(module: str, *args: str, env: dict | None = None):
+        monkeypatch.chdir(ROOT)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the study sets it for itself: undone at teardown
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        threads = torch.get_num_threads()  # apps set their own (the study's threads=, the sweep's workers)
+        try:
+            return run_cli(module, *args, capsys=capsys)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from inprocess import isolated_logging as _isolated_logging
 from tiny import tiny_train
 
 import vitef.utils
@@ -425,29 +426,6 @@ def finished_run(tmp_path_factory) -> Path:
     with _isolated_logging():
         train_app.main(build_config(train_app.TrainConfig, TINY, {"root": str(root), "log_dir": "run"}))
     return root / "runs" / "run"
-
-
-class _isolated_logging:
-    """Give each case its own console handler (bound to the captured stderr) and drop what the case added."""
-
-    def __enter__(self):
-        self.root = logging.getLogger()
-        self.saved = (self.root.handlers[:], self.root.level)
-        for h in self.saved[0]:
-            if getattr(h, "_vitef", False) or isinstance(h, logging.FileHandler):
-                self.root.removeHandler(h)
-        return self
-
-    def __exit__(self, *exc):
-        handlers, level = self.saved
-        for h in self.root.handlers[:]:
-            if h not in handlers:
-                self.root.removeHandler(h)
-                h.close()
-        for h in handlers:
-            if h not in self.root.handlers:
-                self.root.addHandler(h)
-        self.root.setLevel(level)
 
 
 def _read_only(path: Path, monkeypatch) -> None:

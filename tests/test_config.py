@@ -149,22 +149,23 @@ def test_build_config_from_dicts():
 
 
 # ---- the same rules seen by a user of an app: message and non-zero exit -------------------------
+# In-process through cli_main, as `python -m` runs it; --help runs as a real `python -m` (exit 0, keys on stdout).
 
 
-def test_app_unknown_key_exits_2(run_app):
-    r = run_app("apps.vit.components", "model.nme=vit_tiny_patch16_224")
+def test_app_unknown_key_exits_2(run_inprocess):
+    r = run_inprocess("apps.vit.components", "model.nme=vit_tiny_patch16_224")
     assert r.returncode == 2
     assert "error: unknown config key 'model.nme'" in r.stderr and "Valid keys under 'model'" in r.stderr
     assert "Traceback" not in r.stderr
 
 
-def test_app_wrong_type_exits_2(run_app):
-    r = run_app("apps.vit.components", "num_classes=ten")
+def test_app_wrong_type_exits_2(run_inprocess):
+    r = run_inprocess("apps.vit.components", "num_classes=ten")
     assert r.returncode == 2 and "config key 'num_classes' (command line) expects int" in r.stderr
 
 
-def test_app_missing_yaml_exits_2(run_app, tmp_path):
-    r = run_app("apps.vit.components", f"config={tmp_path / 'missing.yaml'}")
+def test_app_missing_yaml_exits_2(run_inprocess, tmp_path):
+    r = run_inprocess("apps.vit.components", f"config={tmp_path / 'missing.yaml'}")
     assert r.returncode == 2 and "config file not found" in r.stderr
 
 
@@ -173,10 +174,10 @@ def test_app_help_exits_0(run_app):
     assert r.returncode == 0 and "model.name" in r.stdout and "trainable" in r.stdout
 
 
-def test_app_yaml_then_cli(run_app, tmp_path):
+def test_app_yaml_then_cli(run_inprocess, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model:\n  name: vit_tiny_patch16_224\n  pretrained: false\ntrainable: [ln1]\n")
-    r = run_app("apps.vit.components", f"config={cfg}", "trainable=[fc1]")
+    r = run_inprocess("apps.vit.components", f"config={cfg}", "trainable=[fc1]")
     assert r.returncode == 0, r.stderr
     assert "trainable=['fc1']" in r.stdout
     fc1 = next(line for line in r.stdout.splitlines() if line.startswith("fc1"))

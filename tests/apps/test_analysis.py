@@ -88,8 +88,8 @@ def test_hidden_mode_and_config_file(tmp_path):
     assert (df["n"] == 32).all()
 
 
-def test_bad_model_name_fails_clearly_in_a_subprocess(run_app, tmp_path):
-    r = run_app("apps.vit.analysis", *SMALL, "model.name=vit_nonexistent_patch16", f"root={tmp_path}")
+def test_bad_model_name_fails_clearly(run_inprocess, tmp_path):
+    r = run_inprocess("apps.vit.analysis", *SMALL, "model.name=vit_nonexistent_patch16", f"root={tmp_path}")
     assert r.returncode == 2, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "unknown model 'vit_nonexistent_patch16'" in errors[0], r.stderr

@@ -61,7 +61,7 @@ def test_eval_on_a_corruption_by_run_path(trained_run):
     assert (out["acc"], out["n"], out["step"], out["checkpoint"]) == (acc, n, 4, "last")
 
 
-def test_missing_run_or_checkpoint_fails_clearly(trained_run, tmp_path, run_app):
+def test_missing_run_or_checkpoint_fails_clearly(trained_run, tmp_path, run_inprocess):
     root, run = trained_run
     with pytest.raises(ConfigError, match="no run at"):
         eval_app.main(build_config(eval_app.EvalConfig, {"root": str(tmp_path), "log_dir": "nope"}))
@@ -69,7 +69,7 @@ def test_missing_run_or_checkpoint_fails_clearly(trained_run, tmp_path, run_app)
     bare = RunDir(tmp_path / "runs" / "bare")
     bare.path.mkdir(parents=True)
     bare.config_path.write_text(run.config_path.read_text())
-    r = run_app("apps.vit.eval", f"root={tmp_path}", "log_dir=bare")
+    r = run_inprocess("apps.vit.eval", f"root={tmp_path}", "log_dir=bare")
     assert r.returncode == 2 and "no best checkpoint" in r.stderr
     assert sorted(p.name for p in bare.path.iterdir()) == ["config.yaml"]  # nothing half-written
     with pytest.raises(CheckpointError, match="no step checkpoint"):

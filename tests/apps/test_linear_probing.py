@@ -67,11 +67,11 @@ def _write_run(tmp_path: Path) -> Path:
     return run
 
 
-def test_finetuned_run_probes_into_its_directory(run_app, tmp_path):
+def test_finetuned_run_probes_into_its_directory(run_inprocess, tmp_path):
     run = _write_run(tmp_path)
     before = (run / "config.yaml").read_text()
     fast = [a for a in FAST if not a.startswith("dataset_name")]
-    res = run_app(APP, f"run_dir={run}", *fast, "pool=cls", "layers=[-1]", "points=[res2,fc1]")
+    res = run_inprocess(APP, f"run_dir={run}", *fast, "pool=cls", "layers=[-1]", "points=[res2,fc1]")
     assert res.returncode == 0, res.stderr
     assert (run / "config.yaml").read_text() == before  # the run's own config is left alone
     assert (run / "probes_config.yaml").is_file()
@@ -79,7 +79,7 @@ def test_finetuned_run_probes_into_its_directory(run_app, tmp_path):
     assert [(r["layer"], r["point"], r["pool"]) for r in rows] == [("1", "fc1", "cls"), ("1", "res2", "cls")]
     assert rows[0]["model"] == "vit_tiny_patch16_224@tiny_run"
     # A second pooling adds its rows next to the first instead of replacing them.
-    res = run_app(APP, f"run_dir={run}", *fast, "pool=mean", "layers=[-1]", "points=[res2]")
+    res = run_inprocess(APP, f"run_dir={run}", *fast, "pool=mean", "layers=[-1]", "points=[res2]")
     assert res.returncode == 0, res.stderr
     assert [r["pool"] for r in _rows(run / "probes.csv")] == ["cls", "cls", "mean"]
     assert len(json.loads((run / "probes.json").read_text())) == 3
@@ -113,8 +113,8 @@ def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, capsys, args, messa
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
 
 
-def test_help_lists_the_keys(run_app):
-    res = run_app(APP, "--help")
+def test_help_lists_the_keys(run_inprocess):
+    res = run_inprocess(APP, "--help")
     assert res.returncode == 0
     for key in ("run_dir", "pool", "points", "solver.C", "max_train_samples", "layers"):
         assert key in res.stdout

@@ -126,8 +126,10 @@ def test_plot_app_lists_every_compute_key():
     assert set(COMPUTE_KEYS) == compute_keys - plot_keys
 
 
-def test_bad_component_exits_2(run_app, tiny_config, tmp_path):
-    res = run_app("apps.vit.loss_landscape", f"config={tiny_config}", "component=mlp", f"out_dir={tmp_path / 'x'}")
+def test_bad_component_exits_2(run_inprocess, tiny_config, tmp_path):
+    res = run_inprocess(
+        "apps.vit.loss_landscape", f"config={tiny_config}", "component=mlp", f"out_dir={tmp_path / 'x'}"
+    )
     assert res.returncode == 2
     assert "unknown component 'mlp'" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "x").exists()

@@ -51,11 +51,13 @@ def test_card_plasticity_is_reproduced_and_is_the_papers_ranking(tmp_path, targe
 
 
 def test_pretrain_command_remakes_a_model_with_the_same_properties(run_app, tmp_path):
-    """The recipe, run by the pretrain command, on half its steps (the full run takes minutes).
+    """The recipe, run by the pretrain command, on a third of its steps (the full run takes minutes).
 
-    Across platforms the weights differ in the last bits, so check what survives them (the bundled model
-    has both at step 1,200 already, README "The bundled model"): accuracy near saturation, and MHA above
-    both LayerNorms in embedding mode; and the snapshots are the step checkpoints, with cards that load.
+    Across platforms the weights differ in the last bits, so check what survives them: accuracy near
+    saturation, and MHA above both LayerNorms in embedding mode; and the snapshots are the step checkpoints,
+    with cards that load. With 800 steps (its cosine schedule ends there) both hold with a margin: measured
+    on CPU, test accuracy 99.4 % (1 error in 181) and MHA 1.14 against LayerNorms 0.41 (600 steps: 98.3 %,
+    1.02 vs 0.41; 1,200 steps: README "The bundled model").
     """
     export = tmp_path / "again.safetensors"
     target = "digits_subset-56789"
@@ -64,8 +66,8 @@ def test_pretrain_command_remakes_a_model_with_the_same_properties(run_app, tmp_
         f"config={RECIPE}",
         f"root={tmp_path}",
         f"export={export}",
-        "steps=1200",
-        "keep_steps=[10,1200]",
+        "steps=800",
+        "keep_steps=[10,800]",
         f"card_targets=[{target}]",
         env={"OMP_NUM_THREADS": "1"},
         timeout=900,
@@ -78,7 +80,7 @@ def test_pretrain_command_remakes_a_model_with_the_same_properties(run_app, tmp_
     assert emb["mha"] > max(emb["ln1"], emb["ln2"]), emb
     snapshots = sorted((tmp_path / "again_steps").glob("*.safetensors"))
     steps = [json.loads(p.with_suffix(".json").read_text())["step"] for p in snapshots]
-    assert steps == [10, 1200] == card["snapshot_steps"]
+    assert steps == [10, 800] == card["snapshot_steps"]
     run = tmp_path / "runs" / card["log_dir"]
     last = load_file(RunDir(run).step_dir(steps[-1]) / "model.safetensors")
     snap = load_file(snapshots[-1])

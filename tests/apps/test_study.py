@@ -68,7 +68,7 @@ def _tiny_study(tmp: Path) -> str:
     )
 
 
-def test_tiny_study_writes_tables_figures_and_report(run_app, tmp_path):
+def test_tiny_study_writes_tables_figures_and_report(run_app, run_inprocess, tmp_path):
     study = _tiny_study(tmp_path)
     r = run_app("apps.study", f"config={study}", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -99,25 +99,26 @@ def test_tiny_study_writes_tables_figures_and_report(run_app, tmp_path):
     victim = out / "runs" / "ft" / "ln1" / "lr0.1_seed1"
     (victim / "status.json").write_text('{"status": "failed", "step": 3, "message": "killed"}')
     (victim / "eval.json").unlink()
-    r2 = run_app("apps.plots.finetuning", "csv", f"root={out}", f"results_dir={out / 'results'}")
+    r2 = run_inprocess("apps.plots.finetuning", "csv", f"root={out}", f"results_dir={out / 'results'}")
     assert r2.returncode == 0, r2.stderr[-2000:]
-    r2 = run_app("apps.plots.finetuning", "table", f"root={out}", f"results_dir={out / 'results'}")
+    r2 = run_inprocess("apps.plots.finetuning", "table", f"root={out}", f"results_dir={out / 'results'}")
     assert r2.returncode == 0, r2.stderr[-2000:]
-    r2 = run_app("apps.plots.report", f"root={out}")
+    r2 = run_inprocess("apps.plots.report", f"root={out}")
     assert r2.returncode == 0, r2.stderr[-2000:]
     md = report.read_text()
     assert "### Missing runs" in md and "1 runs are missing" in md and "failed" in md
     shutil.rmtree(victim)
 
-    # Relaunching skips every finished run (and re-trains the removed one), and rewrites the report.
-    again = run_app("apps.study", f"config={study}", timeout=600)
+    # Relaunching skips every finished run (and re-trains the removed one), and rewrites the report (in-process:
+    # the first launch above is the real `python -m apps.study`).
+    again = run_inprocess("apps.study", f"config={study}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "3 already completed (skipped), 1 launched" in again.stdout
     assert "None: every (dataset, component, lr, seed) cell has a completed run." in report.read_text()
 
 
-def test_study_bad_sweep_file(run_app, tmp_path):
-    r = run_app("apps.study", f"sweeps=[{tmp_path / 'nope.yaml'}]")
+def test_study_bad_sweep_file(run_inprocess, tmp_path):
+    r = run_inprocess("apps.study", f"sweeps=[{tmp_path / 'nope.yaml'}]")
     assert r.returncode == 2 and "nope.yaml' does not exist" in r.stderr
 
 
@@ -152,6 +153,6 @@ def test_old_study_name_and_paths_still_work(tmp_path, monkeypatch, capsys):
     assert f"{old_landscape} moved to apps/vit/configs/loss_landscape_quick.yaml" in err
 
 
-def test_report_needs_outputs(run_app, tmp_path):
-    r = run_app("apps.plots.report", f"root={tmp_path / 'missing'}")
+def test_report_needs_outputs(run_inprocess, tmp_path):
+    r = run_inprocess("apps.plots.report", f"root={tmp_path / 'missing'}")
     assert r.returncode == 2 and "does not exist" in r.stderr

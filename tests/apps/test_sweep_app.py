@@ -26,10 +26,10 @@ def write_sweep(tmp_path: Path, **kw) -> Path:
     return path
 
 
-def test_dry_run_lists_runs_and_runs_nothing(tmp_path, run_app):
+def test_dry_run_lists_runs_and_runs_nothing(tmp_path, run_inprocess):
     path = write_sweep(tmp_path, grids=[{"dataset_name": ["a", "b"], "seed": [0, 1]}, {"dataset_name": ["c"]}],
                        run_name="{dataset_name}/s{seed}")  # fmt: skip
-    r = run_app("apps.vit.sweep", f"config={path}", "--dry-run", env=ENV)
+    r = run_inprocess("apps.vit.sweep", f"config={path}", "--dry-run", env=ENV)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 7 and lines[-2].startswith("5 runs in sweep cli (5 new): 5 to launch")
@@ -38,8 +38,9 @@ def test_dry_run_lists_runs_and_runs_nothing(tmp_path, run_app):
     assert not (tmp_path / "out").exists()
 
 
-def test_killed_sweep_resumes_and_skips_completed(tmp_path, run_app):
-    # the second run SIGKILLs its own process at step 2 (in-process backend: the whole sweep dies)
+def test_killed_sweep_resumes_and_skips_completed(tmp_path, run_app, run_inprocess):
+    # the second run SIGKILLs its own process at step 2 (in-process backend: the whole sweep dies); the
+    # relaunches run in this process (the fake app kills itself once only)
     path = write_sweep(tmp_path, grid={"seed": [0, 1, 2]}, overrides={"steps": 4}, run_name="s{seed}")
     cfg = yaml.safe_load(path.read_text())
     cfg["grids"] = [{"seed": [0]}, {"seed": [1], "kill_at": [2]}, {"seed": [2]}]
@@ -53,19 +54,19 @@ def test_killed_sweep_resumes_and_skips_completed(tmp_path, run_app):
         "running",
     ]
     assert not (runs / "s2").exists()
-    second = run_app("apps.vit.sweep", f"config={path}", env=ENV)
+    second = run_inprocess("apps.vit.sweep", f"config={path}", env=ENV)
     assert second.returncode == 0, second.stderr
     assert "3 runs, 1 already completed (skipped), 2 launched, 0 failed" in second.stdout
     assert (runs / "s0" / "starts.txt").read_text() == "0\n"  # not run again
     assert (runs / "s1" / "starts.txt").read_text() == "0\n2\n"  # resumed from its checkpoint
     assert (runs / "s2" / "starts.txt").read_text() == "0\n"
-    third = run_app("apps.vit.sweep", f"config={path}", env=ENV)
+    third = run_inprocess("apps.vit.sweep", f"config={path}", env=ENV)
     assert "3 runs, 3 already completed (skipped), 0 launched" in third.stdout
 
 
-def test_failures_are_listed_and_exit_nonzero(tmp_path, run_app):
+def test_failures_are_listed_and_exit_nonzero(tmp_path, run_inprocess):
     path = write_sweep(tmp_path, grid={"seed": [0, 1], "fail": [True, False]}, run_name="s{seed}_{fail}")
-    r = run_app("apps.vit.sweep", f"config={path}", env=ENV)
+    r = run_inprocess("apps.vit.sweep", f"config={path}", env=ENV)
     assert r.returncode == 2
     failed = [ln for ln in r.stdout.splitlines() if ln.startswith("FAILED")]
     assert failed == [
@@ -75,14 +76,14 @@ def test_failures_are_listed_and_exit_nonzero(tmp_path, run_app):
     assert "error: 2 of 4 launched runs failed (listed above)" in r.stderr
 
 
-def test_bad_sweep_file_is_one_clear_error(tmp_path, run_app):
-    r = run_app("apps.vit.sweep", f"config={write_sweep(tmp_path, grid={'optim.lrr': [1]})}", env=ENV)
+def test_bad_sweep_file_is_one_clear_error(tmp_path, run_inprocess):
+    r = run_inprocess("apps.vit.sweep", f"config={write_sweep(tmp_path, grid={'optim.lrr': [1]})}", env=ENV)
     assert r.returncode == 2 and "unknown config key 'optim.lrr'" in r.stderr
-    r = run_app("apps.vit.sweep", f"config={write_sweep(tmp_path, app='nope')}", env=ENV)
+    r = run_inprocess("apps.vit.sweep", f"config={write_sweep(tmp_path, app='nope')}", env=ENV)
     assert r.returncode == 2 and "app='nope' is unknown" in r.stderr
 
 
-def test_real_training_app_runs_and_is_skipped_on_relaunch(tmp_path, run_app):
+def test_real_training_app_runs_and_is_skipped_on_relaunch(tmp_path, run_inprocess):
     path = tmp_path / "digits.yaml"
     sweep = digits_train_sweep(
         "tiny",
@@ -93,7 +94,7 @@ def test_real_training_app_runs_and_is_skipped_on_relaunch(tmp_path, run_app):
         dataset_name="digits_subset-56789",
     )
     path.write_text(yaml.safe_dump(sweep))
-    r = run_app("apps.vit.sweep", f"config={path}", env=ENV)
+    r = run_inprocess("apps.vit.sweep", f"config={path}", env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 runs, 0 already completed (skipped), 2 launched, 0 failed" in r.stdout
     for comp in ("mha", "ln1"):
@@ -101,7 +102,7 @@ def test_real_training_app_runs_and_is_skipped_on_relaunch(tmp_path, run_app):
         assert json.loads((run / "status.json").read_text())["status"] == "completed"
         assert 0 <= json.loads((run / "eval.json").read_text())["acc"] <= 1
         assert yaml.safe_load((run / "config.yaml").read_text())["trainable"] == [comp]
-    r = run_app("apps.vit.sweep", f"config={path}", env=ENV)
+    r = run_inprocess("apps.vit.sweep", f"config={path}", env=ENV)
     assert "2 runs, 2 already completed (skipped), 0 launched" in r.stdout
 
 
@@ -158,8 +159,8 @@ def test_apps_declare_their_run_directory(name, folder, own_status, monkeypatch)
     assert [(r.run_dir, r.own_status) for r in by_module] == [(r.run_dir, r.own_status) for r in runs]
 
 
-def test_main_grid_dry_run_shows_924_and_their_cost(run_app):
-    r = run_app("apps.vit.sweep", "config=apps/vit/sweeps/main.yaml", "root=/nonexistent-vitef", "--dry-run")
+def test_main_grid_dry_run_shows_924_and_their_cost(run_inprocess):
+    r = run_inprocess("apps.vit.sweep", "config=apps/vit/sweeps/main.yaml", "root=/nonexistent-vitef", "--dry-run")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     end = lines.index("924 runs in sweep main (924 new): 924 to launch on backend local")

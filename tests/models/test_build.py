@@ -182,8 +182,14 @@ def test_offline_without_cache_names_model_cache_and_fix(run_app, tmp_path):
     assert "model.checkpoint=" in r.stderr
 
 
-def test_offline_app_exits_2_with_one_message(run_app, tmp_path):
-    r = run_app("apps.vit.components", "model.name=base", "model.pretrained=true", env={"HF_HOME": str(tmp_path)})
+def test_offline_app_exits_2_with_one_message(run_inprocess, tmp_path, monkeypatch):
+    # In-process: the hub reads HF_HOME and HF_HUB_OFFLINE once, at import (the subprocess test above sets them
+    # in the environment), so point its constants at an empty cache here.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    r = run_inprocess("apps.vit.components", "model.name=base", "model.pretrained=true")
     assert r.returncode == 2
     assert r.stderr.count("error:") == 1 and "vit_base_patch16_224.orig_in21k" in r.stderr
 
