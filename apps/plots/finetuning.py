@@ -405,9 +405,9 @@ def plot_pareto(table: pd.DataFrame, cells: pd.DataFrame):
         if len(front):
             ax.step(front["trainable_params"], 100 * front["mean"], where="post", color="k", lw=1, alpha=0.6,
                     zorder=1, label="Pareto front")  # fmt: skip
-            for r in front.itertuples():
-                ax.annotate(r.group, (r.trainable_params, 100 * r.mean), textcoords="offset points", xytext=(4, 4),
-                            fontsize=6)  # fmt: skip
+            for x, y, names in _front_labels(front):
+                ax.annotate("\n".join(names), (x, 100 * y), textcoords="offset points", xytext=(4, 3), fontsize=6,
+                            va="bottom")  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (head included)")
         ax.set_ylabel("test acc. (%)")
@@ -419,6 +419,18 @@ def plot_pareto(table: pd.DataFrame, cells: pd.DataFrame):
 
 
 OTHER_FAMILY_COLOR = "#8c564b"
+
+
+def _front_labels(front: pd.DataFrame) -> list[tuple[float, float, list[str]]]:
+    """The front's points as (params, accuracy, names), points of equal accuracy within 10 % of each other's
+    parameters merged into one label (ties of criteria that picked alike would print over each other)."""
+    out: list[tuple[float, float, list[str]]] = []
+    for r in front.sort_values("trainable_params").itertuples():
+        if out and np.isclose(out[-1][1], r.mean) and r.trainable_params <= 1.1 * out[-1][0]:
+            out[-1][2].append(r.group)
+        else:
+            out.append((float(r.trainable_params), float(r.mean), [r.group]))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
