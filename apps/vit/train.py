@@ -53,18 +53,8 @@ from vitef.models import (
     model_label,
     set_trainable,
 )
-from vitef.monitor import (
-    MetricsLogger,
-    RunDir,
-    capture_rng,
-    load_state,
-    load_weights,
-    read_best,
-    restore_rng,
-    save_best,
-    save_checkpoint,
-)
-from vitef.monitor.checkpoint import remove_leftovers
+from vitef.monitor import MetricsLogger, RunDir
+from vitef.monitor import checkpoint as ckpt
 from vitef.monitor.lock import run_lock
 from vitef.optim import (
     OptimConfig,
@@ -506,7 +496,7 @@ def _prepare_run_dir(cfg: TrainConfig, run: RunDir, info: DistInfo) -> Path | No
         elif run.config_path.is_file():
             _check_same_config(cfg, run)
             # Temporaries and half-pruned step folders of a killed process are never read: free their space.
-            remove_leftovers(run.path)
+            ckpt.remove_leftovers(run.path)
             resume = run.latest_checkpoint()
         if resume is None and run.exists():
             # Killed before its first checkpoint: nothing to keep.
@@ -643,18 +633,18 @@ def _plain(model: nn.Module, lora: Lora | None) -> nn.Module:
     return model if lora is None else merged_model(lora.wrapped)
 
 
-def _resume(ckpt: Path, model: nn.Module, stepper: Stepper, batches, info: DistInfo, lora: Lora | None) -> dict:
-    state = load_state(ckpt)
+def _resume(step_dir: Path, model: nn.Module, stepper: Stepper, batches, info: DistInfo, lora: Lora | None) -> dict:
+    state = ckpt.load_state(step_dir)
     if lora is None:
-        load_weights(model, ckpt / "model.safetensors")
+        ckpt.load_weights(model, step_dir / "model.safetensors")
     else:
         saved = state.get("lora") or {}
         if saved.get("base_sha256") != lora.fingerprint:
             raise ConfigError(
-                f"{ckpt}: the pretrained weights under the LoRA adapters differ from those the run started from "
+                f"{step_dir}: the pretrained weights under the LoRA adapters differ from those the run started from "
                 "(model file changed?); restore them or use overwrite=true"
             )
-        load_merged(model, ckpt / "model.safetensors")
+        load_merged(model, step_dir / "model.safetensors")
         load_adapter_state(model, saved["adapters"])
     stepper.optimizer.load_state_dict(state["optimizer"])
     load_scheduler_state(stepper.scheduler, state["scheduler"])
@@ -663,7 +653,7 @@ def _resume(ckpt: Path, model: nn.Module, stepper: Stepper, batches, info: DistI
     batches.load_state_dict(state["data"])
     rngs = state["rng"]
     if len(rngs) == info.world_size:
-        restore_rng(rngs[info.rank])
+        ckpt.restore_rng(rngs[info.rank])
     else:
         logger.warning("checkpoint of %d processes resumed on %d: RNG states not restored", len(rngs), info.world_size)
     return dict(state["progress"])
@@ -677,11 +667,12 @@ def _validate(cfg, run, model, val_loader, device, step, progress, metrics, info
     if improved:
         progress.update(best_val_acc=result.acc, best_val_loss=result.loss, best_step=step)
         if info.is_main:
-            save_best(run.best_dir, _plain(model, lora), {"step": step, "val_acc": result.acc, "val_loss": result.loss})
+            info_best = {"step": step, "val_acc": result.acc, "val_loss": result.loss}
+            ckpt.save_best(run.best_dir, _plain(model, lora), info_best)
 
 
 def _checkpoint(cfg, run, model, stepper: Stepper, batches, progress, info, lora=None) -> None:
-    rngs = distributed.all_gather_object(capture_rng())
+    rngs = distributed.all_gather_object(ckpt.capture_rng())
     if info.is_main:
         state = {
             "progress": dict(progress),
@@ -693,7 +684,7 @@ def _checkpoint(cfg, run, model, stepper: Stepper, batches, progress, info, lora
         }
         if lora is not None:
             state["lora"] = {"adapters": adapter_state(model), "base_sha256": base_fingerprint(model)}
-        save_checkpoint(run.step_dir(progress["step"]), _plain(model, lora), state)
+        ckpt.save_checkpoint(run.step_dir(progress["step"]), _plain(model, lora), state)
         run.prune_checkpoints(cfg.keep_last, keep=cfg.keep_steps)
         run.write_status("running", progress["step"], "checkpointed")
     distributed.barrier()
@@ -712,9 +703,9 @@ def _test_best(cfg, run, model, test_loader, device, progress, info, trainable, 
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if lora is not None:  # the best checkpoint is the merged plain model
         model = _plain(model, lora)
-    load_weights(model, run.best_model_path)
+    ckpt.load_weights(model, run.best_model_path)
     result: EvalResult = evaluate(model, test_loader, device, precision=cfg.precision)
-    best = read_best(run.best_dir)
+    best = ckpt.read_best(run.best_dir)
     if info.is_main:
         payload = {
             "dataset": cfg.dataset_name,

@@ -12,16 +12,8 @@ from tiny import random_vit
 
 from vitef.errors import CheckpointError
 from vitef.models import build_model, save_timm_safetensors
-from vitef.monitor import (
-    RunDir,
-    capture_rng,
-    load_state,
-    load_weights,
-    read_best,
-    restore_rng,
-    save_best,
-    save_checkpoint,
-)
+from vitef.monitor import RunDir
+from vitef.monitor import checkpoint as ckpt
 
 
 def tiny(seed: int = 0, num_classes: int = 3) -> VisionTransformer:
@@ -37,12 +29,12 @@ def test_rng_states_roundtrip_through_weights_only_file(tmp_path):
     np.random.seed(2)
     torch.manual_seed(3)
     draws()
-    torch.save(capture_rng(), tmp_path / "rng.pt")
+    torch.save(ckpt.capture_rng(), tmp_path / "rng.pt")
     expected = draws()
     random.seed(99)
     np.random.seed(99)
     torch.manual_seed(99)
-    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    ckpt.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert draws() == expected
 
 
@@ -52,14 +44,14 @@ def test_checkpoint_roundtrip_is_bit_exact(tmp_path):
     model(torch.randn(2, 3, 16, 16)).sum().backward()
     opt.step()
     run = RunDir(tmp_path / "run")
-    state = {"step": 7, "optimizer": opt.state_dict(), "data": {"epoch": 1, "position": 3}, "rng": capture_rng()}
-    save_checkpoint(run.step_dir(7), model, state)
+    state = {"step": 7, "optimizer": opt.state_dict(), "data": {"epoch": 1, "position": 3}, "rng": ckpt.capture_rng()}
+    ckpt.save_checkpoint(run.step_dir(7), model, state)
     assert run.checkpoint_steps() == [7]
     other = tiny(1)
-    load_weights(other, run.step_dir(7) / "model.safetensors")
+    ckpt.load_weights(other, run.step_dir(7) / "model.safetensors")
     for (n, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
         assert torch.equal(a, b), n
-    back = load_state(run.step_dir(7))
+    back = ckpt.load_state(run.step_dir(7))
     assert back["step"] == 7 and back["data"] == {"epoch": 1, "position": 3}
     opt2 = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
     opt2.load_state_dict(back["optimizer"])
@@ -76,7 +68,7 @@ def test_killed_save_leaves_no_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(RuntimeError):
-        save_checkpoint(run.step_dir(5), model, {"step": 5})
+        ckpt.save_checkpoint(run.step_dir(5), model, {"step": 5})
     assert run.checkpoint_steps() == []
     assert list(run.checkpoints_dir.iterdir()) == []
 
@@ -85,19 +77,19 @@ def test_incomplete_dirs_ignored_and_keep_last(tmp_path):
     run = RunDir(tmp_path / "run")
     model = tiny()
     for step in (2, 4, 6, 8):
-        save_checkpoint(run.step_dir(step), model, {"step": step})
+        ckpt.save_checkpoint(run.step_dir(step), model, {"step": step})
     (run.checkpoints_dir / "step_10").mkdir()  # no files: not a checkpoint
-    save_best(run.best_dir, model, {"step": 4, "val_acc": 0.5})
+    ckpt.save_best(run.best_dir, model, {"step": 4, "val_acc": 0.5})
     assert run.checkpoint_steps() == [2, 4, 6, 8]
     run.prune_checkpoints(keep_last=2)
     assert run.checkpoint_steps() == [6, 8]
     assert run.latest_checkpoint() == run.step_dir(8)
-    assert run.best_model_path.is_file() and read_best(run.best_dir)["step"] == 4
+    assert run.best_model_path.is_file() and ckpt.read_best(run.best_dir)["step"] == 4
 
 
 def test_best_checkpoint_loads_with_build_model(tmp_path):
     model = build_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=5)
-    save_best(tmp_path / "best", model, {"step": 1})
+    ckpt.save_best(tmp_path / "best", model, {"step": 1})
     again = build_model("vit_tiny_patch16_224", pretrained=tmp_path / "best" / "model.safetensors", img_size=32)
     assert again.head.out_features == 5
     for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
@@ -110,15 +102,15 @@ def test_best_checkpoint_loads_with_build_model(tmp_path):
 
 def test_corrupt_or_missing_files_raise_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
-        load_weights(tiny(), tmp_path / "nope.safetensors")
+        ckpt.load_weights(tiny(), tmp_path / "nope.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="not a readable"):
-        load_weights(tiny(), bad)
+        ckpt.load_weights(tiny(), bad)
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "state.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot be read"):
-        load_state(tmp_path / "ck")
-    save_best(tmp_path / "b", tiny(num_classes=3), {})
+        ckpt.load_state(tmp_path / "ck")
+    ckpt.save_best(tmp_path / "b", tiny(num_classes=3), {})
     with pytest.raises(CheckpointError, match="does not fit"):
-        load_weights(tiny(num_classes=4), tmp_path / "b" / "model.safetensors")
+        ckpt.load_weights(tiny(num_classes=4), tmp_path / "b" / "model.safetensors")
