@@ -13,6 +13,7 @@ with the best validation accuracy. Relaunching the same command resumes from the
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import re
@@ -33,6 +34,7 @@ from vitef.adapters import (
     adapter_state,
     add_lora,
     base_fingerprint,
+    fit_probe_head,
     load_adapter_state,
     load_merged,
     merged_model,
@@ -103,7 +105,10 @@ METHODS: dict[str, str] = {
     "full": "every parameter of `trainable` (+ head)",
     "bitfit": "the biases of `trainable` (+ head)",
     "lora": "LoRA adapters (lora.*) on the Linear modules of `trainable`, merged into the checkpoints (+ head)",
+    "lp_ft": "as full, from a head set to a linear probe of the pretrained model on the train split (LP-FT)",
 }
+# method=lp_ft: the linear probe that initialised the head (train accuracy, ...), written when a new run starts.
+PROBE_HEAD_FILE = "lp_ft.json"
 # Keys that may change between a run and its resumption (they do not change the result).
 RESUME_FREE_KEYS = (
     "root",  # the output root: a run folder moved under another root still resumes
@@ -395,6 +400,7 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
         setup_logging(log_file=run.log_path)
     else:
         logging.getLogger().setLevel(logging.WARNING)
+    probe = _probe_head(cfg, model, classes, device) if cfg.method == "lp_ft" and resume is None else None
     forward_model = _wrap(model, cfg, info, device)
     stepper = Stepper.build(forward_model, model, cfg.optim, cfg.steps, device, cfg.precision)
     batches = make_iterable(train_loader, seed=cfg.seed)
@@ -407,7 +413,7 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
             run.write_status("running", progress["step"], f"resumed from step {progress['step']}")
         logger.info("resumed %s from step %d", run.path, progress["step"])
     else:
-        _write_run_header(cfg, run, model, counts, info, selection)
+        _write_run_header(cfg, run, model, counts, info, selection, probe)
     _write_runtime(cfg, run, device, info, progress["step"])
     logger.info(
         "training %s on %s: trainable %s (%s parameters), %d steps of %d images (%d per process and micro-batch)",
@@ -564,16 +570,40 @@ def _selection(cfg: TrainConfig, run: RunDir, model: nn.Module, classes: int, de
     return selection
 
 
+def _probe_head(cfg: TrainConfig, model: nn.Module, classes: int, device: torch.device) -> dict:
+    """method=lp_ft on a new run: set the head to a linear probe of the pretrained model (vitef.adapters).
+
+    Fitted on the whole train split of the run's dataset (the split the training draws from) with the eval
+    transform, in a fixed order; every process fits the same probe (DDP also starts every rank from rank 0's
+    weights). The global RNG states are left as they were, so the training draws are those of method=full.
+    """
+    loader = build_loader(
+        cfg.dataset_name, "train", batch_size=cfg.eval_batch_size, shuffle=False, augment=False, seed=cfg.seed,
+        size=model.patch_embed.img_size[0], model=model, device=device, **cfg.data.loader_kwargs(),
+    )  # fmt: skip
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return fit_probe_head(model, loader, classes, device=device, precision=cfg.precision)
+
+
 def _write_run_header(
-    cfg: TrainConfig, run: RunDir, model: nn.Module, counts: dict, info: DistInfo, selection: Selection | None
+    cfg: TrainConfig,
+    run: RunDir,
+    model: nn.Module,
+    counts: dict,
+    info: DistInfo,
+    selection: Selection | None,
+    probe: dict | None = None,
 ) -> None:
-    """config.yaml, selection.json (scores and pick, when selecting), params.json (parameters per component) and
-    status.json of a new run."""
+    """config.yaml, selection.json (scores and pick, when selecting), lp_ft.json (the probe of method=lp_ft),
+    params.json (parameters per component) and status.json of a new run."""
     if not info.is_main:
         return
     save_config(cfg, run.config_path)
     if selection is not None:
         write_selection(run.path, selection)
+    if probe is not None:
+        atomic_write_json(run.path / PROBE_HEAD_FILE, probe)
     atomic_write_json(run.params_path, {"trainable": counts, "total": count_parameters(model)})
     for comp, n in counts.items():
         logger.info("trainable %-5s %14s parameters", comp, f"{n:,}")
@@ -722,6 +752,9 @@ def _test_best(cfg, run, model, test_loader, device, progress, info, trainable, 
             "seed": cfg.seed,
             "model": cfg.model.name,
         }
+        probe_file = run.path / PROBE_HEAD_FILE
+        if cfg.method == "lp_ft" and probe_file.is_file():
+            payload["probe"] = json.loads(probe_file.read_text())
         if selection is not None:
             payload["select"] = {
                 "criterion": selection.meta.get("label", selection.criterion),

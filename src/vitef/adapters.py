@@ -1,4 +1,4 @@
-"""Parameter-efficient finetuning methods on a timm ViT: BitFit and LoRA (issue 12's baselines).
+"""Finetuning methods on a timm ViT beyond full finetuning: BitFit, LoRA and LP-FT (issue 12's baselines).
 
 BitFit (Ben Zaken et al., 2022) trains only the biases: :func:`train_biases` keeps, of the parameters that
 :func:`vitef.models.set_trainable` made trainable, those whose name ends in ``.bias`` (linear, patch-projection
@@ -12,6 +12,10 @@ of them, ``trainable`` (components or units, as for full finetuning) in which bl
 timm class and names (``blocks.0.attn.qkv.base_layer.weight``, ``blocks.0.attn.qkv.lora_A.default.weight``), so
 the component registry still assigns every parameter. :func:`merged_model` merges the adapters into a copy with
 PEFT's ``merge_and_unload``: a plain timm model whose state dict is the timm layout every reader loads.
+
+LP-FT (Kumar et al., 2022) first fits a linear probe on the frozen pretrained features, then finetunes from it:
+:func:`fit_probe_head` sets the head to the multinomial logistic regression of :mod:`vitef.probe.solver` fitted on
+what the head sees (the final norm and pooling of the eval-mode model).
 """
 
 from __future__ import annotations
@@ -242,3 +246,93 @@ def merged_model(wrapped) -> nn.Module:
     """
     with torch.no_grad():
         return copy.deepcopy(wrapped).merge_and_unload()
+
+
+# ---------------------------------------------------------------------------------------------------
+# LP-FT
+# ---------------------------------------------------------------------------------------------------
+
+
+def head_features(
+    model: nn.Module, loader: Iterable, device: torch.device | str = "cpu", precision: str = "fp32"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the head of a timm ViT sees on every image of ``loader``: ``(features (n, d) float32, labels (n,))``.
+
+    ``model.forward_head(model.forward_features(x), pre_logits=True)`` in eval mode (final norm, pooling, the
+    optional ``fc_norm``), without gradients, under ``precision``'s autocast; the model's train/eval mode is
+    restored afterwards.
+    """
+    from vitef.utils import autocast_context, precision_scope
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    try:
+        with torch.inference_mode(), precision_scope(precision):
+            for images, targets in loader:
+                with autocast_context(device, precision):
+                    x = model.forward_head(model.forward_features(images.to(device)), pre_logits=True)
+                feats.append(x.float().cpu())
+                labels.append(torch.as_tensor(targets).long().cpu())
+    finally:
+        model.train(was_training)
+    if not feats:
+        raise ConfigError("method=lp_ft: the train split yielded no image to fit the linear probe on")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def fit_probe_head(
+    model: nn.Module,
+    loader: Iterable,
+    num_classes: int,
+    *,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    solver=None,
+) -> dict:
+    """LP-FT's first stage (Kumar et al., ICLR 2022): set ``model.head`` to a linear probe of the frozen model.
+
+    The head's input features of ``loader`` (:func:`head_features`, eval mode) are fitted with
+    :func:`vitef.probe.fit_logreg` (scikit-learn's default multinomial ``LogisticRegression`` objective: L2 with
+    ``C=1``, unpenalised intercept; deterministic L-BFGS from zero) on the raw features, with no preprocessing,
+    so the solution is exactly the head's weight and bias: the head's logits are the probe's decision values.
+    ``solver`` is a :class:`vitef.probe.SolverConfig` (default: its defaults, on ``device``).
+
+    Returns the probe's record: ``train_acc`` (the head's accuracy on those features, in [0, 1]), ``n``, ``dim``,
+    ``iterations``, ``converged``, ``loss`` (the solver's mean-scaled objective).
+
+    Raises
+    ------
+    ConfigError
+        When the model's head is not a Linear layer of ``num_classes`` outputs.
+    """
+    from vitef.probe import SolverConfig, fit_logreg
+
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Linear) or head.out_features != num_classes:
+        raise ConfigError(
+            f"method=lp_ft needs a Linear head of {num_classes} classes (model.head is {type(head).__name__}): "
+            "use method=full with this model"
+        )
+    X, y = head_features(model, loader, device, precision)
+    cfg = solver or SolverConfig(device=str(device))
+    fit = fit_logreg(X.unsqueeze(0), y, num_classes, cfg)
+    with torch.no_grad():
+        head.weight.copy_(fit.weight[0].to(head.weight))
+        head.bias.copy_(fit.bias[0].to(head.bias))
+        logits = X.to(head.weight) @ head.weight.T + head.bias
+    record = {
+        "train_acc": float((logits.argmax(-1).cpu() == y).double().mean()),
+        "n": int(y.numel()),
+        "dim": int(X.shape[1]),
+        "iterations": int(fit.n_iter[0]),
+        "converged": bool(fit.converged[0]),
+        "loss": float(fit.loss[0]),
+    }
+    logger.info(
+        "LP-FT: linear probe head fitted on %d images (%d features): train acc %.2f%%, %d L-BFGS iterations%s",
+        record["n"], record["dim"], 100 * record["train_acc"], record["iterations"],
+        "" if record["converged"] else " (not converged)",
+    )  # fmt: skip
+    return record
