@@ -306,6 +306,7 @@ def predictors_markdown(taus: pd.DataFrame, signals: pd.DataFrame, cfg: Finetuni
 FAMILY_STYLE = {
     "full": ("#7f7f7f", "s"),
     "layer decay": ("#9467bd", "D"),
+    "lp-ft": ("#8c564b", "P"),
     "lora": ("#2ca02c", "^"),
     "bitfit": ("#e377c2", "v"),
     "components": ("#1f77b4", "o"),

@@ -225,7 +225,7 @@ def method_label(
 ) -> str:
     """The one name of a finetuning method in tables and figures.
 
-    ``full:mha``, ``full:all ld0.75``, ``bitfit``, ``bitfit:mha``, ``lora r8``, ``lora r8:mha``,
+    ``full:mha``, ``full:all ld0.75``, ``lp-ft``, ``bitfit``, ``bitfit:mha``, ``lora r8``, ``lora r8:mha``,
     ``select rgn 10%``, ``random 10% seed 2`` (``random 10%`` with ``pick=False``: the group of random picks);
     a selection trained with BitFit says ``select rgn 10% bitfit``; an optimizer other than SGD is appended.
     """
@@ -239,6 +239,8 @@ def method_label(
         text = f"lora r{int(lora_rank)}" + ("" if trainable == "all" else f":{trainable}")
     elif method == "bitfit":
         text = "bitfit" + ("" if trainable == "all" else f":{trainable}")
+    elif method == "lp_ft":
+        text = "lp-ft" + ("" if trainable == "all" else f":{trainable}")
     else:
         text = f"{method}:{trainable}"
     if layer_decay < 1:
@@ -656,7 +658,7 @@ def mean_curve(runs: Sequence[str | Path], column: str) -> pd.DataFrame:
 # Methods: full, layer decay, LoRA, BitFit, components, selections, random picks (issue 12)
 # ---------------------------------------------------------------------------------------------------
 
-FAMILIES = ("full", "layer decay", "lora", "bitfit", "components", "select", "random")
+FAMILIES = ("full", "layer decay", "lp-ft", "lora", "bitfit", "components", "select", "random")
 METHOD_CELL_COLUMNS = [
     "dataset", "label", "group", "family", "method", "criterion", "budget", "select_seed", "status", "lr", "mean",
     "std", "n_seeds", "select_mean", "trainable_params", "backbone_params", "head_params", "backbone_share",
@@ -679,6 +681,8 @@ def method_family(row) -> str:
         return "select"
     if row.method in ("lora", "bitfit"):
         return str(row.method)
+    if row.method == "lp_ft":
+        return "lp-ft"
     if float(row.layer_decay) < 1:
         return "layer decay"
     return "full" if row.trainable == "all" else "components"
