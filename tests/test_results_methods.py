@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from finetuning_runs import write_run
 from methods_runs import write_method_run, write_methods_study
@@ -50,6 +51,11 @@ def test_read_run_tells_methods_apart(tmp_path):
     assert R.with_method_columns(df[R.BASE_COLUMNS])["method"].eq("full").all()
 
 
+def test_method_family_of_lp_ft():
+    row = R.with_method_columns(pd.DataFrame([{"method": "lp_ft", "trainable": "all"}])).iloc[0]
+    assert R.method_family(row) == "lp-ft"
+
+
 def test_method_labels():
     assert R.method_label(trainable="mha") == "full:mha"
     assert R.method_label(layer_decay=0.75) == "full:all ld0.75"
@@ -57,6 +63,8 @@ def test_method_labels():
     assert R.method_label("lora", "mha", lora_rank=4) == "lora r4:mha"
     assert R.method_label("bitfit") == "bitfit"
     assert R.method_label("bitfit", "fc1+fc2") == "bitfit:fc1+fc2"
+    assert R.method_label("lp_ft") == "lp-ft"
+    assert R.method_label("lp_ft", "mha") == "lp-ft:mha"
     assert R.method_label(criterion="plasticity", budget=0.1) == "select plasticity 10%"
     assert R.method_label(criterion="rgn", budget=3) == "select rgn 3 units"
     assert R.method_label("bitfit", criterion="rgn", budget=0.05) == "select rgn 5% bitfit"
@@ -84,7 +92,7 @@ def test_method_cells_choose_each_methods_lr(cells):
     assert rgn["backbone_share"] == pytest.approx((1_050 - 50) / 10_000)
     assert _row(c10, label="lora r4")["backbone_share"] == pytest.approx(0.08)
     assert _row(c10, label="random 10% seed 2")[["group", "select_seed"]].tolist() == ["random 10%", 2]
-    assert set(c10["family"]) == set(R.FAMILIES) - {"components"}
+    assert set(c10["family"]) == set(R.FAMILIES) - {"components", "lp-ft"}  # the synthetic runs have no LP-FT run
     assert list(cells["dataset"].unique()) == ["cifar10", "pet"]
     assert _row(cells, dataset="pet", label="bitfit")["mean"] == pytest.approx(0.62)
 
