@@ -10,6 +10,7 @@ Layout (docs/ARCHITECTURE.md, "Run directory")::
       params.json     parameters per component: total and trainable
       runtime.json    what computed it: precision, effective TF32 flags, device, torch/timm versions (per start)
       selection.json  with select.criterion: the scores of every unit and the pick trained (vitef.selection)
+      lp_ft.json      with method=lp_ft: the linear probe that initialised the head (train accuracy, iterations)
       checkpoints/    step_<N>/ (model.safetensors + state.pt) and best/ (model.safetensors + best.json)
       eval.json       test metrics of the best checkpoint
       run.lock        held (flock) by the process working on the run: see vitef.monitor.lock
@@ -43,7 +44,7 @@ STATUSES = ("running", "completed", "failed")
 # Everything a run may write (a folder holding anything else is not deleted by ``remove``).
 RUN_FILES = frozenset(
     {"config.yaml", "metrics.jsonl", "train.log", "status.json", "params.json", "runtime.json", "checkpoints"}
-    | {"eval.json", "selection.json"}  # selection.json: vitef.selection.SELECTION_FILE, the pick of select.criterion
+    | {"eval.json", "selection.json", "lp_ft.json"}  # the pick of select.criterion; the probe of method=lp_ft
     | {"tensorboard", LOCK_FILE}
 )
 _STEP_DIR = re.compile(r"^step_(\d+)$")
