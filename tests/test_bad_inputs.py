@@ -434,13 +434,13 @@ def _read_only(path: Path, monkeypatch) -> None:
         mode = p.stat().st_mode
         p.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
     if os.geteuid() == 0:
-        real = vitef.utils._write_error
+        real = vitef.utils.write_error
 
         def fake(directory: Path) -> str | None:
             d = Path(directory).resolve()
             return "Permission denied" if d == path or path in d.parents else real(directory)
 
-        monkeypatch.setattr(vitef.utils, "_write_error", fake)
+        monkeypatch.setattr(vitef.utils, "write_error", fake)
 
 
 def _workspace(tmp: Path, case: Case, finished_run: Path, monkeypatch) -> dict[str, str]:

@@ -132,13 +132,13 @@ def check_writable(path: str | os.PathLike, key: str = "root") -> Path:
     if not is_dir:
         where = "it is a file" if existing == path else f"'{existing}' is a file"
         raise ConfigError(f"cannot write results to '{path}': {where}, not a folder; {hint} or move that file away")
-    error = _write_error(existing)
+    error = write_error(existing)
     if error is not None:
         raise ConfigError(f"cannot write results to '{path}': '{existing}' is not writable ({error}); {hint}")
     return path
 
 
-def _write_error(directory: Path) -> str | None:
+def write_error(directory: Path) -> str | None:
     """Why no file can be created in ``directory`` (``None`` when one can)."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".vitef-write-check.", suffix=".tmp", dir=directory)

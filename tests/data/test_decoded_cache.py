@@ -8,6 +8,7 @@ import json
 import multiprocessing
 import os
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -343,14 +344,14 @@ def test_read_only_cache_folder_serves_its_entries(tmp_path, monkeypatch):
     folder = write_folder(tmp_path / "img", classes=2, per_class=2)
     name, cache = f"imagefolder:{folder}", tmp_path / "cache"
     build_dataset(name, "train", size=16, cache=cache)
-    real = cache_mod.tempfile.mkstemp
+    real = tempfile.mkstemp
 
     def read_only(*args, dir=None, **kw):  # as on a read-only mount (root ignores permission bits)
         if Path(dir) == cache:
             raise PermissionError(13, "Permission denied")
         return real(*args, dir=dir, **kw)
 
-    monkeypatch.setattr(cache_mod.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
     DataConfig(cache=str(cache)).validate()
     assert isinstance(build_dataset(name, "train", size=16, cache=cache).source, CachedSource)
     with pytest.raises(ConfigError, match="data.cache=.*cache' is not writable \\(Permission denied\\)"):

@@ -72,7 +72,6 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -84,7 +83,7 @@ import torch
 
 from vitef.data.base import ImageSource
 from vitef.errors import ConfigError, DataError
-from vitef.utils import safe_name
+from vitef.utils import safe_name, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -125,13 +124,9 @@ def check_cache_dir(cache: str | os.PathLike, *, writable: bool = True, key: str
     if not is_dir:
         where = "is a file" if existing == path else f"is under the file '{existing}'"
         raise ConfigError(f"{key}={str(cache)!r} {where}, not a folder: {fix}")
-    if writable:
-        try:
-            fd, probe = tempfile.mkstemp(prefix=".vitef-write-check.", suffix=".tmp", dir=existing)
-        except OSError as e:
-            raise ConfigError(f"{key}={str(cache)!r}: '{existing}' is not writable ({e.strerror}): {fix}") from None
-        os.close(fd)
-        os.unlink(probe)
+    error = write_error(existing) if writable else None
+    if error is not None:
+        raise ConfigError(f"{key}={str(cache)!r}: '{existing}' is not writable ({error}): {fix}")
     return path
 
 
