@@ -27,7 +27,15 @@ import numpy as np
 import torch
 
 from vitef.data.base import ArraySource, ImageSource, check_split, split_80_20, three_way_split
-from vitef.data.table import DatasetEntry, DatasetSpec, check_applied, dataset_entry, register_dataset, split_table
+from vitef.data.table import (
+    DatasetEntry,
+    DatasetSpec,
+    check_applied,
+    dataset_entry,
+    parse_name,
+    register_dataset,
+    split_table,
+)
 from vitef.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -336,6 +344,118 @@ def load_digits(spec: Any, split: str, *, root: Path, seed: int, download: bool,
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Low-data tasks: fewshot-<k>:<dataset> (PROTOCOL.md §7, the authors' cifar100ld, cifar10ld_c, domainld, ptld)
+# ---------------------------------------------------------------------------------------------------------
+
+FEWSHOT_FORM = "fewshot-<k>:<dataset>"
+# The authors draw their low-data subsets after NumPy's seed 42 (PROTOCOL.md §7); the legacy generator is what
+# `np.random.seed(42)` seeds, so a permutation of the same pool is the same permutation as theirs.
+FEWSHOT_SEED = 42
+
+
+def fewshot_parts(argument: str) -> tuple[int, str]:
+    """``"10:cifar100"`` (a parsed ``fewshot-`` argument) → ``(10, "cifar100")``."""
+    k, _, inner = argument.partition(":")
+    return int(k), inner
+
+
+def fewshot_split(
+    targets: np.ndarray, pool: np.ndarray, k: int, num_classes: int, seed: int, name: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(train, val)`` indices of a low-data task drawn from ``pool`` (indices into ``targets``).
+
+    ``pool`` is shuffled with the legacy NumPy generator seeded 42 (independent of the run), train is the first
+    ``k`` images of each class in that order, and the rest is cut 80/20 by the run ``seed`` as the paper cuts
+    its train pools: val is the 20 %. Raises a :class:`DataError` when a class has fewer than ``k`` images.
+    """
+    pool = np.sort(np.asarray(pool, dtype=np.int64))
+    counts = np.bincount(targets[pool], minlength=num_classes)  # (num_classes,)
+    smallest = int(counts.argmin())
+    if counts[smallest] == 0:
+        raise DataError(
+            f"dataset name {name!r}: class {smallest} has no image in the train pool, so no {FEWSHOT_FORM} task "
+            "can be drawn from this dataset (every class needs k images)"
+        )
+    if counts[smallest] < k:
+        raise DataError(
+            f"dataset name {name!r}: k={k} is larger than the smallest class of the train pool (class {smallest}: "
+            f"{counts[smallest]} images); write {FEWSHOT_FORM} with k <= {counts[smallest]}"
+        )
+    order = pool[np.random.RandomState(FEWSHOT_SEED).permutation(len(pool))]
+    labels = targets[order]
+    # Rank of each image among the images of its class, in the shuffled order (a stable sort keeps that order).
+    by_class = np.argsort(labels, kind="stable")
+    sorted_labels = labels[by_class]
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[by_class] = np.arange(len(order)) - np.searchsorted(sorted_labels, sorted_labels, side="left")
+    train = np.sort(order[rank < k])
+    rest = np.setdiff1d(pool, train, assume_unique=True)
+    return train, split_80_20(rest, seed)[1]
+
+
+def _same_pool(a: ImageSource, b: ImageSource) -> bool:
+    """Whether two sources a loader returned for two splits are the same pool (same labels, same files)."""
+    if type(a) is not type(b) or len(a) != len(b) or not np.array_equal(a.targets, b.targets):
+        return False
+    return getattr(a, "paths", None) == getattr(b, "paths", None)
+
+
+def load_fewshot(spec: Any, split: str, *, root: Path, seed: int, download: bool, **options: Any):
+    """``fewshot-<k>:<dataset>``: ``k`` training images per class of ``<dataset>``'s train pool (its train and
+    val splits when both index one pool, else its train split), val from the rest (:func:`fewshot_split`),
+    ``<dataset>``'s test split unchanged."""
+    check_split(split)
+    k, inner_name = fewshot_parts(spec.variant)
+    inner = parse_name(inner_name)
+    entry = dataset_entry(inner.kind)
+    options = {key: value for key, value in options.items() if key in entry.load_options}
+
+    def load(inner_split: str) -> tuple[Any, Any, int]:
+        return entry.load(inner, inner_split, root=root, seed=seed, download=download, **options)
+
+    if split == "test":
+        return load("test")
+    source, train, n_classes = load("train")
+    val_source, val, _ = load("val")
+    pool = np.union1d(train, val) if _same_pool(source, val_source) else np.asarray(train)
+    train, val = fewshot_split(source.targets, pool, k, n_classes, seed, spec.name)
+    return source, train if split == "train" else val, n_classes
+
+
+def _fewshot(name: str, arg: str) -> dict[str, Any]:
+    m = re.fullmatch(r"(\d+):(.+)", arg, re.DOTALL)
+    if m is None:
+        raise DataError(
+            f"dataset name {name!r}: write {FEWSHOT_FORM}: k images per class (an integer >= 1), a colon, then a "
+            "dataset name, e.g. fewshot-10:cifar100"
+        )
+    k = int(m.group(1))
+    if k < 1:
+        raise DataError(f"dataset name {name!r}: k={k}: write {FEWSHOT_FORM} with k >= 1 images per class")
+    try:
+        inner = parse_name(m.group(2))
+    except DataError as e:
+        raise DataError(f"dataset name {name!r}: write {FEWSHOT_FORM} with <dataset> a dataset name: {e}") from None
+    if inner.kind == "fewshot":
+        raise DataError(f"dataset name {name!r}: write {FEWSHOT_FORM} with <dataset> a full dataset, not a fewshot one")
+    argument = f"{k}:{inner.canonical}"
+    return {"variant": argument, "applied": inner.applied, "canonical": argument}
+
+
+def _fewshot_wraps(arg: str) -> tuple[str, str, str]:
+    m = re.fullmatch(r"(\d+):(.+)", arg, re.DOTALL)
+    if m is None:
+        raise DataError(f"not a {FEWSHOT_FORM} argument: {arg!r}")
+    k = int(m.group(1))
+    return f"{k}:", m.group(2), f"{k}-shot"
+
+
+def _fewshot_classes(spec: DatasetSpec, root: Path) -> int:
+    inner = parse_name(fewshot_parts(spec.variant)[1])
+    return dataset_entry(inner.kind).num_classes(inner, root)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Name arguments
 # ---------------------------------------------------------------------------------------------------------
 
@@ -574,6 +694,21 @@ DATASETS = (
         sep=":",
         usage="imagefolder:<path>",
         examples=("imagefolder:/data/my_images",),
+    ),
+    DatasetEntry(
+        key="fewshot",
+        load=load_fewshot,
+        classes=_fewshot_classes,
+        splits=(
+            "k images per class of <dataset>'s train pool (its train + val; train only when val is another pool, "
+            "as ImageNet's): the pool shuffled by NumPy's seed 42, the first k of each class → train; the rest 80/20 "
+            "by the RUN seed → val (the 20 %); <dataset>'s test. fewshot-10:cifar100: 1,000 / 9,800 / 10,000."
+        ),
+        parse=_fewshot,
+        wraps=_fewshot_wraps,
+        usage=f"{FEWSHOT_FORM} (k images per class, e.g. fewshot-10:cifar100)",
+        examples=("fewshot-10:cifar100", "fewshot-10:digits_subset-56789", "fewshot-10:cifar10_c-snow-5"),
+        load_options=("digits_size",),
     ),
 )
 

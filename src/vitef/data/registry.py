@@ -109,7 +109,9 @@ def build_dataset(
     if cache is not None and str(cache) != "":
         from vitef.data.cache import cache_source
 
-        source = cache_source(source, cache, dataset=spec.canonical, size=size)
+        # A derived task (fewshot-<k>:<dataset>) indexes its dataset's whole pool: cache that pool once, by its name.
+        pool = entry.wraps(spec.variant)[1] if entry.wraps is not None else spec.canonical
+        source = cache_source(source, cache, dataset=pool, size=size)
     corruption = None
     if spec.applied:
         from vitef.data.corruptions import compose_corruptions

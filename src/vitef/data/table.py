@@ -2,7 +2,8 @@
 
 A dataset name is ``<key>`` (a plain entry, e.g. ``cifar10``) or ``<key><sep><argument>`` (an entry with a
 ``parse`` function, e.g. ``cifar10_c-corruption-snow-severity-5``, ``domainnet-clipart``,
-``imagefolder:/data/x``), optionally wrapped as ``corrupt:<type>-<1..5>:<name>``. The table is the one
+``imagefolder:/data/x``, ``fewshot-10:cifar100``: a task derived from another name), optionally wrapped as
+``corrupt:<type>-<1..5>:<name>``. The table is the one
 place that knows which names exist; from it come :func:`parse_name`, :func:`canonical_name`,
 :func:`num_classes`, the list of valid names and the "did you mean" guesses of error messages, each
 family's loader and download source, the split table of :mod:`vitef.data.datasets`, and the order and
@@ -91,6 +92,13 @@ class DatasetEntry:
     variant
         ``argument`` → ``(table key, label suffix)`` for results tables (e.g. CIFAR-10-C drops the severity:
         ``snow-5`` → ``("snow", "snow")``); default: the argument for both.
+    wraps
+        For a family whose tasks derive from another dataset name (``fewshot-<k>:<dataset>``): the canonical
+        ``argument`` → ``(prefix, wrapped name, label suffix)`` with ``argument == prefix + wrapped name``
+        (``"10:cifar100"`` → ``("10:", "cifar100", "10-shot")``). Results tables then show the task as the
+        wrapped dataset's label with the suffix (``CIFAR-100 10-shot``), its key built on the wrapped one's
+        (``fewshot-10:cifar10_c-snow``), sorted right after it (by prefix, numbers in numeric order); the
+        decoded-image cache stores the wrapped pool under the wrapped name (one copy for all its tasks).
     """
 
     key: str
@@ -108,6 +116,7 @@ class DatasetEntry:
     aliases: tuple[str, ...] = ()
     load_options: tuple[str, ...] = ()
     variant: Callable[[str], tuple[str, str]] | None = None
+    wraps: Callable[[str], tuple[str, str, str]] | None = None
 
     @property
     def written(self) -> str:
@@ -149,6 +158,8 @@ def register_dataset(entry: DatasetEntry, *, replace: bool = False) -> DatasetEn
         raise ValueError(f"dataset {entry.key!r}: sep={entry.sep!r} is not one of {SEPARATORS}")
     if not isinstance(entry.classes, int) and not callable(entry.classes):
         raise ValueError(f"dataset {entry.key!r}: classes must be an int or a function (spec, root) -> int")
+    if entry.wraps is not None and entry.parse is None:
+        raise ValueError(f"dataset {entry.key!r}: an entry that wraps other names needs a parse function")
     others = {k: e for k, e in table.items() if k != entry.key or not replace}
     if entry.key in others:
         raise ValueError(f"dataset {entry.key!r} is already registered (pass replace=True to overwrite it)")
@@ -300,9 +311,28 @@ def num_classes(name: str, root: str | Path | None = None) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _wrapped(name: str) -> tuple[DatasetEntry, str, str, str] | None:
+    """``(entry, prefix, wrapped name, label suffix)`` of a name of a ``wraps`` family, else None (leniently:
+    a malformed argument is None too)."""
+    head, sep, arg = _split_head(str(name))
+    entry = _table().get(_HEADS.get(head, ""))
+    if entry is None or entry.wraps is None or sep != entry.sep:
+        return None
+    try:
+        prefix, inner, suffix = entry.wraps(arg)
+    except DataError:
+        return None
+    return entry, prefix, inner, suffix
+
+
 def _table_parts(name: str) -> tuple[DatasetEntry | None, str, str]:
     """``(entry, table key, label)`` of a dataset name, leniently (results may hold partial names such as
     ``cifar10_c-snow``): the entry is None for names the table does not know."""
+    wrapped = _wrapped(name)
+    if wrapped is not None:
+        entry, prefix, inner, suffix = wrapped
+        _, inner_key, inner_label = _table_parts(inner)
+        return entry, f"{entry.key}{entry.sep}{prefix}{inner_key}", f"{inner_label} {suffix}"
     head, sep, arg = _split_head(str(name))
     entry = _table().get(_HEADS.get(head, ""))
     if entry is None or (entry.parse is None) != (sep == ""):
@@ -324,13 +354,23 @@ def dataset_label(name: str) -> str:
     return _table_parts(name)[2]
 
 
+def _natural(text: str) -> tuple:
+    """``"10:"`` → ``("", 10, ":")``: numbers compare as numbers (``5`` before ``10``)."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text))
+
+
 def dataset_sort_key(name: str) -> tuple:
     """Sort key of results tables: the entries' ``order`` (then table key, then name), then the rest
-    alphabetically."""
+    alphabetically; a derived task (``wraps``) right after the dataset it derives from."""
+    wrapped = _wrapped(name)
+    if wrapped is not None:
+        entry, prefix, inner, _ = wrapped
+        rank, order, key, _, _ = dataset_sort_key(inner)
+        return (rank, order, key, (entry.key, _natural(prefix)), str(name))
     entry, key, _ = _table_parts(name)
     if entry is None or entry.order is None:
-        return (1, 0.0, "", str(name))
-    return (0, float(entry.order), key, str(name))
+        return (1, 0.0, str(name), (), str(name))
+    return (0, float(entry.order), key, (), str(name))
 
 
 def order_datasets(names: Iterable[str]) -> list[str]:
