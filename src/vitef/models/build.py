@@ -23,12 +23,20 @@ import timm
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vitef.config import option
 from vitef.errors import ConfigError, ModelError
-from vitef.models.convert import HFViTArch, hf_vit_to_timm
+from vitef.models.convert import (
+    HFDinov2Arch,
+    HFDinov3Arch,
+    HFViTArch,
+    hf_dinov2_to_timm,
+    hf_dinov3_to_timm,
+    hf_vit_to_timm,
+)
 from vitef.utils import safe_name
 
 logger = logging.getLogger(__name__)
@@ -400,7 +408,7 @@ def _create_error(name: str, pretrained: bool, kwargs: dict, err: Exception) -> 
 
 def _from_transformers_hub(
     repo_id: str, pretrained: bool, num_classes: int | None, img_size: int | None, overrides: dict
-) -> VisionTransformer:
+) -> nn.Module:
     from huggingface_hub import hf_hub_download
 
     try:
@@ -413,7 +421,7 @@ def _from_transformers_hub(
 
 def _from_transformers_dir(
     path: Path, pretrained: bool, num_classes: int | None, img_size: int | None, overrides: dict
-) -> VisionTransformer:
+) -> nn.Module:
     config_path = path / "config.json"
     weights = path / "model.safetensors"
     if not config_path.is_file():
@@ -436,13 +444,23 @@ def _build_transformers(
     num_classes: int | None,
     img_size: int | None,
     overrides: dict,
-) -> VisionTransformer:
+) -> nn.Module:
+    """A transformers folder's model in timm layout: ``config.json``'s ``model_type`` picks the family."""
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"{config_path} is not valid JSON: {e}") from e
     if not isinstance(config, dict):
         raise ModelError(f"{config_path} must hold a JSON object (a transformers ViTConfig)")
+    kind = config.get("model_type", "vit")
+    if kind in _HF_FAMILIES:
+        return _build_hf_family(config, weights, name, num_classes, img_size, overrides)
+    if kind != "vit":
+        raise ModelError(
+            f"{config_path} has model_type={kind!r}; vitef converts transformers folders of model_type 'vit' "
+            "(ViTModel, ViTForImageClassification), 'dinov2' (Dinov2Model), 'dinov2_with_registers' "
+            "(Dinov2WithRegistersModel) and 'dinov3_vit' (DINOv3ViTModel)"
+        )
     arch = HFViTArch.from_config(config)
     state = None
     if weights is not None:
@@ -473,6 +491,48 @@ def _build_transformers(
         raise _build_error(name, kwargs, e) from e
     # mlp_ratio is a float; make sure it reproduced the exact hidden width.
     if model.blocks[0].mlp.fc1.out_features != arch.mlp_dim:
+        raise ModelError(f"{name}: cannot build an MLP of width {arch.mlp_dim} with embed_dim {arch.embed_dim}")
+    if state is not None:
+        _load_state(model, state, name, keep_head=num_classes is None)
+    return model
+
+
+# The self-supervised families (issue 14): model_type -> (config reader, key remap, timm class). DINOv2 is a timm
+# VisionTransformer (LayerScale, registers, packed SwiGLU for giant), DINOv3 a timm Eva (RoPE, registers, SwiGLU).
+_HF_FAMILIES: dict[str, tuple[Any, Any, type[nn.Module]]] = {
+    "dinov2": (HFDinov2Arch, hf_dinov2_to_timm, VisionTransformer),
+    "dinov2_with_registers": (HFDinov2Arch, hf_dinov2_to_timm, VisionTransformer),
+    "dinov3_vit": (HFDinov3Arch, hf_dinov3_to_timm, Eva),
+}
+
+
+def _build_hf_family(
+    config: dict,
+    weights: Path | None,
+    name: str,
+    num_classes: int | None,
+    img_size: int | None,
+    overrides: dict,
+) -> nn.Module:
+    """A DINOv2 / DINOv3 transformers folder as the timm model of the same architecture (see ``_HF_FAMILIES``).
+
+    These folders hold backbones (a ``*ForImageClassification`` config is refused by its reader), so
+    ``num_classes=None`` builds no head and ``k`` a fresh ``k``-class head on the final norm's CLS token, which is
+    transformers' ``pooler_output``.
+    """
+    reader, remap, model_cls = _HF_FAMILIES[config["model_type"]]
+    arch = reader.from_config(config)
+    state = remap(_read_safetensors(weights), arch) if weights is not None else None
+    kwargs: dict[str, Any] = {"img_size": img_size or arch.img_size, "num_classes": num_classes or 0}
+    kwargs.update(arch.timm_kwargs())
+    kwargs.update(overrides)
+    try:
+        model = _check_vit(model_cls(**kwargs), name)
+    except _BUILD_ERRORS as e:
+        raise _build_error(name, kwargs, e) from e
+    # mlp_ratio is a float: make sure it gave the config's hidden width (fc2 reads it in every MLP kind).
+    width = model.blocks[0].mlp.fc2.in_features
+    if not {"mlp_ratio", "embed_dim"} & set(overrides) and width != arch.mlp_dim:
         raise ModelError(f"{name}: cannot build an MLP of width {arch.mlp_dim} with embed_dim {arch.embed_dim}")
     if state is not None:
         _load_state(model, state, name, keep_head=num_classes is None)
