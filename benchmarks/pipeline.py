@@ -39,6 +39,7 @@ import torch
 
 from vitef.config import cli_main, option
 from vitef.errors import ConfigError
+from vitef.utils import check_precision
 
 
 @dataclasses.dataclass
@@ -61,6 +62,10 @@ class PipelineConfig:
     warmup: int = option(5, "first steps left out of the step statistics")
     train_workers: int = option(1, "data.num_workers of the training runs")
     device: str = option("cpu", "cpu or cuda")
+    precision: str = option("fp32", "precision of the training runs (fp32, tf32, bf16, fp16)")
+    compile: bool = option(False, "torch.compile the training runs' model (its compile time falls in the warm-up)")
+    train_cache: str = option("both", "which training runs: both (cache off, then on), on, off")
+    rates_out: str = option("", "also write the training runs' median images/s to this CSV (vitef.rates columns)")
     workdir: str = option("", "folder for the images, cache and runs (default: a temporary folder, removed)")
 
     def validate(self) -> None:
@@ -73,6 +78,9 @@ class PipelineConfig:
             raise ConfigError(f"warmup={self.warmup} must be in [0, steps={self.steps})")
         if min(self.loader_workers, self.train_workers) < 0 or self.loader_seconds <= 0:
             raise ConfigError("loader_workers and train_workers must be >= 0, loader_seconds > 0")
+        if self.train_cache not in ("both", "on", "off"):
+            raise ConfigError(f"train_cache={self.train_cache!r} must be both, on or off")
+        check_precision(self.precision, key="precision")
 
 
 CONFIG = PipelineConfig
@@ -82,21 +90,34 @@ TINY = {"depth": 1, "embed_dim": 64, "num_heads": 2, "patch_size": 32}
 def write_jpeg_folder(cfg: PipelineConfig, folder: Path) -> int:
     """``folder/c<k>/<i>.jpg``: random images with the detail of photographs (an 8-px grid of random colours
     upsampled bicubically, plus noise: about 80 kB at 400 x 400 px and quality 90, ImageNet's JPEGs average
-    110 kB at about 400 x 350). Returns the bytes written."""
+    110 kB at about 400 x 350). One process per class folder (seeded by the class): the same files whatever
+    the number of processes. Returns the bytes written."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    args = (cfg.min_side, cfg.max_side, cfg.per_class, cfg.quality)
+    jobs = [(*args, folder / f"c{c:03d}", c) for c in range(cfg.classes)]
+    procs = min(cfg.classes, max(1, (os.cpu_count() or 1) - 1))
+    if procs == 1:
+        return sum(_write_class(*job) for job in jobs)
+    with ProcessPoolExecutor(procs) as pool:
+        return sum(pool.map(_write_class, *zip(*jobs)))
+
+
+def _write_class(min_side: int, max_side: int, count: int, quality: int, folder: Path, seed: int) -> int:
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
     total = 0
-    for c in range(cfg.classes):
-        (folder / f"c{c:03d}").mkdir(parents=True, exist_ok=True)
-        for i in range(cfg.per_class):
-            h, w = (int(rng.integers(cfg.min_side, cfg.max_side + 1)) for _ in range(2))
-            coarse = rng.integers(0, 256, (h // 8 + 2, w // 8 + 2, 3), dtype=np.uint8)
-            image = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.int16)
-            image = np.clip(image + rng.integers(-20, 21, image.shape), 0, 255).astype(np.uint8)
-            path = folder / f"c{c:03d}" / f"{i:04d}.jpg"
-            Image.fromarray(image).save(path, quality=cfg.quality)
-            total += path.stat().st_size
+    for i in range(count):
+        h, w = (int(rng.integers(min_side, max_side + 1)) for _ in range(2))
+        coarse = rng.integers(0, 256, (h // 8 + 2, w // 8 + 2, 3), dtype=np.uint8)
+        image = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.int16)
+        image = np.clip(image + rng.integers(-20, 21, image.shape), 0, 255).astype(np.uint8)
+        path = folder / f"{i:04d}.jpg"
+        Image.fromarray(image).save(path, quality=quality)
+        total += path.stat().st_size
     return total
 
 
@@ -149,6 +170,8 @@ def train_rates(cfg: PipelineConfig, name: str, cache: str | None, root: Path) -
             "batch_size": cfg.batch_size,
             "eval_batch_size": 2 * cfg.batch_size,
             "device": cfg.device,
+            "precision": cfg.precision,
+            "compile": cfg.compile,
             "root": str(root),
             "log_dir": log_dir,
             "overwrite": True,
@@ -159,6 +182,34 @@ def train_rates(cfg: PipelineConfig, name: str, cache: str | None, root: Path) -
     train_main(run_cfg)
     rows = RunDir(root / "runs" / log_dir).read_metrics()
     return [r["images_per_s"] for r in rows if "images_per_s" in r and r["step"] > cfg.warmup]
+
+
+def write_measured(cfg: PipelineConfig, steps: dict[str, list[float]], device: torch.device) -> Path:
+    """Append the training runs' median step rates to ``cfg.rates_out`` as app rates (the app end to end)."""
+    from vitef.rates import measured_rate, write_rates
+
+    model = cfg.model + ("-tiny" if cfg.tiny else "")
+    rows = [
+        measured_rate(
+            model=model,
+            img_size=cfg.size,
+            precision=cfg.precision,
+            compile=cfg.compile,
+            trainable="all",
+            batch=cfg.batch_size,
+            what="app",
+            images_per_s=statistics.median(values),
+            gpu=None if device.type == "cuda" else "cpu",
+            source="python -m benchmarks.pipeline",
+            notes=(
+                f"apps.vit.train end to end on a generated JPEG class folder ({cfg.classes}x{cfg.per_class}, "
+                f"{cfg.min_side}-{cfg.max_side} px), cache {label}, {cfg.train_workers} workers; median step "
+                f"rate of steps {cfg.warmup + 1}-{cfg.steps}, p10 {_p10(values):.0f}"
+            ),
+        )  # fmt: skip
+        for label, values in steps.items()
+    ]
+    return write_rates(cfg.rates_out, rows)
 
 
 def _p10(values: list[float]) -> float:
@@ -202,14 +253,20 @@ def main(cfg: PipelineConfig) -> None:
         sys.stdout.flush()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        steps = {label: train_rates(cfg, name, c, work / "out") for label, c in (("off", None), ("on", cache))}
+        settings = [(label, c) for label, c in (("off", None), ("on", cache)) if cfg.train_cache in ("both", label)]
+        steps = {label: train_rates(cfg, name, c, work / "out") for label, c in settings}
     print(
         f"training loop (apps.vit.train, {cfg.model}{' shrunk ' + str(TINY) if cfg.tiny else ''}, {device}, "
-        f"{cfg.train_workers} workers), step images/s over steps {cfg.warmup + 1}-{cfg.steps}:"
+        f"{cfg.precision}{', compiled' if cfg.compile else ''}, {cfg.train_workers} workers), step images/s over "
+        f"steps {cfg.warmup + 1}-{cfg.steps}:"
     )
-    print(f"  {'cache':<6}{'median':>9}{'p10':>9}")
+    print(f"  {'cache':<6}{'median':>9}{'p10':>9}{'min':>9}{'p10/median':>12}")
     for label, values in steps.items():
-        print(f"  {label:<6}{statistics.median(values):>9.1f}{_p10(values):>9.1f}")
+        med = statistics.median(values)
+        print(f"  {label:<6}{med:>9.1f}{_p10(values):>9.1f}{min(values):>9.1f}{_p10(values) / med:>12.2f}")
+    print("  (goal: p10/median >= 0.9, no stalls)")
+    if cfg.rates_out:
+        print(f"rates written to {write_measured(cfg, steps, device)}")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"peak memory: process RSS {rss:.0f} MB, largest finished child (loader worker) {children:.0f} MB", end="")

@@ -51,6 +51,7 @@ from vitef.errors import ConfigError, VitefError
 from vitef.models import BLOCK_COMPONENTS, build_model, canonical_list, component_of, set_trainable
 from vitef.monitor import MetricsLogger
 from vitef.optim import OptimConfig, clip_gradients, grad_norms
+from vitef.rates import measured_rate, write_rates
 from vitef.utils import PRECISIONS, autocast_context, precision_scope, resolve_device, set_seed
 
 CPU_VARIANTS = ("ours-fp32", "plain-fp32", "ours-bf16", "ours-ln1")
@@ -82,6 +83,10 @@ class BenchConfig:
     variants: list[str] = option(
         [], "<ours|plain>-<precision>[-compile][-<component>], e.g. [ours-tf32,plain-bf16-compile]; []: the device's"
     )
+    rates_out: str = option(
+        "", "also write the measured rates to this CSV (columns of vitef.rates; appended if it exists), to merge "
+        "into benchmarks/rates.csv"
+    )  # fmt: skip
 
     def validate(self) -> None:
         for key in ("img_size", "batch_size", "num_classes", "steps"):
@@ -282,6 +287,25 @@ def main(cfg: BenchConfig) -> None:
     print(f"peak memory: {peak:.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
     for summary in summaries(results, ours_ms, plain_ms):
         print(summary)
+    if cfg.rates_out:
+        print(f"rates written to {write_measured(cfg, results, device)}")
+
+
+def write_measured(cfg: BenchConfig, results: dict[str, float], device: torch.device) -> Path:
+    """Append one row per variant to ``cfg.rates_out`` (``ours``: a step rate, ``plain``: a reference)."""
+    rows = []
+    for name, sec in results.items():
+        v = parse_variant(name)
+        rows.append(
+            measured_rate(
+                model=cfg.model, img_size=cfg.img_size, precision=v.precision, compile=v.compile,
+                trainable="+".join(v.trainable), batch=cfg.batch_size, what="step" if v.loop == "ours" else "plain",
+                images_per_s=cfg.batch_size / sec, gpu=None if device.type == "cuda" else "cpu",
+                source="python -m benchmarks.train",
+                notes=f"{name}: median of {cfg.steps} steps after {cfg.warmup} warm-up, random init, fixed batch",
+            )
+        )  # fmt: skip
+    return write_rates(cfg.rates_out, rows)
 
 
 def summaries(results: dict[str, float], ours_ms: float, plain_ms: float) -> list[str]:

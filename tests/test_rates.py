@@ -192,3 +192,25 @@ def test_readme_table_script_marks_sources(tmp_path, monkeypatch):
                       "H200 GPU-hours, bf16 + compile |")  # fmt: skip
     assert out[2] == ("| digits | `python -m apps.vit.sweep config=apps/vit/sweeps/digits.yaml` | 48 | 307 k | "
                       "unmeasured | unmeasured |")  # fmt: skip
+
+
+def test_measured_rates_are_written_atomically_and_read_back(tmp_path, monkeypatch):
+    from vitef.rates import measured_rate, write_rates
+
+    monkeypatch.setenv("VITEF_COMMIT", "0123456789abcdef")
+    out = tmp_path / "measured.csv"
+    a = measured_rate(
+        model="vit_base_patch16_224", img_size=224, precision="tf32", compile=False, trainable=["mha", "ln1"],
+        batch=256, what="step", images_per_s=1234.4, source="python -m benchmarks.train", notes="a, quoted", gpu="G",
+    )  # fmt: skip
+    write_rates(out, [a])
+    b = dataclasses.replace(a, precision="bf16", compile=True, what="app", images_per_s=3601.0)
+    write_rates(out, [b])  # appended after the first row
+    rows = read_rates(out)
+    assert [(r.precision, r.compile, r.what, r.images_per_s) for r in rows] == [
+        ("tf32", False, "step", 1234.0),
+        ("bf16", True, "app", 3601.0),
+    ]
+    assert rows[0].trainable == "ln1+mha" and rows[0].commit == "0123456789ab" and rows[0].notes == "a, quoted"
+    assert rows[0].gpu == "G" and rows[0].batch == 256 and len(rows[0].date) == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["measured.csv"]  # no temporary file left

@@ -461,3 +461,93 @@ def format_hours(h: float) -> str:
 
 def _number(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing measured rates (the benchmarks' ``rates_out=``)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _commit() -> str:
+    """The commit being measured: ``$VITEF_COMMIT`` (set it where the copy has no ``.git``), else ``git``'s."""
+    commit = os.environ.get("VITEF_COMMIT", "").strip()
+    if commit:
+        return commit[:12]
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=False, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def measured_rate(
+    *,
+    model: str,
+    img_size: int,
+    precision: str,
+    compile: bool,
+    trainable: str,
+    batch: int,
+    what: str,
+    images_per_s: float,
+    source: str,
+    notes: str = "",
+    gpu: str | None = None,
+) -> Rate:
+    """A :class:`Rate` measured now on this machine: the GPU's name (``torch.cuda.get_device_name``), today's
+    UTC date, the commit (:func:`_commit`) and the torch / timm versions filled in."""
+    import datetime
+
+    import timm
+    import torch
+
+    if gpu is None:
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if what not in WHATS:
+        raise ValueError(f"what={what!r} is not one of {', '.join(WHATS)}")
+    return Rate(
+        model=model,
+        img_size=int(img_size),
+        precision=precision,
+        compile=bool(compile),
+        trainable=trainable_key(trainable),
+        gpu=gpu,
+        what=what,
+        images_per_s=float(images_per_s),
+        batch=int(batch),
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        commit=_commit(),
+        torch=torch.__version__.split("+")[0],
+        timm=timm.__version__,
+        source=source,
+        notes=notes,
+    )
+
+
+def write_rates(path: str | os.PathLike, rates: Sequence[Rate]) -> Path:
+    """Write ``rates`` as a rates table (:data:`COLUMNS`; :func:`read_rates` reads it back), atomically.
+
+    An existing table at ``path`` keeps its rows: the new ones are appended after them (so several benchmark
+    runs can collect into one file, to merge into ``benchmarks/rates.csv``).
+    """
+    import io
+
+    from vitef.utils import atomic_write_text
+
+    path = Path(path)
+    rows = read_rates(path) if path.exists() else []
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for rate in (*rows, *rates):
+        row = {c: getattr(rate, c) for c in COLUMNS}
+        row["compile"] = "true" if rate.compile else "false"
+        row["batch"] = "" if rate.batch is None else rate.batch
+        row["images_per_s"] = f"{rate.images_per_s:.0f}" if rate.images_per_s >= 100 else f"{rate.images_per_s:.4g}"
+        writer.writerow(row)
+    atomic_write_text(path, buf.getvalue())
+    return path
