@@ -224,3 +224,50 @@ def test_unsupported_configs_are_refused_by_name(tmp_path, change, needle):
     with pytest.raises(ModelError, match="config.json") as e:
         build_model(str(tmp_path), pretrained=False)
     assert needle in str(e.value)
+
+
+# Released sizes (hub config values) -> the timm model of the same family; built on the meta device (no memory).
+RELEASED = [
+    (
+        "Dinov2Config",
+        dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518),
+        "vit_small_patch14_dinov2",
+    ),
+    (
+        "Dinov2Config",
+        dict(hidden_size=1536, num_hidden_layers=40, num_attention_heads=24, image_size=518, use_swiglu_ffn=True),
+        "vit_giant_patch14_dinov2",
+    ),
+    (
+        "Dinov2WithRegistersConfig",
+        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=518, patch_size=14),
+        "vit_base_patch14_reg4_dinov2",
+    ),
+    ("DINOv3ViTConfig", dict(num_register_tokens=4), "vit_small_patch16_dinov3_qkvb"),
+    ("DINOv3ViTConfig", dict(num_register_tokens=4, query_bias=False, value_bias=False), "vit_small_patch16_dinov3"),
+    (
+        "DINOv3ViTConfig",
+        dict(
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            use_gated_mlp=True,
+            hidden_act="silu",
+            num_register_tokens=4,
+        ),
+        "vit_huge_plus_patch16_dinov3_qkvb",
+    ),
+]
+
+
+@pytest.mark.parametrize("config_name, config, timm_name", RELEASED)
+def test_released_sizes_have_the_parameters_of_timms_models(config_name, config, timm_name):
+    import timm
+
+    cfg = getattr(transformers, config_name)(**config).to_dict()
+    arch = (HFDinov3Arch if cfg["model_type"] == "dinov3_vit" else HFDinov2Arch).from_config(cfg)
+    with torch.device("meta"):
+        ours = TIMM[type(arch)](img_size=arch.img_size, num_classes=0, **arch.timm_kwargs())
+        ref = timm.create_model(timm_name, pretrained=False, num_classes=0, img_size=arch.img_size)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
