@@ -3,7 +3,8 @@
 ``build_model`` accepts a timm name, the paper's short names (``base``/``large``/``huge`` = Google's
 ImageNet-21k originals), a Hugging Face hub id or local directory in transformers layout, and an
 optional timm-layout ``.safetensors`` file as weights. Whatever the source, the result is a timm
-``VisionTransformer`` whose parameter names the component registry understands.
+``VisionTransformer``, ``Eva`` (EVA-02, DINOv3) or ``Beit`` whose parameter names the component registry
+understands (:data:`vitef.models.components.FAMILIES`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import timm
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+from timm.models.beit import Beit
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vitef.config import option
-from vitef.errors import ConfigError, ModelError
+from vitef.errors import ComponentError, ConfigError, ModelError
+from vitef.models.components import model_family
 from vitef.models.convert import (
     HFDinov2Arch,
     HFDinov3Arch,
@@ -80,7 +83,7 @@ class ModelConfig:
                 f"its card '{Path(self.name).with_suffix('.json').name}'"
             )
         try:
-            check_overrides(self.overrides)
+            check_overrides(self.overrides, self.name)
         except ModelError as e:
             raise ConfigError(str(e)) from None
 
@@ -118,7 +121,7 @@ def pretraining_step(name: str | os.PathLike) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
-def build_model_from_config(cfg: ModelConfig, num_classes: int | None = None) -> VisionTransformer:
+def build_model_from_config(cfg: ModelConfig, num_classes: int | None = None) -> nn.Module:
     """:func:`build_model` from a :class:`ModelConfig`."""
     pretrained: bool | str = cfg.checkpoint if cfg.checkpoint else cfg.pretrained
     return build_model(
@@ -133,13 +136,14 @@ def build_model(
     num_classes: int | None = None,
     img_size: int | None = None,
     **overrides: Any,
-) -> VisionTransformer:
-    """Build a timm ``VisionTransformer``.
+) -> nn.Module:
+    """Build a timm ``VisionTransformer``, ``Eva`` or ``Beit``.
 
     Parameters
     ----------
     name
-        A timm ViT name (``vit_base_patch16_224.orig_in21k``), a short name (``base``, ``large``,
+        A timm ViT, Eva or Beit name (``vit_base_patch16_224.orig_in21k``, ``vit_small_patch16_dinov3``,
+        ``eva02_tiny_patch14_224``, ``beit_base_patch16_224``), a short name (``base``, ``large``,
         ``huge``), a Hugging Face hub id of a transformers ViT (``google/vit-base-patch16-224-in21k``),
         or a local directory in transformers layout (``config.json`` + ``model.safetensors``), or a
         timm-layout ``.safetensors`` file with a JSON card beside it naming its architecture (as
@@ -162,7 +166,7 @@ def build_model(
     ModelError
         Unknown source, unreadable or mismatched weights, or an architecture that cannot be built.
     """
-    check_overrides(overrides)
+    check_overrides(overrides, name)
     if num_classes is not None and num_classes < 0:
         raise ModelError(f"num_classes={num_classes} must be >= 0 (0: no head)")
     state: dict[str, torch.Tensor] | None = None
@@ -202,8 +206,11 @@ _POSITIVE = ("patch_size", "embed_dim", "depth", "num_heads", "in_chans", "mlp_r
 _CREATE_MODEL_KEYS = ("pretrained_cfg_overlay",)
 
 
-def check_overrides(overrides: dict) -> None:
-    """Check the keys of ``model.overrides`` against timm's ``VisionTransformer`` arguments.
+def check_overrides(overrides: dict, name: str | None = None) -> None:
+    """Check the keys of ``model.overrides`` against the constructor arguments of the model's timm class.
+
+    ``name`` a timm name: its class (``VisionTransformer``, ``Eva`` or ``Beit``); other sources (a file, a
+    transformers folder, unknown or no name): any of the three, the constructor then says which key it refuses.
 
     Raises
     ------
@@ -212,7 +219,8 @@ def check_overrides(overrides: dict) -> None:
     """
     if not isinstance(overrides, dict):
         raise ModelError(f"model.overrides={overrides!r} must be a mapping, e.g. {{patch_size: 8, depth: 6}}")
-    valid = _override_keys()
+    cls = _timm_class(name)
+    valid = _override_keys(cls)
     for key in overrides:
         if key in _RESERVED:
             raise ModelError(f"model.overrides has '{key}': {_RESERVED[key]}")
@@ -220,7 +228,7 @@ def check_overrides(overrides: dict) -> None:
             guess = difflib.get_close_matches(str(key), valid, n=1)
             hint = f" Did you mean '{guess[0]}'?" if guess else ""
             raise ModelError(
-                f"model.overrides has an unknown key '{key}' (not an argument of timm's VisionTransformer).{hint} "
+                f"model.overrides has an unknown key '{key}' (not an argument of timm's {cls}).{hint} "
                 f"Valid keys: {', '.join(valid)}"
             )
         if key in _POSITIVE and not _positive(overrides[key], integer=key != "mlp_ratio", pair=key == "patch_size"):
@@ -236,10 +244,31 @@ def _positive(value: Any, *, integer: bool, pair: bool) -> bool:
     return value > 0
 
 
+# The timm classes build_model returns, by the timm module that defines their models.
+_TIMM_CLASSES: dict[str, type[nn.Module]] = {"vision_transformer": VisionTransformer, "eva": Eva, "beit": Beit}
+
+
+def _timm_class(name: str | None) -> str:
+    """``VisionTransformer``, ``Eva`` or ``Beit`` for a timm name of that class; ``any`` for anything else."""
+    if name:
+        arch = SHORT_NAMES.get(str(name), str(name)).split(".")[0]
+        if timm.is_model(arch):
+            for module, cls in _TIMM_CLASSES.items():
+                if timm.models.is_model_in_modules(arch, [module]):
+                    return cls.__name__
+    return "any"
+
+
 @functools.cache
-def _override_keys() -> list[str]:
-    params = inspect.signature(VisionTransformer.__init__).parameters
-    return [k for k in params if k != "self" and k not in _RESERVED] + list(_CREATE_MODEL_KEYS)
+def _override_keys(cls: str = "VisionTransformer") -> list[str]:
+    """Constructor keywords of the timm class ``cls`` (``any``: of any of the three, in a stable order)."""
+    classes = list(_TIMM_CLASSES.values()) if cls == "any" else [c for c in _TIMM_CLASSES.values() if c.__name__ == cls]
+    keys: list[str] = []
+    for c in classes:
+        for k in inspect.signature(c.__init__).parameters:
+            if k != "self" and k not in _RESERVED and k not in keys:
+                keys.append(k)
+    return keys + list(_CREATE_MODEL_KEYS)
 
 
 def _head_size(state: dict[str, torch.Tensor]) -> int:
@@ -258,7 +287,7 @@ def _file_head_size(path: Path) -> int:
 
 def _from_card(
     path: Path, pretrained: bool, num_classes: int | None, img_size: int | None, overrides: dict
-) -> VisionTransformer:
+) -> nn.Module:
     """A self-describing checkpoint: ``x.safetensors`` (timm layout) with its card ``x.json`` beside it.
 
     The card's ``model`` entry (timm ``name``, ``img_size``, ``overrides``) gives the architecture, as
@@ -284,7 +313,7 @@ def _from_card(
     if Path(arch_name).suffix == ".safetensors":
         raise ModelError(f"card '{card_path}' names another checkpoint as its architecture: give a timm name")
     try:
-        check_overrides(arch_overrides)
+        check_overrides(arch_overrides, arch_name)
     except ModelError as e:
         raise ModelError(f"card '{card_path}': {e}") from e
     kwargs = {**arch_overrides, **overrides}
@@ -313,14 +342,20 @@ def _check_sha256(path: Path, expected: Any, card_path: Path) -> None:
         )
 
 
-def _check_vit(model: nn.Module, name: str) -> VisionTransformer:
-    if not isinstance(model, VisionTransformer):
+def _check_vit(model: nn.Module, name: str) -> nn.Module:
+    """``model`` if the component registry supports it: a timm ``VisionTransformer``, ``Eva`` or ``Beit``."""
+    if not isinstance(model, tuple(_TIMM_CLASSES.values())):
         raise ModelError(
-            f"model '{name}' is a {type(model).__name__}, not a timm VisionTransformer; "
-            "vitef's component registry needs blocks with norm1/attn/norm2/mlp (e.g. vit_base_patch16_224)"
+            f"model '{name}' is a {type(model).__name__}, not a timm VisionTransformer, Eva or Beit; vitef's "
+            "component registry needs pre-norm blocks with norm1/attn/norm2/mlp (e.g. vit_base_patch16_224, "
+            "vit_small_patch16_dinov3, eva02_tiny_patch14_224, beit_base_patch16_224)"
         )
     if len(model.blocks) == 0:
         raise ModelError(f"model '{name}' was built with no blocks (depth=0): give model.overrides.depth >= 1")
+    try:
+        model_family(model)  # Eva post-norm blocks are refused there
+    except ComponentError as e:
+        raise ModelError(f"model '{name}': {e}") from None
     if 0 in tuple(model.patch_embed.grid_size):
         raise ModelError(
             f"model '{name}' has a {model.patch_embed.patch_size[0]}-pixel patch, larger than its "
@@ -356,7 +391,7 @@ def _hub_error(name: str, err: Exception) -> ModelError:
 
 def _from_timm(
     name: str, pretrained: bool, num_classes: int | None, img_size: int | None, overrides: dict
-) -> VisionTransformer:
+) -> nn.Module:
     arch = name.split(".")[0]
     if not timm.is_model(arch):
         vits = timm.list_models("vit_*")
@@ -558,7 +593,7 @@ def _load_state(model: VisionTransformer, state: dict[str, torch.Tensor], name: 
     if "pos_embed" in state and state["pos_embed"].shape != model.pos_embed.shape:
         from timm.layers import resample_abs_pos_embed
 
-        prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens  # Beit: no such flag
         state["pos_embed"] = resample_abs_pos_embed(
             state["pos_embed"], new_size=list(model.patch_embed.grid_size), num_prefix_tokens=prefix
         )

@@ -15,15 +15,46 @@ Units (issue 12, choosing what to finetune). A *unit* is one component in some b
 units next to component names (:func:`canonical_list`, :func:`set_trainable`). The finest units,
 :func:`units_of` (``emb``, ``ln1.0``, ``mha.0``, …, ``fc2.<L-1>``, ``head``), split the parameters of a
 model exactly: every parameter is in exactly one of them (:func:`unit_of`).
+
+Families (issue 14). Three timm model classes are supported, all pre-norm blocks
+``x + s1(attn(norm1(x)))`` then ``x + s2(mlp(norm2(x)))``:
+
+``vit``  ``VisionTransformer`` (supervised, MAE, DINO/DINOv2, CLIP, SigLIP, DeiT…): LayerScale ``ls1``/``ls2`` modules.
+``eva``  ``Eva`` (EVA-02, DINOv3, …): rotary position embeddings (RoPE) applied to the patch tokens' queries and
+         keys inside the attention, fused ``qkv`` + ``q_bias``/``v_bias`` or separate ``q_proj``/``k_proj``/``v_proj``,
+         optional per-head q/k norms and a scale norm ``attn.norm`` before the output projection, SwiGLU MLPs (fused
+         ``GluMlp.fc1`` or split ``SwiGLU.fc1_g``/``fc1_x``), LayerScale as ``gamma_1``/``gamma_2`` parameters.
+``beit`` ``Beit``: a relative position bias added to the attention logits, per block
+         (``attn.relative_position_bias_table``) and/or shared by all blocks (``rel_pos_bias``), LayerScale as
+         ``gamma_1``/``gamma_2``.
+
+Where the extra pieces go. Everything inside the attention (projections, biases, q/k norms, the scale norm, a
+block's own relative position bias table; the RoPE rotation has no parameters) is MHA, and so is ``gamma_1``, the
+LayerScale of the attention branch (as ``ls1`` always was). A gated MLP's two input projections (``fc1_g`` and
+``fc1_x``, or the fused ``fc1`` holding both) are FC1: FC1's output is their concatenation, ``(B, N, 2H)``, before
+the gate; the gate ``act(g) * x`` maps it to the FC2 input width ``H`` (:func:`mlp_activation`). The MLP norm
+(between the gate and ``fc2``) and ``gamma_2`` go with FC2. The shared relative position bias of BEiT is computed
+before the blocks from no input, like the position embedding, so it is part of ``emb``; so are learnable RoPE
+frequencies (``rope.*``, mixed RoPE only) for the same reason. Eva post-norm blocks (``use_post_norm=True``) are
+refused: their LayerNorms follow the branches, which the components' definitions do not cover.
+
+What blocks need besides the tokens (the RoPE embedding, the shared relative position bias) is a
+:class:`BlockContext`, from :func:`embed_context`; :func:`run_block`, :func:`run_attention` and
+:func:`block_trace` take it and reproduce timm's own forward.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+from timm.layers import GluMlp, SwiGLU
+from timm.models.beit import Beit
+from timm.models.eva import Eva, EvaBlockPostNorm
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vitef.errors import ComponentError
@@ -70,15 +101,30 @@ ALIASES: dict[str, str] = {
 
 _BLOCK = r"blocks\.(?P<layer>\d+)\."
 PATTERNS: dict[str, re.Pattern[str]] = {
-    "emb": re.compile(r"^(cls_token|reg_token|dist_token|pos_embed|patch_embed\..+|norm_pre\..+)$"),
+    # rel_pos_bias: BEiT's shared relative position bias; rope: learnable RoPE frequencies (mixed RoPE). Both are
+    # position information computed before the blocks from no input, like pos_embed.
+    "emb": re.compile(
+        r"^(cls_token|reg_token|dist_token|pos_embed|patch_embed\..+|norm_pre\..+|rel_pos_bias\..+|rope\..+)$"
+    ),
     "ln1": re.compile(rf"^{_BLOCK}norm1\..+$"),
-    "mha": re.compile(rf"^{_BLOCK}(attn\..+|ls1\..+)$"),
+    # attn.* covers qkv, q_bias/v_bias, q_proj/k_proj/v_proj, q_norm/k_norm, the scale norm attn.norm and a block's
+    # own relative_position_bias_table; gamma_1 is Eva/BEiT's LayerScale of the attention branch (ls1 in ViT).
+    "mha": re.compile(rf"^{_BLOCK}(attn\..+|ls1\..+|gamma_1)$"),
     "ln2": re.compile(rf"^{_BLOCK}norm2\..+$"),
-    "fc1": re.compile(rf"^{_BLOCK}mlp\.fc1\..+$"),
+    # fc1_g / fc1_x: SwiGLU's gate and value projections (GluMlp fuses both into fc1).
+    "fc1": re.compile(rf"^{_BLOCK}mlp\.(fc1|fc1_g|fc1_x)\..+$"),
     # `mlp.norm` (scale_mlp_norm variants) sits between the activation and fc2, so it goes with fc2.
-    "fc2": re.compile(rf"^{_BLOCK}(mlp\.fc2\..+|mlp\.norm\..+|ls2\..+)$"),
+    "fc2": re.compile(rf"^{_BLOCK}(mlp\.fc2\..+|mlp\.norm\..+|ls2\..+|gamma_2)$"),
     "head": re.compile(r"^(norm|fc_norm|head|head_dist|attn_pool)\..+$"),
 }
+
+# The supported model families: name -> timm class (see the module docstring).
+FAMILIES: dict[str, type[nn.Module]] = {"vit": VisionTransformer, "eva": Eva, "beit": Beit}
+# How the supported layouts are described in error messages.
+SUPPORTED = (
+    "timm VisionTransformer (blocks.N.norm1/attn/norm2/mlp.fc1/mlp.fc2, ls1/ls2), Eva (EVA-02, DINOv3: "
+    "gamma_1/gamma_2, q_proj/k_proj/v_proj, mlp.fc1_g/fc1_x) and Beit (relative position bias, rel_pos_bias)"
+)
 
 
 def canonical(name: str) -> str:
@@ -257,10 +303,7 @@ def component_of(param_name: str) -> ParamInfo:
     hits = [(c, m) for c, p in PATTERNS.items() if (m := p.match(param_name))]
     if len(hits) != 1:
         what = "no component" if not hits else f"several components ({', '.join(c for c, _ in hits)})"
-        raise ComponentError(
-            f"parameter '{param_name}' matches {what}; vitef supports timm VisionTransformer layouts "
-            "(blocks.N.norm1/attn/norm2/mlp.fc1/mlp.fc2)"
-        )
+        raise ComponentError(f"parameter '{param_name}' matches {what}; vitef supports {SUPPORTED}")
     comp, m = hits[0]
     layer = m.groupdict().get("layer")
     return ParamInfo(comp, int(layer) if layer is not None else None)
@@ -326,36 +369,121 @@ def set_trainable(model: nn.Module, components: Iterable[str] | str) -> dict[str
     return {c: counts[c] for c in COMPONENTS if c in counts}
 
 
-def num_blocks(model: nn.Module) -> int:
-    """Number of transformer blocks."""
-    return len(model.blocks)  # type: ignore[arg-type]
+# ---------------------------------------------------------------------------------------------------
+# Families: running a block of each supported model class
+# ---------------------------------------------------------------------------------------------------
 
 
-def block_module(model: nn.Module, layer: int, component: str) -> nn.Module:
-    """The module computing ``component`` in block ``layer``.
+def model_family(model: nn.Module) -> str:
+    """The family of ``model``: ``vit`` (timm ``VisionTransformer``), ``eva`` (``Eva``) or ``beit`` (``Beit``).
 
-    ``ln1`` → ``norm1``, ``mha`` → ``attn`` (attention alone: no norm before it, no residual, no
-    LayerScale), ``ln2`` → ``norm2``, ``fc1`` → ``mlp.fc1`` (before the activation), ``fc2`` →
-    ``mlp.fc2``.
+    A model of another class whose blocks have the timm ViT layout (``norm1``, ``attn``, ``norm2``, ``mlp``) is
+    treated as ``vit``.
+
+    Raises
+    ------
+    ComponentError
+        Any other model, or an Eva with post-norm blocks; the message names the supported families.
     """
-    comp = canonical(component)
-    block = model.blocks[layer]  # type: ignore[index]
-    if comp == "ln1":
-        return block.norm1
-    if comp == "mha":
-        return block.attn
-    if comp == "ln2":
-        return block.norm2
-    if comp == "fc1":
-        return block.mlp.fc1
-    if comp == "fc2":
-        return block.mlp.fc2
-    raise ComponentError(f"'{component}' is not a per-block component; choose from {', '.join(BLOCK_COMPONENTS)}")
+    for name, cls in FAMILIES.items():
+        if isinstance(model, cls):
+            family = name
+            break
+    else:
+        blocks = getattr(model, "blocks", None)
+        first = blocks[0] if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) else None
+        if first is None or not all(hasattr(first, a) for a in ("norm1", "attn", "norm2", "mlp")):
+            raise ComponentError(f"{type(model).__name__} is not a supported model; vitef supports {SUPPORTED}")
+        family = "vit"
+    if family == "eva" and any(isinstance(b, EvaBlockPostNorm) for b in model.blocks):  # type: ignore[union-attr]
+        raise ComponentError(
+            "this Eva has post-norm blocks (use_post_norm=True), whose LayerNorms follow the attention and MLP "
+            "instead of preceding them; vitef supports pre-norm blocks only (build it with use_post_norm=False)"
+        )
+    return family
 
 
-def mlp_activation(model: nn.Module, layer: int) -> nn.Module:
-    """The MLP activation of block ``layer`` (between FC1 and FC2)."""
-    return model.blocks[layer].mlp.act  # type: ignore[index]
+@dataclass(frozen=True)
+class BlockContext:
+    """What a model's blocks need besides the tokens, from :func:`embed_context`.
+
+    Attributes
+    ----------
+    family
+        :func:`model_family` of the model.
+    rope
+        Eva: the rotary position embedding ``model._pos_embed`` returns (``None`` without RoPE); mixed RoPE has
+        one per block along the first axis (``per_block``).
+    per_block
+        Whether ``rope[layer]`` is block ``layer``'s embedding (timm's ``rope_mixed``).
+    rel_pos_bias
+        Beit: the shared relative position bias ``(heads, N, N)`` added to every block's attention logits
+        (``None`` without ``use_shared_rel_pos_bias``).
+    """
+
+    family: str = "vit"
+    rope: torch.Tensor | None = None
+    per_block: bool = False
+    rel_pos_bias: torch.Tensor | None = None
+
+    def kwargs(self, layer: int) -> dict:
+        """Keyword arguments of block ``layer``'s forward and of its attention's (the same for both in timm)."""
+        if self.family == "eva":
+            rope = self.rope[layer] if self.per_block and self.rope is not None else self.rope
+            return {"rope": rope}
+        if self.family == "beit":
+            return {"shared_rel_pos_bias": self.rel_pos_bias}
+        return {}
+
+
+def _context_for(model: nn.Module, ctx: BlockContext | None) -> BlockContext:
+    """``ctx``, or the empty context of a model whose blocks need none (refused for Eva/Beit: it depends on them)."""
+    if ctx is not None:
+        return ctx
+    family = model_family(model)
+    if family != "vit":
+        raise ComponentError(
+            f"a {type(model).__name__} block needs its context (rotary embedding / shared relative position bias): "
+            "pass the BlockContext that embed_context(model, images) returns"
+        )
+    return BlockContext(family)
+
+
+def embed_context(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, BlockContext]:
+    """The embedding e(x) and the :class:`BlockContext` the blocks need, as timm's ``forward_features`` computes them.
+
+    Parameters
+    ----------
+    images
+        ``(B, C, H, W)`` normalised images.
+
+    Returns
+    -------
+    tokens : torch.Tensor
+        ``(B, N, D)``: patch projection, prefix tokens (CLS, registers), absolute position embedding when the
+        model has one, ``norm_pre`` when it has one: the input of the first block.
+    ctx : BlockContext
+        Eva: the rotary embedding; Beit: the shared relative position bias (or ``None``); ViT: nothing.
+    """
+    family = model_family(model)
+    x = model.patch_embed(images)  # (B, N_patches, D)
+    if family == "vit":
+        x = model._pos_embed(x)  # (B, N, D): prefix tokens + position embedding (timm's own code path)
+        x = model.patch_drop(x)
+        return model.norm_pre(x), BlockContext(family)
+    if family == "eva":
+        # Eva's _pos_embed adds the prefix tokens and the position embedding, applies patch dropout, and returns
+        # the rotary embedding of the (kept) patch tokens.
+        x, rope = model._pos_embed(x)  # (B, N, D)
+        per_block = bool(getattr(model, "rope_mixed", False)) and rope is not None
+        return model.norm_pre(x), BlockContext(family, rope=rope, per_block=per_block)
+    # Beit: written out in its forward_features (no _pos_embed method).
+    x = torch.cat((model.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, N, D)
+    if model.pos_embed is not None:
+        x = x + model.pos_embed
+    x = model.pos_drop(x)
+    bias = model.rel_pos_bias() if model.rel_pos_bias is not None else None  # (heads, N, N)
+    return x, BlockContext(family, rel_pos_bias=bias)
 
 
 def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -369,12 +497,217 @@ def embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     Returns
     -------
     torch.Tensor
-        ``(B, N, D)`` tokens, as fed to the first block (``norm_pre`` included when the model has one).
+        ``(B, N, D)`` tokens, as fed to the first block (``norm_pre`` included when the model has one). Eva and
+        Beit blocks also need the context :func:`embed_context` returns with them.
     """
-    x = model.patch_embed(images)  # (B, N_patches, D)
-    x = model._pos_embed(x)  # (B, N, D): prefix tokens + position embedding (timm's own code path)
-    x = model.patch_drop(x)
-    return model.norm_pre(x)
+    return embed_context(model, images)[0]
+
+
+def num_blocks(model: nn.Module) -> int:
+    """Number of transformer blocks."""
+    return len(model.blocks)  # type: ignore[arg-type]
+
+
+def run_block(model: nn.Module, layer: int, x: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
+    """Block ``layer`` of ``model`` on tokens ``x`` ``(B, N, D)``: timm's own block forward, with its context.
+
+    ``ctx`` may be left out for a ``vit`` (its blocks need none).
+    """
+    ctx = _context_for(model, ctx)
+    return model.blocks[layer](x, **ctx.kwargs(layer))  # type: ignore[index]
+
+
+def run_attention(model: nn.Module, layer: int, x: torch.Tensor, ctx: BlockContext | None = None) -> torch.Tensor:
+    """The attention of block ``layer`` alone on ``x`` ``(B, N, D)``: no norm before it, no residual, no LayerScale.
+
+    The rotary embedding (Eva) and the relative position biases (Beit: the block's own and the shared one) are
+    part of the attention and are applied inside, as in the model's forward.
+    """
+    ctx = _context_for(model, ctx)
+    return model.blocks[layer].attn(x, **ctx.kwargs(layer))  # type: ignore[index]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _scale(gamma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return gamma * x
+
+
+def layer_scales(model: nn.Module, layer: int) -> tuple[Callable, Callable]:
+    """The LayerScales of block ``layer``'s attention and MLP branches, as callables on ``(B, N, D)`` tokens.
+
+    ViT: the ``ls1``/``ls2`` modules (``Identity`` without LayerScale); Eva/Beit: multiplication by
+    ``gamma_1``/``gamma_2`` (the identity when the parameter is absent). They belong to MHA and FC2.
+    """
+    block = model.blocks[layer]  # type: ignore[index]
+    if model_family(model) == "vit":
+        return getattr(block, "ls1", _identity), getattr(block, "ls2", _identity)
+    scales = []
+    for name in ("gamma_1", "gamma_2"):
+        gamma = getattr(block, name, None)
+        scales.append(_identity if gamma is None else functools.partial(_scale, gamma))
+    return scales[0], scales[1]
+
+
+class ConcatLinear(nn.Module):
+    """Several linear layers on the same input as one: the concatenation of their outputs.
+
+    It stands for a SwiGLU MLP's FC1 (``fc1_g`` and ``fc1_x``): ``weight`` is ``(2H, D)``, the stacked weights,
+    so FC1 is analysed as the one linear map ``x -> [W_g x + b_g, W_x x + b_x]`` it is. It only wraps the
+    model's layers (no parameter of its own, nothing registered on the model): hooks on it do not see the
+    model's forward, which calls the parts.
+    """
+
+    def __init__(self, *parts: nn.Linear):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([p.weight for p in self.parts], dim=0)  # (out, in)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        if all(p.bias is None for p in self.parts):
+            return None
+        return torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in self.parts])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)  # (B, N, out)
+
+
+class GatedActivation(nn.Module):
+    """A gated MLP's activation: ``(B, N, 2H)`` pre-gate FC1 output → ``(B, N, H)``, ``act(gate) * value``.
+
+    ``gate_first``: the gate is the first half (SwiGLU's ``[fc1_g, fc1_x]``; GluMlp with ``gate_last=False``).
+    """
+
+    def __init__(self, act: nn.Module, gate_first: bool):
+        super().__init__()
+        self.act = act
+        self.gate_first = gate_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)  # (B, N, H) each
+        return self.act(a) * b if self.gate_first else a * self.act(b)
+
+
+def block_module(model: nn.Module, layer: int, component: str) -> nn.Module:
+    """The module computing ``component`` in block ``layer``.
+
+    ``ln1`` → ``norm1``, ``mha`` → ``attn`` (attention alone: no norm before it, no residual, no
+    LayerScale; Eva/Beit attention also takes the context, see :func:`run_attention`), ``ln2`` → ``norm2``,
+    ``fc1`` → ``mlp.fc1`` (before the activation; a gated MLP's concatenated pre-gate projections, ``(B, N,
+    2H)``: the fused ``fc1`` of GluMlp, a :class:`ConcatLinear` of SwiGLU's ``fc1_g`` and ``fc1_x``), ``fc2`` →
+    ``mlp.fc2``.
+    """
+    comp = canonical(component)
+    block = model.blocks[layer]  # type: ignore[index]
+    if comp == "ln1":
+        return block.norm1
+    if comp == "mha":
+        return block.attn
+    if comp == "ln2":
+        return block.norm2
+    if comp == "fc1":
+        if isinstance(block.mlp, SwiGLU):
+            return ConcatLinear(block.mlp.fc1_g, block.mlp.fc1_x)
+        return block.mlp.fc1
+    if comp == "fc2":
+        return block.mlp.fc2
+    raise ComponentError(f"'{component}' is not a per-block component; choose from {', '.join(BLOCK_COMPONENTS)}")
+
+
+def mlp_activation(model: nn.Module, layer: int) -> nn.Module:
+    """The MLP activation of block ``layer``: FC1's output → FC2's input width (before the MLP norm).
+
+    ``mlp.act`` for a plain MLP; a :class:`GatedActivation` (gate and product) for GluMlp and SwiGLU.
+    """
+    mlp = model.blocks[layer].mlp  # type: ignore[index]
+    if isinstance(mlp, SwiGLU):
+        return GatedActivation(mlp.act, gate_first=True)
+    if isinstance(mlp, GluMlp):
+        return GatedActivation(mlp.act, gate_first=not mlp.gate_last)
+    return mlp.act
+
+
+def mlp_width(model: nn.Module, layer: int = 0) -> int:
+    """The MLP hidden width H of block ``layer``: FC2's input width (FC1's output is 2H in a gated MLP)."""
+    return int(model.blocks[layer].mlp.fc2.in_features)  # type: ignore[index]
+
+
+# The tensors of :func:`block_trace`, in forward order.
+TRACE_POINTS: tuple[str, ...] = (
+    "x",
+    "ln1",
+    "attn",
+    "mha",
+    "res1",
+    "ln2",
+    "fc1",
+    "act",
+    "fc2_in",
+    "fc2_out",
+    "fc2",
+    "res2",
+)
+# Each component's (input, output) in a :func:`block_trace`: what it really receives and computes in the forward.
+COMPONENT_IO: dict[str, tuple[str, str]] = {
+    "ln1": ("x", "ln1"),
+    "mha": ("ln1", "attn"),
+    "ln2": ("res1", "ln2"),
+    "fc1": ("ln2", "fc1"),
+    "fc2": ("fc2_in", "fc2_out"),
+}
+
+
+def block_trace(
+    model: nn.Module, layer: int, x: torch.Tensor, ctx: BlockContext | None = None
+) -> dict[str, torch.Tensor]:
+    """Block ``layer`` piece by piece on tokens ``x`` ``(B, N, D)``, every intermediate kept.
+
+    Keys (:data:`TRACE_POINTS`): ``x`` (the block input), ``ln1``, ``attn`` (the attention output, before
+    LayerScale), ``mha`` (the attention branch, LayerScale included), ``res1 = x + mha``, ``ln2``, ``fc1`` (FC1
+    output before the activation; ``(B, N, 2H)`` pre-gate for gated MLPs), ``act`` (after the activation / gate,
+    ``(B, N, H)``), ``fc2_in`` (FC2's real input: ``act`` through the MLP norm when there is one), ``fc2_out``
+    (FC2's output), ``fc2`` (the MLP branch, LayerScale included), ``res2 = res1 + fc2`` (the block output,
+    equal to :func:`run_block`). :data:`COMPONENT_IO` names each component's input and output among them.
+
+    Dropout and stochastic depth are skipped: the model is assumed in eval mode. ``ctx`` may be left out for a
+    ``vit``.
+    """
+    ctx = _context_for(model, ctx)
+    block = model.blocks[layer]  # type: ignore[index]
+    ls1, ls2 = layer_scales(model, layer)
+    ln1 = block.norm1(x)
+    attn = block.attn(ln1, **ctx.kwargs(layer))  # (B, N, D)
+    mha = ls1(attn)
+    res1 = x + mha
+    ln2 = block.norm2(res1)
+    fc1 = block_module(model, layer, "fc1")(ln2)  # (B, N, H) or (B, N, 2H) pre-gate
+    act = mlp_activation(model, layer)(fc1)  # (B, N, H)
+    fc2_in = block.mlp.norm(act) if hasattr(block.mlp, "norm") else act
+    fc2_out = block.mlp.fc2(fc2_in)  # (B, N, D)
+    fc2 = ls2(fc2_out)
+    res2 = res1 + fc2
+    return {
+        "x": x,
+        "ln1": ln1,
+        "attn": attn,
+        "mha": mha,
+        "res1": res1,
+        "ln2": ln2,
+        "fc1": fc1,
+        "act": act,
+        "fc2_in": fc2_in,
+        "fc2_out": fc2_out,
+        "fc2": fc2,
+        "res2": res2,
+    }
 
 
 def component_table(model: nn.Module) -> list[dict]:

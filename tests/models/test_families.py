@@ -1,0 +1,421 @@
+"""Eva (EVA-02, DINOv3) and Beit in the component registry, against timm's own forward (issue 14, item 1).
+
+Every family is built at a small size with random weights (perturbed so that LayerScale gains, relative position
+bias tables and q/v biases are not their trivial initial values), in float64 so that equalities are tight.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+from vitef.errors import ComponentError, ModelError
+from vitef.models import (
+    BLOCK_COMPONENTS,
+    COMPONENT_IO,
+    assign_components,
+    block_module,
+    block_trace,
+    build_model,
+    count_parameters,
+    embed,
+    embed_context,
+    layer_scales,
+    mlp_activation,
+    mlp_width,
+    model_family,
+    run_attention,
+    run_block,
+    set_trainable,
+)
+from vitef.models.components import PATTERNS, count_units, unit_of, units_of
+
+SMALL = {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 2}
+# name -> (timm name, kwargs): one case per layout the registry must know.
+CASES: dict[str, tuple[str, dict]] = {
+    # RoPE (half rotation), 4 registers, LayerScale gamma_1/gamma_2, fused qkv without bias, plain MLP.
+    "dinov3": ("vit_small_patch16_dinov3", SMALL),
+    # RoPE (interleaved), fused qkv with q_bias/v_bias, packed SwiGLU (GluMlp fc1), patch 14.
+    "eva02": ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}),
+    # EVA-02 CLIP: separate q_proj/k_proj/v_proj, scale norm attn.norm, SwiGLU fc1_g/fc1_x with mlp.norm.
+    "eva02_clip": ("eva02_base_patch16_clip_224", SMALL),
+    # EVA-02 with timm kwargs: LayerScale on the attention branch only (no gamma_2), split SwiGLU.
+    "eva02_kwargs": (
+        "eva02_tiny_patch14_224",
+        {
+            "img_size": 28,
+            "depth": 2,
+            "qkv_fused": False,
+            "scale_mlp": True,
+            "init_values": 0.1,
+            "attn_only_layer_scale": True,
+        },
+    ),
+    # Mixed RoPE (learnable frequencies rope.freqs, one embedding per block), timm's AttentionRope.
+    "rope_mixed": ("vit_small_patch16_rope_mixed_224", SMALL),
+    # BEiT: a relative position bias table in every block, gamma_1/gamma_2.
+    "beit": ("beit_base_patch16_224", SMALL),
+    # BEiT with one relative position bias shared by all blocks (rel_pos_bias.*), none of their own.
+    "beit_shared": ("beit_base_patch16_224", {**SMALL, "use_shared_rel_pos_bias": True, "use_rel_pos_bias": False}),
+    # Both: the shared bias adds to each block's own.
+    "beit_both": ("beit_base_patch16_224", {**SMALL, "use_shared_rel_pos_bias": True}),
+    # The paper's family, for reference: the same tests hold for a VisionTransformer with LayerScale.
+    "vit": ("vit_small_patch14_dinov2", {"img_size": 28, "depth": 2, "embed_dim": 64, "num_heads": 2}),
+}
+FAMILY = {"dinov3": "eva", "eva02": "eva", "eva02_clip": "eva", "eva02_kwargs": "eva", "rope_mixed": "eva",
+          "beit": "beit", "beit_shared": "beit", "beit_both": "beit", "vit": "vit"}  # fmt: skip
+
+
+def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random values everywhere: gains near 1, everything else (biases, tables, tokens) away from its init."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            if "relative_position_bias_table" in name:
+                p.copy_(0.5 * noise)
+            elif p.ndim >= 2:
+                p.copy_(0.1 * noise)
+            elif name.endswith(("norm1.weight", "norm2.weight", "norm.weight", "gamma_1", "gamma_2")):
+                p.copy_(1.0 + 0.3 * noise)
+            else:
+                p.copy_(0.3 * noise)
+    return model
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, nn.Module]:
+    torch.manual_seed(0)
+    out = {}
+    for key, (name, kwargs) in CASES.items():
+        out[key] = perturb(timm.create_model(name, pretrained=False, **kwargs), seed=1).double().eval()
+    return out
+
+
+def images(model: nn.Module, n: int, seed: int) -> torch.Tensor:
+    size = model.patch_embed.img_size
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, *size, generator=g, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The registry
+# ---------------------------------------------------------------------------------------------------
+
+
+def module_owner(model: nn.Module) -> dict[int, tuple[str, int | None]]:
+    """The component of every parameter from the modules that hold it (independent of the name patterns)."""
+    owner: dict[int, tuple[str, int | None]] = {}
+
+    def put(params, comp, layer=None):
+        for p in params:
+            assert id(p) not in owner
+            owner[id(p)] = (comp, layer)
+
+    for i, block in enumerate(model.blocks):
+        put(block.norm1.parameters(), "ln1", i)
+        put(block.attn.parameters(), "mha", i)
+        put(block.norm2.parameters(), "ln2", i)
+        mlp = block.mlp
+        for name in ("fc1", "fc1_g", "fc1_x"):
+            if hasattr(mlp, name):
+                put(getattr(mlp, name).parameters(), "fc1", i)
+        put(mlp.fc2.parameters(), "fc2", i)
+        put(mlp.norm.parameters(), "fc2", i)
+        for name, comp in (("ls1", "mha"), ("gamma_1", "mha"), ("ls2", "fc2"), ("gamma_2", "fc2")):
+            part = getattr(block, name, None)
+            if isinstance(part, nn.Module):
+                put(part.parameters(), comp, i)
+            elif part is not None:
+                put([part], comp, i)
+    for name in ("patch_embed", "norm_pre", "rel_pos_bias", "rope"):
+        part = getattr(model, name, None)
+        if isinstance(part, nn.Module):
+            put(part.parameters(), "emb")
+    for name in ("cls_token", "reg_token", "pos_embed"):
+        if getattr(model, name, None) is not None:
+            put([getattr(model, name)], "emb")
+    for p in model.parameters():
+        owner.setdefault(id(p), ("head", None))  # norm, fc_norm, head
+    return owner
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_parameter_in_exactly_one_component_and_unit(models, case):
+    model = models[case]
+    assert model_family(model) == FAMILY[case]
+    info = assign_components(model)
+    owner = module_owner(model)
+    params = dict(model.named_parameters())
+    assert len(info) == len(params)
+    for name, p in params.items():
+        matches = [c for c, pat in PATTERNS.items() if pat.match(name)]
+        assert len(matches) == 1, (name, matches)
+        assert (info[name].component, info[name].layer) == owner[id(p)], name
+    units = units_of(model)
+    assert sorted({unit_of(n) for n in params}) == sorted(units)  # every finest unit holds parameters
+    counts = count_units(model)
+    assert sum(counts.values()) == sum(p.numel() for p in params.values())
+    assert sum(count_parameters(model).values()) == sum(p.numel() for p in params.values())
+
+
+def test_family_specific_names_land_where_documented(models):
+    names = {case: {n: i.component for n, i in assign_components(m).items()} for case, m in models.items()}
+    assert names["dinov3"]["blocks.0.gamma_1"] == "mha" and names["dinov3"]["blocks.1.gamma_2"] == "fc2"
+    assert names["dinov3"]["reg_token"] == "emb"
+    assert names["eva02"]["blocks.0.attn.q_bias"] == "mha" and names["eva02"]["blocks.0.attn.v_bias"] == "mha"
+    assert names["eva02"]["blocks.0.mlp.fc1.weight"] == "fc1"  # GluMlp: gate and value in one fc1
+    clip = names["eva02_clip"]
+    for key in ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.bias", "attn.norm.weight"):
+        assert clip[f"blocks.1.{key}"] == "mha", key
+    assert clip["blocks.1.mlp.fc1_g.weight"] == clip["blocks.1.mlp.fc1_x.bias"] == "fc1"
+    assert clip["blocks.1.mlp.norm.weight"] == "fc2"
+    assert "blocks.0.gamma_2" not in names["eva02_kwargs"] and names["eva02_kwargs"]["blocks.0.gamma_1"] == "mha"
+    assert names["rope_mixed"]["rope.freqs"] == "emb"
+    assert names["beit"]["blocks.0.attn.relative_position_bias_table"] == "mha"
+    assert names["beit_shared"]["rel_pos_bias.relative_position_bias_table"] == "emb"
+    assert "blocks.0.attn.relative_position_bias_table" not in names["beit_shared"]
+
+
+@pytest.mark.parametrize("case", ["dinov3", "eva02_clip", "beit_both"])
+@pytest.mark.parametrize("trainable", [["mha"], ["fc1"], ["fc2", "ln1"], ["emb"], ["mha.1"], ["fc1.0"]])
+def test_set_trainable_freezes_exactly_the_right_tensors(models, case, trainable):
+    model = models[case]
+    owner = module_owner(model)
+    counts = set_trainable(model, trainable)
+    wanted = set()
+    for t in trainable:
+        comp, _, block = t.partition(".")
+        wanted |= {(comp, int(block))} if block else {(comp, i) for i in [None, *range(len(model.blocks))]}
+    wanted |= {("head", None)}
+    expected: dict[str, int] = {}
+    for p in model.parameters():
+        comp, layer = owner[id(p)]
+        assert p.requires_grad == ((comp, layer) in wanted)
+        if p.requires_grad:
+            expected[comp] = expected.get(comp, 0) + p.numel()
+    assert counts == expected
+    set_trainable(model, ["all"])
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unknown_layouts_name_the_supported_families():
+    with pytest.raises(
+        ComponentError, match=r"matches no component; vitef supports timm VisionTransformer .*Eva.*Beit"
+    ):
+        assign_components(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(ComponentError, match="Sequential is not a supported model.*Eva.*Beit"):
+        model_family(nn.Sequential(nn.Linear(2, 2)))
+    post = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=1, use_post_norm=True)
+    with pytest.raises(ComponentError, match="post-norm blocks"):
+        model_family(post)
+
+
+def test_build_model_accepts_eva_and_beit_and_refuses_others():
+    assert type(build_model("vit_small_patch16_dinov3", pretrained=False, **SMALL)).__name__ == "Eva"
+    beit = build_model("beit_base_patch16_224", pretrained=False, use_shared_rel_pos_bias=True, **SMALL)
+    assert type(beit).__name__ == "Beit"
+    # Overrides are checked against the named model's own class: qkv_fused is an Eva argument, not a ViT one.
+    eva = build_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=1, qkv_fused=False)
+    assert eva.blocks[0].attn.q_proj is not None
+    with pytest.raises(ModelError, match="unknown key 'qkv_fused' \\(not an argument of timm's VisionTransformer\\)"):
+        build_model("vit_tiny_patch16_224", pretrained=False, qkv_fused=False)
+    with pytest.raises(ModelError, match="unknown key 'qkv_fusd' \\(not an argument of timm's Eva\\).*'qkv_fused'"):
+        build_model("eva02_tiny_patch14_224", pretrained=False, qkv_fusd=False)
+    with pytest.raises(ModelError, match="is a ResNet, not a timm VisionTransformer, Eva or Beit"):
+        build_model("resnet18", pretrained=False)
+    with pytest.raises(ModelError, match="post-norm blocks"):
+        build_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=1, use_post_norm=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Blocks against timm's own forward
+# ---------------------------------------------------------------------------------------------------
+
+
+def timm_forward_capture(model: nn.Module, x: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Inputs and outputs of every module of interest during ``model.forward_features`` (forward hooks)."""
+    seen: dict = {}
+    handles = []
+
+    def keep(key):
+        def hook(module, args, output):
+            seen[key] = (args[0], output)
+
+        return hook
+
+    for i, block in enumerate(model.blocks):
+        handles.append(block.register_forward_hook(keep((i, "block"))))
+        for name in ("norm1", "attn", "norm2", "mlp"):
+            handles.append(getattr(block, name).register_forward_hook(keep((i, name))))
+        for name in ("fc1", "fc1_g", "fc1_x", "fc2"):
+            if hasattr(block.mlp, name):
+                handles.append(getattr(block.mlp, name).register_forward_hook(keep((i, name))))
+    try:
+        with torch.no_grad():
+            out = model.forward_features(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, out
+
+
+def close(a, b, msg=""):
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=msg)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_blocks_and_trace_equal_timm_forward(models, case):
+    model = models[case]
+    x = images(model, 3, seed=2)
+    seen, features = timm_forward_capture(model, x)
+    with torch.no_grad():
+        h, ctx = embed_context(model, x)
+        close(h, embed(model, x))
+        for i in range(len(model.blocks)):
+            block_in, block_out = seen[(i, "block")]
+            close(h, block_in, f"block {i} input")
+            out = run_block(model, i, h, ctx)
+            close(out, block_out, f"block {i} output")
+            t = block_trace(model, i, h, ctx)
+            close(t["res2"], out, f"block {i} trace")
+            # Every component's input and output in the trace is the one timm's forward computes.
+            timm_io = {
+                "ln1": seen[(i, "norm1")],
+                "mha": seen[(i, "attn")],
+                "ln2": seen[(i, "norm2")],
+                "fc2": seen[(i, "fc2")],
+            }
+            if (i, "fc1_g") in seen:  # SwiGLU: FC1 is the concatenation [gate, value], (B, N, 2H)
+                gate, value = seen[(i, "fc1_g")][1], seen[(i, "fc1_x")][1]
+                timm_io["fc1"] = (seen[(i, "mlp")][0], torch.cat([gate, value], -1))
+            else:
+                timm_io["fc1"] = seen[(i, "fc1")]
+            for comp, (src, dst) in COMPONENT_IO.items():
+                close(t[src], timm_io[comp][0], f"block {i} {comp} input")
+                close(t[dst], timm_io[comp][1], f"block {i} {comp} output")
+            close(t["fc1"], block_module(model, i, "fc1")(t["ln2"]))
+            assert t["fc1"].shape[-1] == block_module(model, i, "fc1").out_features
+            assert t["act"].shape[-1] == mlp_width(model, i) == t["fc2_in"].shape[-1]
+            close(t["fc2"], seen[(i, "mlp")][1] * _gain(model.blocks[i], 2), f"block {i} MLP branch")
+            h = out
+        close(model.norm(h), features, "forward_features")
+
+
+def _gain(block, k):
+    """The LayerScale gain of branch k as a tensor (1 when absent), read from the block's attributes directly."""
+    if hasattr(block, f"ls{k}"):
+        ls = getattr(block, f"ls{k}")
+        return ls.gamma if hasattr(ls, "gamma") else 1.0
+    gamma = getattr(block, f"gamma_{k}", None)
+    return 1.0 if gamma is None else gamma
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_layer_scales_multiply_by_the_gains(models, case):
+    model = models[case]
+    z = torch.randn(2, 5, model.embed_dim, dtype=torch.float64)
+    for i, block in enumerate(model.blocks):
+        ls1, ls2 = layer_scales(model, i)
+        close(ls1(z), z * _gain(block, 1))
+        close(ls2(z), z * _gain(block, 2))
+
+
+def rotate(x: torch.Tensor, emb: torch.Tensor, half: bool) -> torch.Tensor:
+    """Rotary embedding written out: pairs (x_j, x_j') turned by the angles whose sin/cos ``emb`` concatenates."""
+    sin, cos = emb.chunk(2, -1)
+    if half:  # pairs (j, j + d/2)
+        a, b = x.chunk(2, -1)
+        turned = torch.cat([-b, a], -1)
+    else:  # pairs (2j, 2j + 1)
+        turned = torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+    return x * cos + turned * sin
+
+
+def direct_attention(model: nn.Module, layer: int, x: torch.Tensor, ctx) -> torch.Tensor:
+    """Multi-head attention of block ``layer`` computed from its weights, RoPE and relative position biases."""
+    attn = model.blocks[layer].attn
+    B, N, _ = x.shape
+    H = attn.num_heads
+    if getattr(attn, "qkv", None) is not None:
+        w = attn.qkv.weight
+        if getattr(attn, "q_bias", None) is not None:
+            bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+        else:
+            bias = attn.qkv.bias
+        q, k, v = nn.functional.linear(x, w, bias).chunk(3, -1)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q, k, v = (t.reshape(B, N, H, -1).transpose(1, 2) for t in (q, k, v))  # (B, H, N, hd)
+    if hasattr(attn, "q_norm"):  # Eva (Identity unless qk_norm)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    if ctx.rope is not None:
+        rope = ctx.rope[layer] if ctx.per_block else ctx.rope
+        n = attn.num_prefix_tokens
+        half = attn.rotate_half
+        q = torch.cat([q[:, :, :n], rotate(q[:, :, n:], rope, half)], 2)
+        k = torch.cat([k[:, :, :n], rotate(k[:, :, n:], rope, half)], 2)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, N, N)
+    table = getattr(attn, "relative_position_bias_table", None)
+    if table is not None:
+        logits = logits + table[attn.relative_position_index.reshape(-1)].reshape(N, N, H).permute(2, 0, 1)
+    if ctx.rel_pos_bias is not None:
+        shared = model.rel_pos_bias
+        bias = shared.relative_position_bias_table[shared.relative_position_index.reshape(-1)]
+        logits = logits + bias.reshape(N, N, H).permute(2, 0, 1)
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, -1)
+    return attn.proj(attn.norm(out) if hasattr(attn, "norm") else out)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_run_attention_equals_direct_computation(models, case):
+    model = models[case]
+    with torch.no_grad():
+        e, ctx = embed_context(model, images(model, 2, seed=3))
+        if FAMILY[case] == "eva":
+            assert ctx.rope is not None
+        if case in ("beit_shared", "beit_both"):
+            assert ctx.rel_pos_bias is not None
+        for i in range(len(model.blocks)):
+            close(run_attention(model, i, e, ctx), direct_attention(model, i, e, ctx), f"block {i}")
+
+
+def test_block_context_is_required_where_it_matters(models):
+    model = models["dinov3"]
+    e = embed(model, images(model, 1, seed=4))
+    with pytest.raises(ComponentError, match="needs its context.*embed_context"):
+        run_block(model, 0, e)
+    vit = models["vit"]
+    e = embed(vit, images(vit, 1, seed=4))
+    close(run_block(vit, 0, e), vit.blocks[0](e))  # a VisionTransformer's blocks need none
+
+
+@pytest.mark.parametrize("case", ["eva02", "eva02_clip", "dinov3"])
+def test_gated_activation_is_the_mlp_between_fc1_and_fc2(models, case):
+    model = models[case]
+    mlp = model.blocks[0].mlp
+    z = torch.randn(2, 5, model.embed_dim, dtype=torch.float64)
+    with torch.no_grad():
+        hidden = mlp_activation(model, 0)(block_module(model, 0, "fc1")(z))  # (B, N, H)
+        norm = mlp.norm if hasattr(mlp, "norm") else nn.Identity()
+        close(mlp.fc2(norm(hidden)), mlp(z))
+        if hasattr(mlp, "fc1_g"):
+            close(hidden, nn.functional.silu(mlp.fc1_g(z)) * mlp.fc1_x(z))
+            fc1 = block_module(model, 0, "fc1")
+            close(fc1.weight, torch.cat([mlp.fc1_g.weight, mlp.fc1_x.weight]))
+            close(nn.functional.linear(z, fc1.weight, fc1.bias), fc1(z))
+
+
+def test_registry_counts_per_block_components(models):
+    """Every block of every family holds each of the five per-block components."""
+    for case, model in models.items():
+        info = assign_components(model)
+        for comp in BLOCK_COMPONENTS:
+            layers = {i.layer for i in info.values() if i.component == comp}
+            assert layers == set(range(len(model.blocks))), (case, comp)
+    np.testing.assert_equal(len(units_of(models["beit"])), 2 + 5 * 2)
