@@ -463,6 +463,26 @@ def _components(df: pd.DataFrame, col: str) -> list[str]:
     return R.order_components(df[col].unique())
 
 
+# Components trained together (trainable=[mha, fc1] → ``mha+fc1``) are their own configuration: each gets its own
+# colour (common.py gives every combination the one OTHER_COLOR) and hatched bars / dashed lines, so that
+# MHA+FC1 reads apart from MHA, FC1 and from another combination in the same figure.
+COMBINATION_COLORS = ("#8c564b", "#2ca02c", "#393b79", "#843c39", "#7b4173", "#637939")
+COMBINATION_HATCH = "//"
+
+
+def is_combination(component: str) -> bool:
+    return "+" in str(component)
+
+
+def component_colors(comps: list[str]) -> dict[str, str]:
+    """Colour of each of ``comps``: the shared component colour, or one colour per combination in ``comps``."""
+    combos = [c for c in comps if is_combination(c)]
+    colors = {c: component_color(c) for c in comps}
+    for i, c in enumerate(combos):
+        colors[c] = COMBINATION_COLORS[i % len(COMBINATION_COLORS)]
+    return colors
+
+
 def _dataset_panels(datasets: list[str]):
     """A figure with one panel per dataset (at most 4 a row; the spare panels of the last row hidden) and the
     ``(axes, dataset)`` pairs."""
@@ -479,12 +499,16 @@ def plot_accuracy(cells: pd.DataFrame):
     """Best-LR test accuracy per component (bars) ± std over seeds (error bars), one panel per dataset."""
     datasets = R.order_datasets(cells["dataset"].unique())
     comps = _components(cells, "component")
+    colors = component_colors(comps)
     fig, panels = _dataset_panels(datasets)
     for ax, dataset in panels:
         d = cells[cells["dataset"] == dataset].set_index("component").reindex(comps)
         mean, std = 100 * d["mean"].to_numpy(float), 100 * d["std"].fillna(0).to_numpy(float)
         x = np.arange(len(comps))
-        ax.bar(x, np.nan_to_num(mean), yerr=std, color=[component_color(c) for c in comps], capsize=3)
+        bars = ax.bar(x, np.nan_to_num(mean), yerr=std, color=[colors[c] for c in comps], capsize=3)
+        for bar, c in zip(bars, comps, strict=True):
+            if is_combination(c):
+                bar.set_hatch(COMBINATION_HATCH)  # per bar: a list of hatches needs matplotlib 3.10
         for i, status in enumerate(d["status"]):
             if status != "ok":
                 ax.annotate("†" if status == "partial" else "missing", (i, 0), ha="center", va="bottom", fontsize=7)
@@ -506,14 +530,17 @@ def plot_robustness(runs: pd.DataFrame):
     ok = runs[(runs["status"] == "completed") & runs["test_acc"].notna()]
     datasets = R.order_datasets(runs["dataset"].unique())
     comps = _components(runs, "trainable")
+    colors = component_colors(comps)
     fig, panels = _dataset_panels(datasets)
     for ax, dataset in panels:
         d = ok[ok["dataset"] == dataset]
         data = [100 * d[d["trainable"] == c]["test_acc"].to_numpy(float) for c in comps]
         bp = ax.boxplot(data, patch_artist=True, widths=0.6)
         for patch, c in zip(bp["boxes"], comps, strict=True):
-            patch.set_facecolor(component_color(c))
+            patch.set_facecolor(colors[c])
             patch.set_alpha(0.7)
+            if is_combination(c):
+                patch.set_hatch(COMBINATION_HATCH)
         for i, values in enumerate(data):
             ax.scatter(np.full(len(values), i + 1.0), values, s=6, color="k", zorder=3)
         ax.set_xticks(np.arange(1, len(comps) + 1), [R.component_label(c) for c in comps], rotation=45)
@@ -530,14 +557,15 @@ def plot_lr_gap(cells: pd.DataFrame):
 
     datasets = R.order_datasets(cells["dataset"].unique())
     comps = _components(cells, "component")
+    colors = component_colors(comps)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(datasets) * len(comps) / 4), 3.2))
     width = 0.8 / len(comps)
     x = np.arange(len(datasets))
     for j, comp in enumerate(comps):
         c = cells[cells["component"] == comp].set_index("dataset").reindex(datasets)
         gap = 100 * c["lr_gap"].to_numpy(float)
-        ax.bar(x + (j - (len(comps) - 1) / 2) * width, gap, width, color=component_color(comp),
-               label=R.component_label(comp))  # fmt: skip
+        ax.bar(x + (j - (len(comps) - 1) / 2) * width, gap, width, color=colors[comp],
+               hatch=COMBINATION_HATCH if is_combination(comp) else None, label=R.component_label(comp))  # fmt: skip
     ax.set_xticks(x, [R.dataset_label(d) for d in datasets], rotation=30, ha="right")
     ax.set_ylabel("max − min over lr (pts)")
     ax.set_title("Sensitivity to the learning rate (lower is more robust)")
@@ -554,6 +582,7 @@ def plot_curves(runs: pd.DataFrame, cells: pd.DataFrame, dataset: str):
     if chosen.empty:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    colors = component_colors(R.order_components(chosen["component"].unique()))
     drew = False
     for _, cell in chosen.iterrows():
         sel = runs[
@@ -567,9 +596,10 @@ def plot_curves(runs: pd.DataFrame, cells: pd.DataFrame, dataset: str):
             if curve.empty:
                 continue
             drew = True
-            color = component_color(cell["component"])
+            color = colors[cell["component"]]
             label = f"{R.component_label(cell['component'])} (lr {cell['lr']:g})"
-            ax.plot(curve["step"], curve["mean"], color=color, label=label, lw=1.2)
+            style = "--" if is_combination(cell["component"]) else "-"
+            ax.plot(curve["step"], curve["mean"], color=color, ls=style, label=label, lw=1.2)
             ax.fill_between(curve["step"], curve["min"], curve["max"], color=color, alpha=0.15, lw=0)
     if not drew:
         plt.close(fig)

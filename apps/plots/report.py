@@ -26,7 +26,7 @@ import pandas as pd
 
 from vitef.config import cli_main, option
 from vitef.errors import ConfigError, VitefError
-from vitef.models.components import DISPLAY_NAMES
+from vitef.models.components import DISPLAY_NAMES, display_name
 from vitef.monitor.analysis_dir import find_analyses
 from vitef.plasticity import summarize
 from vitef.results import SELECT_ON
@@ -262,6 +262,8 @@ def finetuning_section(doc: Document, root: Path, select_on: str) -> bool:
                 doc.text("None: every (dataset, component, lr, seed) cell has a completed run.")
             else:
                 doc.text(f"{len(df)} runs are missing or unfinished; their cells are marked and left out of averages.")
+                if "component" in df.columns:  # the tables' labels: MHA, MHA+FC1 (components trained together)
+                    df["component"] = [display_name(c) for c in df["component"].astype(str)]
                 doc.table(df)
     return True
 
