@@ -20,8 +20,26 @@ Two modes:
 ``hidden``
     Each component gets the input it really receives in the forward pass of that sample (LN1: the
     block input; MHA: the LN1 output; LN2: the residual stream after attention, LayerScale included;
-    FC1: the LN2 output; FC2: its actual input, i.e. the activation output), captured with forward
-    hooks during one real forward pass. The denominator is the distance between those inputs.
+    FC1: the LN2 output; FC2: its actual input, i.e. the activation output, through the MLP norm when
+    the model has one), from one real forward pass run block by block
+    (:func:`vitef.models.components.block_trace`, checked against hooks on timm's own forward). The
+    denominator is the distance between those inputs.
+
+Families (issue 14; :mod:`vitef.models.components`). Both modes work on timm ``VisionTransformer``,
+``Eva`` (EVA-02, DINOv3) and ``Beit`` models:
+
+- MHA under rotary position embeddings (RoPE: EVA-02, DINOv3). The rotation of the queries and keys by
+  their patch positions is part of the attention, so "MHA applied to e(x)" is block l's attention
+  module on e(x) *with* block l's rotary embedding: x ↦ proj(softmax(R(W_q x) R(W_k x)^T / √d) W_v x),
+  R rotating the patch tokens (not the prefix tokens) by fixed angles. R is a fixed orthogonal map per
+  token (no parameters, independent of the input), so it changes the logits, hence the ratio, but not
+  what is being measured. Likewise BEiT's relative position biases (each block's table and the shared
+  one) are added to the logits inside MHA in both modes. The q/k norms and the scale norm before the
+  output projection (``attn.norm``, EVA-02 CLIP) are part of MHA too.
+- Gated MLPs (SwiGLU: ``fc1_g``/``fc1_x``, or GluMlp's fused ``fc1``). FC1 is the linear map to the
+  concatenated pre-gate projections [W_g x + b_g, W_x x + b_x] (width 2H); FC2 is the linear layer
+  after the gate act(g) ⊙ v (input width H), so embedding mode pads e to H. The gate itself, like the
+  GELU of a plain MLP, belongs to no component.
 
 Speed and memory. x and y go through in one batched pass (concatenated), under
 ``torch.inference_mode``, one block at a time: nothing is held beyond the current block's outputs and
@@ -52,7 +70,18 @@ import torch
 from torch import nn
 
 from vitef.errors import ComponentError, ConfigError
-from vitef.models.components import BLOCK_COMPONENTS, THEORETICAL_RANK, block_module, canonical_list, embed, num_blocks
+from vitef.models.components import (
+    BLOCK_COMPONENTS,
+    COMPONENT_IO,
+    THEORETICAL_RANK,
+    block_module,
+    block_trace,
+    canonical_list,
+    embed_context,
+    model_family,
+    num_blocks,
+    run_attention,
+)
 from vitef.utils import autocast_context, check_precision, precision_scope
 
 logger = logging.getLogger(__name__)
@@ -80,7 +109,8 @@ def measure(
     Parameters
     ----------
     model
-        A timm ``VisionTransformer``. It is put in eval mode for the measurement (its mode is restored).
+        A timm ``VisionTransformer``, ``Eva`` or ``Beit`` (:func:`vitef.models.components.model_family`). It is
+        put in eval mode for the measurement (its mode is restored).
     source, target
         Iterables of image batches: ``(B, C, H, W)`` tensors or ``(images, labels)`` pairs as a
         ``DataLoader`` yields. Pair i is the i-th image of each stream; batch sizes may differ.
@@ -122,8 +152,7 @@ def measure(
     if n_pairs is not None and n_pairs <= 0:
         raise ConfigError(f"n_pairs={n_pairs} must be positive (or None for all pairs)")
     comps = resolve_components(components)
-    if not hasattr(model, "blocks"):
-        raise ComponentError(f"{type(model).__name__} has no blocks; plasticity needs a timm VisionTransformer")
+    model_family(model)  # raises ComponentError naming the supported families
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     n_layers = num_blocks(model)
 
@@ -275,7 +304,7 @@ class _EmbeddingStep(contextlib.AbstractContextManager):
         self.fc2_w.clear()
 
     def __call__(self, images: torch.Tensor, b: int) -> torch.Tensor:
-        e = embed(self.model, images)  # (2B, N, D)
+        e, ctx = embed_context(self.model, images)  # (2B, N, D), and the RoPE / shared bias the blocks need
         dtype = torch.promote_types(e.dtype, torch.float32)
         delta = e[:b].to(dtype) - e[b:].to(dtype)  # (B, N, D)
         den = delta.flatten(1).norm(dim=1)  # (B,)
@@ -286,8 +315,11 @@ class _EmbeddingStep(contextlib.AbstractContextManager):
                     # Linear: the bias cancels, so only the difference goes through (B rows, not 2B).
                     w = self.fc1_r[layer] if comp == "fc1" else self.fc2_w[layer]
                     num = nn.functional.linear(delta, w.to(dtype)).to(dtype).flatten(1).norm(dim=1)  # (B,)
+                elif comp == "mha":
+                    # Nonlinear: both sides in one batched call; RoPE / relative position bias inside.
+                    num = pair_distance(run_attention(self.model, layer, e, ctx), b)
                 else:
-                    # LN1, LN2, MHA: nonlinear, so both sides go through in one batched call.
+                    # LN1, LN2: nonlinear, so both sides go through in one batched call.
                     num = pair_distance(block_module(self.model, layer, comp)(e), b)
                 out[layer, j] = _ratio(num.to(den.dtype), den)
         return out
@@ -299,43 +331,25 @@ class _HiddenStep(contextlib.AbstractContextManager):
     def __init__(self, model: nn.Module, comps: tuple[str, ...]):
         self.model = model
         self.comps = comps
-        self.handles: list = []
-        self.out: torch.Tensor | None = None
-        self.b = 0
-
-    def __enter__(self) -> _HiddenStep:
-        for layer in range(num_blocks(self.model)):
-            for j, comp in enumerate(self.comps):
-                module = block_module(self.model, layer, comp)
-                self.handles.append(module.register_forward_hook(self._hook(layer, j)))
-        return self
 
     def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    def _hook(self, layer: int, j: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            # args[0]: the component's real input, (2B, N, D_in); output: (2B, N, D_out).
-            num = pair_distance(output, self.b)
-            den = pair_distance(args[0], self.b)
-            self.out[layer, j] = _ratio(num.to(den.dtype), den)
-
-        return hook
+        return None
 
     def __call__(self, images: torch.Tensor, b: int) -> torch.Tensor:
-        self.b = b
-        h = embed(self.model, images)  # (2B, N, D)
-        self.out = torch.full(
-            (num_blocks(self.model), len(self.comps), b),
-            math.nan,
-            dtype=torch.promote_types(h.dtype, torch.float32),
-            device=h.device,
-        )
-        for block in self.model.blocks:
-            h = block(h)  # the hooks record each component's ratio as the block runs
-        return self.out
+        h, ctx = embed_context(self.model, images)  # (2B, N, D)
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        out = torch.full((num_blocks(self.model), len(self.comps), b), math.nan, dtype=dtype, device=h.device)
+        for layer in range(num_blocks(self.model)):
+            # The block run piece by piece (the same modules, in the same order, as timm's forward): each
+            # component's real input and output, (2B, N, width) each.
+            trace = block_trace(self.model, layer, h, ctx)
+            for j, comp in enumerate(self.comps):
+                src, dst = COMPONENT_IO[comp]
+                den = pair_distance(trace[src], b)
+                out[layer, j] = _ratio(pair_distance(trace[dst], b).to(den.dtype), den)
+            h = trace["res2"]
+            del trace
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ bias tables and q/v biases are not their trivial initial values), in float64 so 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -34,6 +35,8 @@ from vitef.models import (
     set_trainable,
 )
 from vitef.models.components import PATTERNS, count_units, unit_of, units_of
+from vitef.plasticity import measure
+from vitef.probe import PROBE_POINTS, block_points, extract_features, point_dim
 
 SMALL = {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 2}
 # name -> (timm name, kwargs): one case per layout the registry must know.
@@ -419,3 +422,126 @@ def test_registry_counts_per_block_components(models):
             layers = {i.layer for i in info.values() if i.component == comp}
             assert layers == set(range(len(model.blocks))), (case, comp)
     np.testing.assert_equal(len(units_of(models["beit"])), 2 + 5 * 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plasticity in both modes
+# ---------------------------------------------------------------------------------------------------
+
+PLASTICITY_CASES = ["dinov3", "eva02", "eva02_clip", "rope_mixed", "beit", "beit_shared"]
+
+
+def pair_ratios(out_x, out_y, in_x, in_y) -> np.ndarray:
+    """Per-sample ||out_x - out_y|| / ||in_x - in_y|| over the whole token sequence."""
+    num = (out_x - out_y).flatten(1).norm(dim=1)
+    den = (in_x - in_y).flatten(1).norm(dim=1)
+    return (num / den).numpy()
+
+
+@pytest.mark.parametrize("case", PLASTICITY_CASES)
+def test_hidden_mode_uses_the_inputs_of_timm_forward(models, case):
+    model = models[case]
+    x, y = images(model, 4, seed=5), images(model, 4, seed=6)
+    df = measure(model, [x[:3], x[3:]], [y], mode="hidden", keep_samples=True)
+    sx, _ = timm_forward_capture(model, x)
+    sy, _ = timm_forward_capture(model, y)
+    expected = np.zeros((4, len(model.blocks), len(BLOCK_COMPONENTS)))
+    for i in range(len(model.blocks)):
+        for j, comp in enumerate(BLOCK_COMPONENTS):
+            key = {"ln1": "norm1", "mha": "attn", "ln2": "norm2", "fc1": "fc1", "fc2": "fc2"}[comp]
+            if comp == "fc1" and (i, "fc1_g") in sx:  # SwiGLU: [gate, value] on the MLP's input
+                io = [(s[(i, "mlp")][0], torch.cat([s[(i, "fc1_g")][1], s[(i, "fc1_x")][1]], -1)) for s in (sx, sy)]
+            else:
+                io = [s[(i, key)] for s in (sx, sy)]
+            (in_x, out_x), (in_y, out_y) = io
+            expected[:, i, j] = pair_ratios(out_x, out_y, in_x, in_y)
+    np.testing.assert_allclose(df.attrs["samples"], expected, rtol=1e-9)
+    assert np.isfinite(df["mean"]).all() and (df["n"] == 4).all()
+
+
+def zero_pad(e: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.cat([e, e.new_zeros(*e.shape[:-1], width - e.shape[-1])], -1)
+
+
+@pytest.mark.parametrize("case", PLASTICITY_CASES)
+def test_embedding_mode_equals_direct_computation(models, case):
+    model = models[case]
+    x, y = images(model, 3, seed=7), images(model, 3, seed=8)
+    df = measure(model, [x], [y], keep_samples=True)
+    expected = np.zeros((3, len(model.blocks), len(BLOCK_COMPONENTS)))
+    with torch.no_grad():
+        (ex, cx), (ey, cy) = embed_context(model, x), embed_context(model, y)
+        for i, block in enumerate(model.blocks):
+            mlp = block.mlp
+            if hasattr(mlp, "fc1_g"):  # SwiGLU: FC1 is the concatenated gate and value projections
+
+                def fc1(e, mlp=mlp):
+                    return torch.cat([mlp.fc1_g(e), mlp.fc1_x(e)], -1)
+            else:
+                fc1 = mlp.fc1
+            fns = {
+                "ln1": lambda e, c, b=block: b.norm1(e),
+                "mha": lambda e, c, i=i: direct_attention(model, i, e, c),  # RoPE / rel. pos. bias inside
+                "ln2": lambda e, c, b=block: b.norm2(e),
+                "fc1": lambda e, c, f=fc1: f(e),
+                "fc2": lambda e, c, m=mlp: m.fc2(zero_pad(e, m.fc2.in_features)),
+            }
+            for j, comp in enumerate(BLOCK_COMPONENTS):
+                expected[:, i, j] = pair_ratios(fns[comp](ex, cx), fns[comp](ey, cy), ex, ey)
+    np.testing.assert_allclose(df.attrs["samples"], expected, rtol=1e-9)
+    # Block 0's LN1 sees the embedding itself in both modes.
+    hidden = measure(model, [x], [y], mode="hidden", components=["ln1"])
+    assert hidden["mean"][0] == pytest.approx(df["mean"][0], rel=1e-10)
+
+
+@pytest.mark.parametrize("name, kwargs", [(CASES[c][0], CASES[c][1]) for c in ("dinov3", "eva02", "beit")])
+def test_acceptance_build_freeze_measure_probe_in_float32(name, kwargs):
+    """The issue's acceptance path at small size: build_model, set_trainable, measure (both modes), probe."""
+    torch.manual_seed(0)
+    model = build_model(name, pretrained=False, num_classes=3, **kwargs)
+    assert set_trainable(model, ["fc1"])["fc1"] == count_parameters(model)["fc1"]
+    x, y = images(model, 4, seed=9).float(), images(model, 4, seed=10).float()
+    for mode in ("embedding", "hidden"):
+        df = measure(model, [x], [y], mode=mode)
+        assert len(df) == 5 * len(model.blocks) and np.isfinite(df["mean"]).all(), mode
+    labels = torch.arange(4) % 3
+    bank = extract_features(model, [(x, labels)], num_samples=4, layers=[-1])
+    assert bank.num_samples == 4 and all(np.isfinite(g.numpy()).all() for g in bank.groups.values())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Probe features
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["dinov3", "eva02_clip", "rope_mixed", "beit_both"])
+def test_probe_points_equal_timm_forward(models, case):
+    model = models[case]
+    x = images(model, 3, seed=11)
+    seen, features = timm_forward_capture(model, x)
+    with torch.no_grad():
+        h, ctx = embed_context(model, x)
+        for i, block in enumerate(model.blocks):
+            h, feats = block_points(model, i, h, PROBE_POINTS, ctx)
+            assert list(feats) == list(PROBE_POINTS)
+            close(feats["ln1"], seen[(i, "norm1")][1])
+            close(feats["mha"], seen[(i, "attn")][1] * _gain(block, 1))
+            close(feats["res1"], seen[(i, "norm2")][0])
+            close(feats["ln2"], seen[(i, "norm2")][1])
+            close(feats["fc2"], seen[(i, "mlp")][1] * _gain(block, 2))
+            close(feats["res2"], seen[(i, "block")][1])
+            assert feats["fc1"].shape[-1] == point_dim(model, "fc1") and feats["act"].shape[-1] == point_dim(
+                model, "act"
+            )
+        close(model.norm(h), features)
+    # extract_features: the last block's pooled output is forward_features' block output, pooled the same way.
+    labels = torch.zeros(3, dtype=torch.long)
+    single = copy.deepcopy(model).float()  # the shared fixture stays float64
+    bank = extract_features(single, [(x.float(), labels)], num_samples=3, points=["res2", "fc1", "act"])
+    last = len(model.blocks) - 1
+    w, row = bank.index[(last, "res2")]
+    n = model.num_prefix_tokens
+    with torch.no_grad():
+        blocks_out = seen[(last, "block")][1]
+    torch.testing.assert_close(bank.groups[w][row], blocks_out[:, n:].mean(1).float(), rtol=1e-4, atol=1e-5)
+    assert {w for w, _ in bank.index.values()} == {model.embed_dim, point_dim(model, "fc1"), point_dim(model, "act")}

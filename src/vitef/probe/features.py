@@ -6,19 +6,22 @@ probe points, in block order (names are the contract in docs/ARCHITECTURE.md):
 ========  ==================================================================================
 ``ln1``   after LN1: ``norm1(x)``
 ``mha``   after MHA, before the residual: ``ls1(attn(ln1))`` (LayerScale ``ls1`` included when the
-          model has one, e.g. DINOv2; it is the identity for the paper's ViTs)
+          model has one, e.g. DINOv2, or ``gamma_1`` for Eva/Beit; it is the identity for the paper's
+          ViTs; RoPE and relative position biases are applied inside ``attn``)
 ``res1``  after the attention residual: ``x + mha``
 ``ln2``   after LN2: ``norm2(res1)``
-``fc1``   after FC1, before the activation (MLP width, 4x the embedding for ViT-B)
-``act``   after the activation (MLP width)
+``fc1``   after FC1, before the activation (MLP width, 4x the embedding for ViT-B; for a gated MLP,
+          SwiGLU, the concatenated gate and value projections: twice the width of ``act``)
+``act``   after the activation (MLP width; for a gated MLP, after the gate ``act(g) * v``)
 ``fc2``   after FC2, before the residual: ``ls2(fc2(norm(act)))`` (the optional MLP norm and
           LayerScale ``ls2`` included, as for ``mha``)
 ``res2``  after the MLP residual = the block output
 ========  ==================================================================================
 
 All 8 come from ONE forward pass per batch that runs each block's pieces explicitly through the
-component registry (:func:`vitef.models.block_module`, :func:`~vitef.models.mlp_activation`,
-:func:`~vitef.models.embed`); the test suite checks them against timm's own block forward.
+component registry (:func:`vitef.models.block_trace`, :func:`~vitef.models.embed_context`), for timm
+``VisionTransformer``, ``Eva`` (EVA-02, DINOv3) and ``Beit`` alike; the test suite checks them against
+timm's own block forward.
 Tokens are pooled per image: ``mean`` over the patch tokens (prefix tokens — CLS, registers — left
 out, as timm's ``global_pool="avg"``) or the ``cls`` token.
 """
@@ -34,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vitef.errors import ConfigError
-from vitef.models import block_module, embed, mlp_activation, num_blocks
+from vitef.models import BlockContext, block_module, block_trace, embed_context, mlp_width, num_blocks
 from vitef.utils import autocast_context, check_precision, precision_scope
 
 logger = logging.getLogger(__name__)
@@ -71,37 +74,29 @@ def check_layers(layers: Sequence[int] | None, depth: int) -> list[int]:
 
 
 def point_dim(model: nn.Module, point: str) -> int:
-    """Feature width at ``point``: the MLP hidden width for ``fc1``/``act``, the embedding width otherwise."""
-    if point in ("fc1", "act"):
-        return block_module(model, 0, "fc1").out_features
+    """Feature width at ``point``: FC1's output width for ``fc1`` (2H for a gated MLP), the MLP hidden width H
+    for ``act``, the embedding width otherwise."""
+    if point == "fc1":
+        return int(block_module(model, 0, "fc1").out_features)
+    if point == "act":
+        return mlp_width(model, 0)
     return model.embed_dim  # type: ignore[return-value]
 
 
-def block_points(model: nn.Module, layer: int, x: torch.Tensor, points: Sequence[str]) -> tuple[torch.Tensor, dict]:
+def block_points(
+    model: nn.Module, layer: int, x: torch.Tensor, points: Sequence[str], ctx: BlockContext | None = None
+) -> tuple[torch.Tensor, dict]:
     """Run block ``layer`` piece by piece on tokens ``x`` ``(B, N, D)``.
 
-    Returns the block output ``(B, N, D)`` and ``{point: tokens}`` for the requested ``points``.
-    Stochastic depth and dropout are skipped: the model is assumed frozen in eval mode.
+    Returns the block output ``(B, N, D)`` and ``{point: tokens}`` for the requested ``points``. ``ctx`` is
+    the block context :func:`vitef.models.embed_context` returns with the tokens (required for Eva and Beit:
+    the rotary embedding, the shared relative position bias). Stochastic depth and dropout are skipped: the
+    model is assumed frozen in eval mode.
     """
-    block = model.blocks[layer]  # type: ignore[index]
-    # LayerScale and the MLP's optional norm are not registry components of their own: they belong to
-    # the MHA / FC2 branch (see vitef.models.components), so they are read from the block directly.
-    ls1 = getattr(block, "ls1", nn.Identity())
-    ls2 = getattr(block, "ls2", nn.Identity())
-    mlp_norm = getattr(block.mlp, "norm", nn.Identity())
-    out: dict[str, torch.Tensor] = {}
-    ln1 = block_module(model, layer, "ln1")(x)
-    mha = ls1(block_module(model, layer, "mha")(ln1))
-    res1 = x + mha
-    ln2 = block_module(model, layer, "ln2")(res1)
-    fc1 = block_module(model, layer, "fc1")(ln2)  # (B, N, H)
-    act = mlp_activation(model, layer)(fc1)  # (B, N, H)
-    fc2 = ls2(block_module(model, layer, "fc2")(mlp_norm(act)))
-    res2 = res1 + fc2
-    values = {"ln1": ln1, "mha": mha, "res1": res1, "ln2": ln2, "fc1": fc1, "act": act, "fc2": fc2, "res2": res2}
-    for p in points:
-        out[p] = values[p]
-    return res2, out
+    # LayerScale and the MLP's optional norm are not registry components of their own: they belong to the
+    # MHA / FC2 branch (see vitef.models.components); block_trace applies them where the model does.
+    trace = block_trace(model, layer, x, ctx)
+    return trace["res2"], {p: trace[p] for p in points}
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str, num_prefix_tokens: int) -> torch.Tensor:
@@ -164,7 +159,7 @@ def extract_features(
     Parameters
     ----------
     model
-        A timm ``VisionTransformer`` (put in eval mode here).
+        A timm ``VisionTransformer``, ``Eva`` or ``Beit`` (put in eval mode here).
     loader
         Yields ``(images (B, 3, H, W), labels (B,))``.
     layers, points
@@ -204,10 +199,10 @@ def extract_features(
             raise ValueError(f"loader yielded more than num_samples={n} samples")
         # The bank is allocated outside inference mode so callers can preprocess it in place.
         with torch.inference_mode(), precision_scope(precision), autocast_context(device, precision):
-            x = embed(model, images.to(device, non_blocking=True))  # (B, N, D)
+            x, ctx = embed_context(model, images.to(device, non_blocking=True))  # (B, N, D)
             for layer in range(last + 1):
                 want = pts if layer in layer_ids else ()
-                x, feats = block_points(model, layer, x, want)
+                x, feats = block_points(model, layer, x, want, ctx)
                 for p, tokens in feats.items():
                     w, row = index[(layer, p)]
                     groups[w][row, pos : pos + b] = pool_tokens(tokens, pool, prefix).float().cpu()
