@@ -31,9 +31,10 @@ Families (issue 14; :mod:`vitef.models.components`). Both modes work on timm ``V
 - MHA under rotary position embeddings (RoPE: EVA-02, DINOv3). The rotation of the queries and keys by
   their patch positions is part of the attention, so "MHA applied to e(x)" is block l's attention
   module on e(x) *with* block l's rotary embedding: x ↦ proj(softmax(R(W_q x) R(W_k x)^T / √d) W_v x),
-  R rotating the patch tokens (not the prefix tokens) by fixed angles. R is a fixed orthogonal map per
-  token (no parameters, independent of the input), so it changes the logits, hence the ratio, but not
-  what is being measured. Likewise BEiT's relative position biases (each block's table and the shared
+  R rotating the patch tokens (not the prefix tokens) by angles set by their positions. R has no
+  parameters and does not depend on the input (an orthogonal map per position): it changes which tokens
+  attend to which, hence the value of the ratio, but the ratio is still the rate of change of the
+  attention exactly as the block applies it. Likewise BEiT's relative position biases (each block's table and the shared
   one) are added to the logits inside MHA in both modes. The q/k norms and the scale norm before the
   output projection (``attn.norm``, EVA-02 CLIP) are part of MHA too.
 - Gated MLPs (SwiGLU: ``fc1_g``/``fc1_x``, or GluMlp's fused ``fc1``). FC1 is the linear map to the
