@@ -42,7 +42,7 @@ from vitef.adapters import (
     trainable_counts,
 )
 from vitef.config import canonical_saved, cli_main, flatten, option, save_config, to_dict
-from vitef.data import DataConfig, build_loader, canonical_name, make_iterable, num_classes
+from vitef.data import DataConfig, DevicePrefetcher, build_loader, canonical_name, make_iterable, num_classes
 from vitef.distributed import DistInfo
 from vitef.errors import ConfigError, TrainingError, VitefError
 from vitef.evaluation import EvalResult, evaluate
@@ -58,6 +58,7 @@ from vitef.models import (
 from vitef.monitor import MetricsLogger, RunDir
 from vitef.monitor import checkpoint as ckpt
 from vitef.monitor.lock import run_lock
+from vitef.monitor.metrics import require_tensorboard
 from vitef.optim import (
     OptimConfig,
     build_optimizer,
@@ -157,7 +158,7 @@ class TrainConfig:
     log_dir: str = option("", "run name (default: <dataset>_<trainable>_lr<lr>_seed<seed>) or a run directory")
     overwrite: bool = option(False, "delete an existing run directory and start afresh")
     log_every: int = option(50, "write a progress line to the log every this many updates")
-    tensorboard: bool = option(True, "also write TensorBoard scalars when tensorboard is installed")
+    tensorboard: bool = option(True, "also write metrics.jsonl's numbers as TensorBoard scalars (<run>/tensorboard)")
     select: SelectConfig = option(
         SelectConfig(seed=-1),
         "choose the trainable units at start (select.criterion=plasticity select.budget=0.1; criterion empty: off); "
@@ -214,6 +215,8 @@ class TrainConfig:
         if ".." in Path(self.log_dir).parts:
             raise ConfigError(f"log_dir={self.log_dir!r} must not contain '..': give a run name or a run directory")
         resolve_device(self.device)  # raises ConfigError for cuda on a machine without GPU
+        if self.tensorboard:
+            require_tensorboard()  # raises ConfigError when the package is missing: say so before anything runs
 
     @property
     def run_name(self) -> str:
@@ -403,7 +406,8 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
     probe = _probe_head(cfg, model, classes, device) if cfg.method == "lp_ft" and resume is None else None
     forward_model = _wrap(model, cfg, info, device)
     stepper = Stepper.build(forward_model, model, cfg.optim, cfg.steps, device, cfg.precision)
-    batches = make_iterable(train_loader, seed=cfg.seed)
+    # On CUDA the next batch is copied to the device on a side stream while the current step runs.
+    batches = DevicePrefetcher(make_iterable(train_loader, seed=cfg.seed), device)
     metrics = MetricsLogger(run.metrics_path, run.tensorboard_dir if cfg.tensorboard else None, enabled=info.is_main)
     progress = {"step": 0, "best_val_acc": -1.0, "best_step": 0, "best_val_loss": math.inf}
     if resume is not None:

@@ -77,6 +77,7 @@ import copy
 import dataclasses
 import gc
 import importlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -228,6 +229,11 @@ class SweepConfig:
                     )
         if self.limit is not None and self.limit < 0:
             raise ConfigError(f"limit={self.limit} must be >= 0")
+        if self.backend == "slurm" and not self.dry_run and importlib.util.find_spec("submitit") is None:
+            raise ConfigError(
+                "backend=slurm needs the submitit package: pip install submitit (or pip install -e '.[cluster]'), "
+                "or use backend=local"
+            )
 
     def all_grids(self) -> list[dict[str, Any]]:
         """The grids to unite (a sweep without a grid is a single run)."""

@@ -1,8 +1,13 @@
-"""``metrics.jsonl`` writer and reader (plus TensorBoard scalars when tensorboard is installed).
+"""``metrics.jsonl`` writer and reader, mirrored to TensorBoard event files (arXiv 2602.06883 training logs).
 
 One JSON object per line, each with a ``step``. Rows are appended and flushed one by one, so a killed
 run loses at most its last, partial line; :func:`read_metrics` skips such a line, and
 :meth:`MetricsLogger.truncate_after` drops the rows a resumed run is about to write again.
+
+With a ``tensorboard_dir``, every number of every row is also a TensorBoard scalar (tag = the row's key, at the
+row's step; TensorBoard stores them as float32). ``tensorboard`` is a dependency of vitef; where it is missing,
+asking for event files is a :class:`~vitef.errors.ConfigError` up front (:func:`require_tensorboard`), never a
+silent run without them.
 """
 
 from __future__ import annotations
@@ -13,9 +18,24 @@ import math
 from pathlib import Path
 from typing import Any
 
+from vitef.errors import ConfigError
 from vitef.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
+
+TENSORBOARD_MISSING = (
+    "tensorboard=true needs the tensorboard package: pip install tensorboard, or set tensorboard=false"
+)
+
+
+def require_tensorboard() -> type:
+    """torch's ``SummaryWriter`` class, or a :class:`ConfigError` saying how to get it (or turn it off)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # torch raises ImportError when the tensorboard package is absent or too old
+        logger.debug("importing torch.utils.tensorboard failed: %s", e)
+        raise ConfigError(TENSORBOARD_MISSING) from None
+    return SummaryWriter
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -47,14 +67,15 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLogger:
-    """Append rows to ``metrics.jsonl``; mirror numbers to TensorBoard when available.
+    """Append rows to ``metrics.jsonl``; mirror their numbers to TensorBoard event files.
 
     Parameters
     ----------
     path
         The ``metrics.jsonl`` file.
     tensorboard_dir
-        Where to write TensorBoard events; ``None`` (or tensorboard not installed) turns them off.
+        Where to write TensorBoard events; ``None`` turns them off. Without the tensorboard package this is a
+        :class:`ConfigError` (:func:`require_tensorboard`).
     enabled
         ``False`` on non-zero ranks: every method is a no-op.
     """
@@ -64,16 +85,14 @@ class MetricsLogger:
         self.enabled = enabled
         self._file = None
         self._tb = None
+        self._tb_dir = None if tensorboard_dir is None or not enabled else Path(tensorboard_dir)
+        # Checked before anything is written: a run asked for event files gets them or does not start.
+        self._writer_class = require_tensorboard() if self._tb_dir is not None else None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                logger.debug("tensorboard is not installed: metrics go to %s only", self.path)
-            else:
-                self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
+        if self._writer_class is not None:
+            self._tb = self._writer_class(log_dir=str(self._tb_dir))
 
     def truncate_after(self, step: int) -> None:
         """Keep only rows with ``row["step"] <= step`` (atomically), e.g. when resuming from ``step``."""
@@ -82,6 +101,11 @@ class MetricsLogger:
         self._close_file()
         rows = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        if self._tb is not None:
+            # The events of the steps after ``step`` (written before a kill) are dropped too: TensorBoard discards
+            # every event at or after ``purge_step`` that precedes the writer's first new event.
+            self._tb.close()
+            self._tb = self._writer_class(log_dir=str(self._tb_dir), purge_step=step + 1)
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one row (must contain ``step``) and flush it."""
