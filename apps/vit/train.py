@@ -42,7 +42,7 @@ from vitef.adapters import (
     trainable_counts,
 )
 from vitef.config import canonical_saved, cli_main, flatten, option, save_config, to_dict
-from vitef.data import DataConfig, build_loader, canonical_name, make_iterable, num_classes
+from vitef.data import DataConfig, DevicePrefetcher, build_loader, canonical_name, make_iterable, num_classes
 from vitef.distributed import DistInfo
 from vitef.errors import ConfigError, TrainingError, VitefError
 from vitef.evaluation import EvalResult, evaluate
@@ -406,7 +406,8 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
     probe = _probe_head(cfg, model, classes, device) if cfg.method == "lp_ft" and resume is None else None
     forward_model = _wrap(model, cfg, info, device)
     stepper = Stepper.build(forward_model, model, cfg.optim, cfg.steps, device, cfg.precision)
-    batches = make_iterable(train_loader, seed=cfg.seed)
+    # On CUDA the next batch is copied to the device on a side stream while the current step runs.
+    batches = DevicePrefetcher(make_iterable(train_loader, seed=cfg.seed), device)
     metrics = MetricsLogger(run.metrics_path, run.tensorboard_dir if cfg.tensorboard else None, enabled=info.is_main)
     progress = {"step": 0, "best_val_acc": -1.0, "best_step": 0, "best_val_loss": math.inf}
     if resume is not None:

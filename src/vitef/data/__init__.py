@@ -17,7 +17,7 @@ from typing import Any
 from vitef.data.base import SPLITS, VitefDataset
 from vitef.data.config import DataConfig, resolve_root
 from vitef.data.corruptions import CORRUPTIONS, corrupt
-from vitef.data.loader import EndlessIterator, EpochSampler, VitefLoader, make_iterable
+from vitef.data.loader import DevicePrefetcher, EndlessIterator, EpochSampler, VitefLoader, make_iterable
 from vitef.data.registry import (
     DOMAINNET_DOMAINS,
     OFFICIAL_CORRUPTIONS,
@@ -61,6 +61,7 @@ __all__ = [
     "dataset_entries",
     "dataset_entry",
     "make_iterable",
+    "DevicePrefetcher",
     "num_classes",
     "parse_name",
     "register_dataset",

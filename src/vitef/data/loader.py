@@ -251,3 +251,60 @@ class EndlessIterator:
 def make_iterable(loader: DataLoader, seed: int | None = None) -> EndlessIterator:
     """An endless, resumable iterator over ``loader``'s batches (``seed`` overrides the loader's seed)."""
     return EndlessIterator(loader, seed)
+
+
+class DevicePrefetcher:
+    """The batches of an :class:`EndlessIterator`, already on ``device``: the host-to-device copy of batch k+1
+    runs on a side CUDA stream while the device computes step k (issue 13).
+
+    Copied on the compute stream, as ``tensor.to(device, non_blocking=True)`` in the step does, the copy of a
+    ViT-B batch of 256 float images (154 MB) waits for the previous step's kernels and the next step waits for
+    it: about 6 ms of every 80 ms step on an H200 at bf16. On the side stream it overlaps the step. Each
+    batch is recorded on the compute stream before it is handed out (``record_stream``), so its memory is not
+    reused while the step still reads it.
+
+    Off CUDA it hands out the loader's batches unchanged. ``state_dict`` is the position of the next batch it
+    hands out (the prefetched one counts as not consumed), so a run resumed from it sees the same batches.
+    """
+
+    def __init__(self, batches: EndlessIterator, device: torch.device | str):
+        self.batches = batches
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._pending: tuple[Any, dict[str, int]] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.batches.num_classes
+
+    def __iter__(self) -> DevicePrefetcher:
+        return self
+
+    def _prefetch(self) -> None:
+        state = self.batches.state_dict()
+        images, labels = next(self.batches)
+        with torch.cuda.stream(self.stream):
+            batch = (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+        self._pending = (batch, state)
+
+    def __next__(self) -> Any:
+        if self.stream is None:
+            return next(self.batches)
+        if self._pending is None:
+            self._prefetch()
+        assert self._pending is not None
+        (images, labels), _ = self._pending
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.stream)  # the copy is done before the step reads the batch
+        images.record_stream(current)
+        labels.record_stream(current)
+        self._pending = None
+        self._prefetch()  # the next copy overlaps the step that is about to be queued
+        return images, labels
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._pending[1]) if self._pending is not None else self.batches.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._pending = None
+        self.batches.load_state_dict(state)

@@ -1,0 +1,54 @@
+"""DevicePrefetcher: the batches of the stream, on the device, one copy ahead; its state resumes exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitef.data import DevicePrefetcher, build_loader, make_iterable
+
+KW = dict(batch_size=20, size=8, seed=3, drop_last=True, num_workers=0)
+
+
+def _stream(device: str) -> DevicePrefetcher:
+    return DevicePrefetcher(
+        make_iterable(build_loader("digits_subset-01", "train", **KW, device=device), seed=3), device
+    )
+
+
+def _check(device: str) -> None:
+    expected = make_iterable(build_loader("digits_subset-01", "train", **KW), seed=3)
+    want, states = [], []
+    for _ in range(14):  # 11 batches per epoch: crosses an epoch boundary
+        want.append(next(expected))
+        states.append(expected.state_dict())
+    it = _stream(device)
+    assert it.num_classes == 2
+    got = []
+    for k in range(14):
+        images, labels = next(it)
+        assert images.device.type == torch.device(device).type
+        got.append((images.cpu(), labels.cpu()))
+        # The state is that of the plain stream after as many batches: the one copied ahead is not consumed.
+        assert it.state_dict() == states[k]
+    for (x, y), (a, b) in zip(got, want, strict=True):
+        assert torch.equal(x, a) and torch.equal(y, b)
+    # Resuming from the state after 5 batches gives batches 5, 6, ... again.
+    it = _stream(device)
+    for _ in range(5):
+        next(it)
+    state = it.state_dict()
+    resumed = _stream(device)
+    resumed.load_state_dict(state)
+    for k in range(5, 9):
+        x, y = next(resumed)
+        assert torch.equal(x.cpu(), want[k][0]) and torch.equal(y.cpu(), want[k][1])
+
+
+def test_prefetcher_hands_out_the_stream_and_resumes_on_cpu():
+    _check("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_prefetcher_copies_ahead_on_a_side_stream_and_resumes_on_cuda():
+    _check("cuda")
