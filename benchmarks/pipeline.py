@@ -148,8 +148,8 @@ def loader_rates(cfg: PipelineConfig, name: str, caches: dict[str, str | None], 
     return {label: images[label] / seconds[label] for label in caches}
 
 
-def train_rates(cfg: PipelineConfig, name: str, cache: str | None, root: Path) -> list[float]:
-    """``images_per_s`` of each step after ``warmup`` of a short ``apps.vit.train`` run."""
+def train_rates(cfg: PipelineConfig, name: str, cache: str | None, root: Path) -> dict[int, float]:
+    """``images_per_s`` of each step after ``warmup`` of a short ``apps.vit.train`` run, by step."""
     from apps.vit.train import TrainConfig
     from apps.vit.train import main as train_main
     from vitef.config import build_config
@@ -181,10 +181,10 @@ def train_rates(cfg: PipelineConfig, name: str, cache: str | None, root: Path) -
     )
     train_main(run_cfg)
     rows = RunDir(root / "runs" / log_dir).read_metrics()
-    return [r["images_per_s"] for r in rows if "images_per_s" in r and r["step"] > cfg.warmup]
+    return {r["step"]: r["images_per_s"] for r in rows if "images_per_s" in r and r["step"] > cfg.warmup}
 
 
-def write_measured(cfg: PipelineConfig, steps: dict[str, list[float]], device: torch.device) -> Path:
+def write_measured(cfg: PipelineConfig, steps: dict[str, dict[int, float]], device: torch.device) -> Path:
     """Append the training runs' median step rates to ``cfg.rates_out`` as app rates (the app end to end)."""
     from vitef.rates import measured_rate, write_rates
 
@@ -198,16 +198,16 @@ def write_measured(cfg: PipelineConfig, steps: dict[str, list[float]], device: t
             trainable="all",
             batch=cfg.batch_size,
             what="app",
-            images_per_s=statistics.median(values),
+            images_per_s=statistics.median(by_step.values()),
             gpu=None if device.type == "cuda" else "cpu",
             source="python -m benchmarks.pipeline",
             notes=(
                 f"apps.vit.train end to end on a generated JPEG class folder ({cfg.classes}x{cfg.per_class}, "
                 f"{cfg.min_side}-{cfg.max_side} px), cache {label}, {cfg.train_workers} workers; median step "
-                f"rate of steps {cfg.warmup + 1}-{cfg.steps}, p10 {_p10(values):.0f}"
+                f"rate of steps {cfg.warmup + 1}-{cfg.steps}, p10 {_p10(list(by_step.values())):.0f}"
             ),
         )  # fmt: skip
-        for label, values in steps.items()
+        for label, by_step in steps.items()
     ]
     return write_rates(cfg.rates_out, rows)
 
@@ -261,10 +261,15 @@ def main(cfg: PipelineConfig) -> None:
         f"steps {cfg.warmup + 1}-{cfg.steps}:"
     )
     print(f"  {'cache':<6}{'median':>9}{'p10':>9}{'min':>9}{'p10/median':>12}")
-    for label, values in steps.items():
+    for label, by_step in steps.items():
+        values = list(by_step.values())
         med = statistics.median(values)
         print(f"  {label:<6}{med:>9.1f}{_p10(values):>9.1f}{min(values):>9.1f}{_p10(values) / med:>12.2f}")
     print("  (goal: p10/median >= 0.9, no stalls)")
+    for label, by_step in steps.items():
+        med = statistics.median(by_step.values())
+        slow = [f"{k}:{v:.0f}" for k, v in by_step.items() if v < 0.9 * med]
+        print(f"  cache {label}: {len(slow)} steps below 0.9 x median{': ' + ' '.join(slow[:30]) if slow else ''}")
     if cfg.rates_out:
         print(f"rates written to {write_measured(cfg, steps, device)}")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
