@@ -8,6 +8,7 @@
 # cache, bf16 and compile, 14 workers: median and 10th-percentile step images/s.
 # Measured rates go to <out-dir>/rates.csv (columns of vitef.rates) to merge into benchmarks/rates.csv; each
 # part's output to <out-dir>/<part>.log. A part that fails is reported and the next one still runs.
+# PARTS="tests pipeline" runs only those parts; PIPE_CACHE=both also trains with the cache off.
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/vitef-gpu-check}}
 mkdir -p "$OUT_DIR"
@@ -19,9 +20,11 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 status=0
 
+PARTS=${PARTS:-env tests app_tf32 train pipeline}
 part() {  # part <name> <timeout-seconds> <command...>
     local name=$1 limit=$2
     shift 2
+    case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
     echo "== $(date -u +%H:%M:%S) $name: $*"
     timeout "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
     local rc=$?
@@ -32,19 +35,21 @@ part() {  # part <name> <timeout-seconds> <command...>
 
 part env 60 $PY -c "import torch, timm, torchvision; print('torch', torch.__version__, 'timm', timm.__version__, \
 'torchvision', torchvision.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
-part tests 180 $PY -m pytest -q -p no:cacheprovider tests/test_optim.py tests/test_precision.py tests/data/test_resized_crop.py
+part tests 180 $PY -m pytest -q -p no:cacheprovider tests/test_optim.py tests/test_precision.py tests/data/test_resized_crop.py \
+    tests/data/test_device_prefetch.py
 part app_tf32 180 $PY -m apps.vit.train config=apps/vit/configs/digits.yaml device=cuda precision=tf32 steps=60 \
     eval_period=30 root="$WORK/app" log_dir=tf32 tensorboard=false
 [ -f "$WORK/app/runs/tf32/runtime.json" ] && cat "$WORK/app/runs/tf32/runtime.json"
 part train 300 $PY -m benchmarks.train device=cuda batch_size=256 steps=10 warmup=3 \
     "variants=[ours-fp32,ours-tf32,plain-tf32,ours-bf16,plain-bf16-compile]" rates_out="$OUT_DIR/rates.csv"
-# Each worker keeps 4 batches of 256 float images (150 MB each) in shared memory: 14 workers need ~9 GB of /dev/shm.
+# Each worker keeps 2 batches of 256 float images (154 MB each) in shared memory: 14 workers need ~4.5 GB of /dev/shm.
 WORKERS=14
 SHM_KB=$(df -Pk /dev/shm 2>/dev/null | awk 'NR==2 {print $4}')
-if [ -n "$SHM_KB" ] && [ "$SHM_KB" -lt 12000000 ]; then WORKERS=4; fi
+if [ -n "$SHM_KB" ] && [ "$SHM_KB" -lt 8000000 ]; then WORKERS=4; fi
 echo "== /dev/shm free: ${SHM_KB:-unknown} kB: $WORKERS training workers"
-part pipeline 360 $PY -m benchmarks.pipeline device=cuda tiny=false model=vit_base_patch16_224 batch_size=256 \
-    steps=90 warmup=15 train_workers=$WORKERS loader_workers=0 precision=bf16 compile=true train_cache=on classes=20 \
+part pipeline 420 $PY -m benchmarks.pipeline device=cuda tiny=false model=vit_base_patch16_224 batch_size=256 \
+    steps=${PIPE_STEPS:-150} warmup=${PIPE_WARMUP:-40} train_workers=$WORKERS loader_workers=0 precision=bf16 compile=true \
+    train_cache=${PIPE_CACHE:-on} classes=20 \
     per_class=100 workdir="$WORK/pipeline" rates_out="$OUT_DIR/rates.csv"
 [ -f "$OUT_DIR/rates.csv" ] && cat "$OUT_DIR/rates.csv"
 exit $status
