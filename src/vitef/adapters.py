@@ -1,17 +1,26 @@
 """Finetuning methods on a timm ViT beyond full finetuning: BitFit, LoRA and LP-FT (issue 12's baselines).
 
 BitFit (Ben Zaken et al., 2022) trains only the biases: :func:`train_biases` keeps, of the parameters that
-:func:`vitef.models.set_trainable` made trainable, those whose name ends in ``.bias`` (linear, patch-projection
-and LayerNorm biases), plus the head, which always trains.
+:func:`vitef.models.set_trainable` made trainable, the bias vectors (:data:`BIAS_SUFFIXES`: linear, patch-projection
+and LayerNorm ``.bias``, and the query/value biases ``q_bias`` / ``v_bias`` that BEiT and EVA-02 keep beside their
+fused ``qkv`` weight), plus the head, which always trains. BEiT's relative position bias tables are position
+tables, not bias vectors of a layer: BitFit leaves them frozen.
 
 LoRA (Hu et al., 2022) through HF PEFT: :func:`add_lora` wraps Linear modules of the chosen blocks with PEFT's
 ``lora.Linear`` (``W x + (alpha / r) B A x``, ``B`` initialised to zero so the wrapped model starts as the
-pretrained one). The Linear modules of a block are the registry's ``qkv`` and ``proj`` (component ``mha``, the
-fused query/key/value projection and the output projection), ``fc1`` and ``fc2``; :class:`LoraConfig` says which
-of them, ``trainable`` (components or units, as for full finetuning) in which blocks. The wrapped model keeps the
-timm class and names (``blocks.0.attn.qkv.base_layer.weight``, ``blocks.0.attn.qkv.lora_A.default.weight``), so
-the component registry still assigns every parameter. :func:`merged_model` merges the adapters into a copy with
-PEFT's ``merge_and_unload``: a plain timm model whose state dict is the timm layout every reader loads.
+pretrained one). The Linear modules of a block (:data:`LORA_MODULES`) are ``qkv`` and ``proj`` (component ``mha``:
+the query/key/value projection, fused ``attn.qkv`` or, in EVA-02 CLIP, the three ``attn.q_proj`` / ``k_proj`` /
+``v_proj``, whichever the block has; and the output projection), ``fc1`` (``mlp.fc1``, or a SwiGLU's
+``mlp.fc1_g`` and ``mlp.fc1_x``) and ``fc2``; :class:`LoraConfig` says which of them, ``trainable`` (components or
+units, as for full finetuning) in which blocks. The wrapped model keeps the timm class and names
+(``blocks.0.attn.qkv.base_layer.weight``, ``blocks.0.attn.qkv.lora_A.default.weight``), so the component registry
+still assigns every parameter. :func:`merged_model` merges the adapters into a copy with PEFT's
+``merge_and_unload``: a plain timm model whose state dict is the timm layout every reader loads.
+
+BEiT and EVA-02 attention with ``q_bias`` / ``v_bias`` compute the fused projection as
+``F.linear(x, qkv.weight, bias)``, which reads the weight and would skip an adapter wrapped around ``qkv``.
+:func:`add_lora` therefore sets timm's own ``qkv_bias_separate`` switch on those modules (``qkv(x)`` then
+``+ bias``: the same function, through the wrapped module); :func:`merged_model` sets it back on the merged copy.
 
 LP-FT (Kumar et al., 2022) first fits a linear probe on the frozen pretrained features, then finetunes from it:
 :func:`fit_probe_head` sets the head to the multinomial logistic regression of :mod:`vitef.probe.solver` fitted on
@@ -36,14 +45,19 @@ from vitef.models.components import component_of, num_blocks, parse_unit
 
 logger = logging.getLogger(__name__)
 
-# The Linear modules LoRA may adapt: name → (component, path inside a block).
-LORA_MODULES: dict[str, tuple[str, str]] = {
-    "qkv": ("mha", "attn.qkv"),
-    "proj": ("mha", "attn.proj"),
-    "fc1": ("fc1", "mlp.fc1"),
-    "fc2": ("fc2", "mlp.fc2"),
+# The Linear modules LoRA may adapt: name → (component, the layouts of its paths inside a block). A block has one
+# layout: the first whose paths are all Linear modules of the block.
+LORA_MODULES: dict[str, tuple[str, tuple[tuple[str, ...], ...]]] = {
+    "qkv": ("mha", (("attn.qkv",), ("attn.q_proj", "attn.k_proj", "attn.v_proj"))),
+    "proj": ("mha", (("attn.proj",),)),
+    "fc1": ("fc1", (("mlp.fc1",), ("mlp.fc1_g", "mlp.fc1_x"))),
+    "fc2": ("fc2", (("mlp.fc2",),)),
 }
 ADAPTER_NAME = "default"  # PEFT's name of the one adapter
+# The parameter names BitFit trains: bias vectors, incl. BEiT / EVA-02's q/v biases beside a fused qkv.
+BIAS_SUFFIXES: tuple[str, ...] = (".bias", ".q_bias", ".v_bias")
+# Marks an attention whose qkv_bias_separate add_lora switched on (merged_model switches it back off).
+_SEPARATED = "_vitef_lora_separated_bias"
 
 
 @dataclasses.dataclass
@@ -55,7 +69,8 @@ class LoraConfig:
     dropout: float = option(0.0, "dropout on the adapters' input")
     modules: list[str] = option(
         ["qkv", "proj", "fc1", "fc2"],
-        f"Linear modules adapted in the blocks of `trainable`: {', '.join(LORA_MODULES)} (qkv, proj: mha)",
+        f"Linear modules adapted in the blocks of `trainable`: {', '.join(LORA_MODULES)} (qkv, proj: mha; qkv is "
+        "attn.qkv or attn.q_proj/k_proj/v_proj, fc1 is mlp.fc1 or a SwiGLU's mlp.fc1_g/fc1_x)",
     )
 
     def validate(self) -> None:
@@ -91,7 +106,7 @@ def train_biases(model: nn.Module) -> dict[str, int]:
     for name, p in model.named_parameters():
         if not p.requires_grad or component_of(name).component == "head":
             continue
-        if name.endswith(".bias"):
+        if name.endswith(BIAS_SUFFIXES):
             kept += p.numel()
         else:
             p.requires_grad_(False)
@@ -117,8 +132,38 @@ def trainable_counts(model: nn.Module) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------------
 
 
+def lora_paths(block: nn.Module, module: str) -> tuple[str, ...]:
+    """The paths inside ``block`` of the Linear layers :data:`LORA_MODULES` names ``module``: ``("attn.qkv",)`` or
+    ``("attn.q_proj", "attn.k_proj", "attn.v_proj")`` for ``qkv``, ``("mlp.fc1",)`` or ``("mlp.fc1_g", "mlp.fc1_x")``
+    for ``fc1``.
+
+    Raises
+    ------
+    ConfigError
+        When the block has none of the layouts (the message names them).
+    """
+    _, layouts = LORA_MODULES[module]
+    for paths in layouts:
+        if all(_linear_at(block, p) is not None for p in paths):
+            return paths
+    known = " or ".join("+".join(paths) for paths in layouts)
+    raise ConfigError(
+        f"lora.modules: {type(block).__name__} has no Linear {known} for '{module}'; leave {module} out of lora.modules"
+    )
+
+
+def _linear_at(block: nn.Module, path: str) -> nn.Linear | None:
+    """The Linear module at ``path`` in ``block`` (None when there is none: EVA-02 CLIP's ``attn.qkv`` is None)."""
+    try:
+        module = block.get_submodule(path)
+    except AttributeError:
+        return None
+    return module if isinstance(module, nn.Linear) else None
+
+
 def lora_targets(model: nn.Module, trainable: Iterable[str], modules: Iterable[str]) -> list[str]:
-    """The module names LoRA wraps: each of ``modules`` whose component ``trainable`` covers, in each block it covers.
+    """The module names LoRA wraps: each of ``modules`` whose component ``trainable`` covers, in each block it covers
+    (``qkv`` is one fused Linear or three, ``fc1`` one or two: :func:`lora_paths`).
 
     ``trainable`` holds components or units (``all``, ``mha``, ``fc1.0-5``); ``emb``, ``ln1``, ``ln2`` and
     ``head`` have no Linear module to adapt (the head trains in full anyway) and are refused, except within
@@ -141,9 +186,9 @@ def lora_targets(model: nn.Module, trainable: Iterable[str], modules: Iterable[s
     targets = []
     for layer in range(depth):
         for module in modules:
-            comp, path = LORA_MODULES[module]
+            comp, _ = LORA_MODULES[module]
             if any(u.component in ("all", comp) and (u.first is None or u.first <= layer <= u.last) for u in units):
-                targets.append(f"blocks.{layer}.{path}")
+                targets.extend(f"blocks.{layer}.{path}" for path in lora_paths(model.blocks[layer], module))
     if not targets:
         raise ConfigError(
             f"method=lora: lora.modules={list(modules)} has no module in trainable={list(trainable)}; e.g. "
@@ -163,6 +208,9 @@ def add_lora(model: nn.Module, cfg: LoraConfig, trainable: Iterable[str]):
     import peft
 
     targets = lora_targets(model, trainable, cfg.modules)
+    for target in targets:
+        if target.endswith(".attn.qkv"):
+            _route_bias_through_qkv(model.get_submodule(target.removesuffix(".qkv")))
     config = peft.LoraConfig(
         r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none"
     )
@@ -172,6 +220,14 @@ def add_lora(model: nn.Module, cfg: LoraConfig, trainable: Iterable[str]):
         p.requires_grad_(id(p) in adapters or component_of(name).component == "head")
     logger.info("LoRA rank %d alpha %g on %d modules: %s", cfg.rank, cfg.alpha, len(targets), ", ".join(targets))
     return wrapped
+
+
+def _route_bias_through_qkv(attn: nn.Module) -> None:
+    """Make a BEiT / EVA-02 attention call its ``qkv`` module (then add ``q_bias``/``v_bias``) instead of
+    ``F.linear(x, qkv.weight, bias)``, which would bypass an adapter on ``qkv``; marked for :func:`merged_model`."""
+    if getattr(attn, "q_bias", None) is not None and getattr(attn, "qkv_bias_separate", True) is False:
+        attn.qkv_bias_separate = True
+        setattr(attn, _SEPARATED, True)
 
 
 def _is_adapter(name: str) -> bool:
@@ -242,10 +298,16 @@ def base_fingerprint(model: nn.Module) -> str:
 def merged_model(wrapped) -> nn.Module:
     """A plain timm model with the adapters merged into the weights (PEFT's ``merge_and_unload`` on a copy).
 
-    ``wrapped`` (the ``PeftModel`` of :func:`add_lora`) is left as it is; the copy has the timm layout and names.
+    ``wrapped`` (the ``PeftModel`` of :func:`add_lora`) is left as it is; the copy has the timm layout and names, and
+    its attention modules compute as a freshly built timm model does (``qkv_bias_separate`` as it was).
     """
     with torch.no_grad():
-        return copy.deepcopy(wrapped).merge_and_unload()
+        merged = copy.deepcopy(wrapped).merge_and_unload()
+    for module in merged.modules():
+        if getattr(module, _SEPARATED, False):
+            module.qkv_bias_separate = False
+            delattr(module, _SEPARATED)
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------------
