@@ -209,3 +209,64 @@ def test_component_function_and_directions_on_vit(component):
     from torch.func import jvp
 
     assert float(jvp(f, (e,), (r,))[1].detach().norm()) <= dirs.sigma1 * (1 + 1e-3)
+
+
+# --------------------------------------------------------------------------------------------- Eva and Beit
+
+
+def small_family(name: str, **kwargs) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=3, depth=2, **kwargs).eval()
+
+
+def test_landscape_on_a_small_eva_with_rope_and_swiglu():
+    """EVA-02 CLIP layout: separate q/k/v, RoPE, inner attention norm, SwiGLU fc1_g/fc1_x (one small model)."""
+    model = small_family("eva02_base_patch16_clip_224", img_size=32, embed_dim=64, num_heads=2)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
+    # The trajectory moves exactly the component's parameters (q_proj/k_proj/v_proj, attn.norm, proj) and the head.
+    vec = ComponentVector(model, "mha")
+    assert {n.split(".", 2)[-1] for n in vec.names} == {
+        "attn.q_proj.weight", "attn.q_proj.bias", "attn.k_proj.weight", "attn.v_proj.weight", "attn.v_proj.bias",
+        "attn.norm.weight", "attn.norm.bias", "attn.proj.weight", "attn.proj.bias",
+    }  # fmt: skip
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    traj = sgd_trajectory(model, "mha", batches, 3, SGD)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved <= set(vec.names) | {n for n in before if n.startswith(("head.", "norm."))}
+    assert moved & set(vec.names)
+    np.testing.assert_allclose(traj.points[-1], vec.get().numpy())
+    plane = pca_plane(traj.points)
+    losses = loss_grid(model, "mha", plane, grid(3, 0.1), grid(3, 0.1), batches[:1])
+    assert losses[1, 1] == pytest.approx(mean_loss(model, batches[:1]), rel=1e-6)  # the centre is θ*
+    # MHA: the attention with the rope of the model's forward; FC1: the concatenated pre-gate projections.
+    images = batches[0][0][:1]
+    x, rope = model._pos_embed(model.patch_embed(images))  # timm's own embedding and rotary embedding
+    blk = model.blocks[1]
+    with torch.no_grad():
+        torch.testing.assert_close(component_function(model, 1, "mha")(x), blk.attn(x, rope=rope))
+        assert not torch.allclose(blk.attn(x, rope=rope), blk.attn(x))  # the rope matters
+        torch.testing.assert_close(
+            component_function(model, 1, "fc1")(x), torch.cat([blk.mlp.fc1_g(x), blk.mlp.fc1_x(x)], dim=-1)
+        )
+    e = embed(model, images).detach()
+    torch.testing.assert_close(e, x.detach())
+    f = component_function(model, 1, "mha")
+    dirs = top_directions(f, e, iters=100, tol=1e-4)
+    rate = rate_surface(f, e, dirs.u, dirs.v, grid(3, 1e-4), grid(3, 1e-4))
+    assert np.nanmax(rate) <= dirs.sigma1 * 1.01 and dirs.sigma1 > 0
+
+
+def test_component_function_of_beit_attention_has_the_relative_position_biases():
+    model = small_family("beit_base_patch16_224", img_size=32, embed_dim=32, num_heads=2, use_shared_rel_pos_bias=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2 and p.shape[-1] == 2:  # the (distances, heads) relative position bias tables
+                p.normal_()
+    x = torch.randn(2, 5, 32)
+    shared = model.rel_pos_bias()
+    with torch.no_grad():
+        torch.testing.assert_close(component_function(model, 0, "mha")(x), model.blocks[0].attn(x, shared))
+        assert not torch.allclose(model.blocks[0].attn(x, shared), model.blocks[0].attn(x))

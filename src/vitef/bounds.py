@@ -81,7 +81,7 @@ import torch
 from torch import nn
 
 from vitef.errors import ComponentError, ConfigError
-from vitef.models.components import BLOCK_COMPONENTS, block_module, embed, embed_context, num_blocks
+from vitef.models.components import BLOCK_COMPONENTS, BlockContext, block_module, embed, embed_context, num_blocks
 from vitef.plasticity import batch_images
 
 logger = logging.getLogger(__name__)
@@ -422,15 +422,13 @@ def _relative(theta: torch.Tensor, half: bool) -> torch.Tensor:
     return rotation_matrices(steps * ANGLE_STEP, half=half)
 
 
-def rope_of(model: nn.Module, layer: int = 0) -> torch.Tensor | None:
-    """The rotary embedding block ``layer``'s attention receives in the eval-mode forward (``None`` without RoPE).
+def block_context(model: nn.Module) -> BlockContext:
+    """The :class:`~vitef.models.components.BlockContext` of the eval-mode forward at the model's own input size.
 
-    Taken from the registry's :func:`~vitef.models.components.embed_context` on one blank image of the model's
-    input size, in eval mode (DINOv3 jitters its coordinates in training only; the mode is restored):
-    ``(N_patches, 2·d_h)``, or ``(H, N_patches, 2·d_h)`` for depth-dependent (``rope_mixed``) embeddings.
+    Neither part depends on the image: the rotary embedding (Eva) depends on the patch grid only, once DINOv3's
+    training-time coordinate jitter is off, and BEiT's shared relative position bias on nothing. It is taken from the
+    registry's :func:`~vitef.models.components.embed_context` on one blank image, in eval mode (restored after).
     """
-    if getattr(model, "rope", None) is None:
-        return None
     was_training = model.training
     model.eval()
     try:
@@ -441,7 +439,16 @@ def rope_of(model: nn.Module, layer: int = 0) -> torch.Tensor | None:
             _, ctx = embed_context(model, torch.zeros(1, channels, *size, device=p.device, dtype=p.dtype))
     finally:
         model.train(was_training)
-    rope = ctx.kwargs(layer).get("rope")
+    return ctx
+
+
+def rope_of(model: nn.Module, layer: int = 0) -> torch.Tensor | None:
+    """The rotary embedding block ``layer``'s attention receives in the eval-mode forward (``None`` without RoPE):
+    ``(N_patches, 2·d_h)``, or ``(H, N_patches, 2·d_h)`` for depth-dependent (``rope_mixed``) embeddings
+    (:func:`block_context`)."""
+    if getattr(model, "rope", None) is None:
+        return None
+    rope = block_context(model).kwargs(layer).get("rope")
     return None if rope is None else rope.detach()
 
 

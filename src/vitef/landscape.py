@@ -15,6 +15,12 @@ The paper pictures why plastic components finetune well with two surfaces for on
    v the surface is ``‖f(e + δ) − f(e)‖_F / ‖δ‖_F`` with ``δ = ‖e‖_F (a u + b v)``
    (:func:`rate_surface`).
 
+Families. Everything goes through the component registry (:mod:`vitef.models.components`), so timm ``Eva``
+(DINOv3, EVA-02) and ``Beit`` work as ``VisionTransformer`` does: C's parameters are the registry's (``gamma_1``
+with MHA, ``fc1_g``/``fc1_x`` with FC1, ...), the rate surface's MHA applies the rotary embedding or relative
+position biases inside the attention, as the model's forward does, and a gated MLP's FC1 is its concatenated
+pre-gate projections.
+
 Choices (documented because the paper leaves them open):
 
 - **Head.** Finetuning C trains the classifier head too (the registry's rule, :func:`set_trainable`),
@@ -46,8 +52,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitef.bounds import block_context
 from vitef.errors import ConfigError, VitefError
-from vitef.models.components import BLOCK_COMPONENTS, block_module, canonical, parameters_of, set_trainable
+from vitef.models.components import (
+    BLOCK_COMPONENTS,
+    BlockContext,
+    block_module,
+    canonical,
+    parameters_of,
+    run_attention,
+    set_trainable,
+)
 from vitef.optim import OptimConfig, build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -103,7 +118,7 @@ class ComponentVector:
     Parameters
     ----------
     model
-        A timm ``VisionTransformer``.
+        A timm ``VisionTransformer``, ``Eva`` or ``Beit`` (the registry's families).
     component
         One of ``ln1``, ``mha``, ``ln2``, ``fc1``, ``fc2`` (aliases accepted).
     """
@@ -394,21 +409,29 @@ def loss_grid(
 # ---------------------------------------------------------------------------------------------------
 
 
-def component_function(model: nn.Module, layer: int, component: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def component_function(
+    model: nn.Module, layer: int, component: str, ctx: BlockContext | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """Component ``component`` of block ``layer`` as applied by the paper's plasticity estimator.
 
     The returned function maps tokens ``(B, N, D)`` to the component's output: MHA is the attention
-    module alone (no norm, no residual), FC1 the first linear layer before its activation, FC2 the
-    second linear layer on the input zero-padded to the hidden width, LN1/LN2 the LayerNorms. Attention
-    runs its explicit (non-fused) path so that forward-mode derivatives exist (see :func:`eager_attention`).
+    module alone (no norm, no residual, no LayerScale; Eva's rotary embedding and BEiT's relative position
+    biases inside it, :func:`~vitef.models.components.run_attention`), FC1 the first linear layer before its
+    activation (a gated MLP's concatenated pre-gate projections), FC2 the second linear layer on the input
+    zero-padded to the hidden width, LN1/LN2 the LayerNorms. Attention runs its explicit (non-fused) path so
+    that forward-mode derivatives exist (see :func:`eager_attention`).
+
+    ``ctx`` is the attention's context (:func:`~vitef.models.components.embed_context`); by default that of the
+    eval-mode model at its input size (:func:`vitef.bounds.block_context`), which does not depend on the image.
     """
     comp = canonical(component)
     module = block_module(model, layer, comp)
     if comp == "mha":
+        context = ctx if ctx is not None else block_context(model)
 
         def attention(x: torch.Tensor) -> torch.Tensor:
             with eager_attention(module):
-                return module(x)
+                return run_attention(model, layer, x, context)
 
         return attention
     if comp != "fc2":
