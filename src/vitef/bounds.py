@@ -8,7 +8,8 @@ Per block, from the weights alone:
 - Linear layer W (FC1, FC2): ``P <= ||W||_2``, its largest singular value. FC1 is the linear map before
   the activation: in a gated MLP (SwiGLU, ``act(W_g x) ⊙ W_x x``) it is ``x ↦ (W_g x, W_x x)``, whose
   bound is the spectral norm of the stacked ``[W_g; W_x]`` (timm's ``GluMlp`` stores that stack as one
-  ``fc1``; ``SwiGLU`` as ``fc1_g`` and ``fc1_x``). FC2 is the second linear layer alone (a ``mlp.norm``
+  ``fc1``; ``SwiGLU`` as ``fc1_g`` and ``fc1_x``, which the registry's ``block_module`` joins into one
+  ``ConcatLinear``). FC2 is the second linear layer alone (a ``mlp.norm``
   before it is not part of the function the estimator measures).
 - Multi-head attention with H heads on n tokens of norm <= r:
 
@@ -25,8 +26,10 @@ Per block, from the weights alone:
 What the MHA bound assumes, and what vitef computes for other attention layers
 ------------------------------------------------------------------------------
 The paper's bound is for plain dot-product softmax attention on the token sequence,
-``f(X) = Σ_h softmax(X A^h Xᵀ) X (W_V^h)ᵀ (O^h)ᵀ``, and it uses A^h only through the bilinear form of
-a pair of tokens, ``|uᵀ A^h w| <= ||A^h||_2 ||u|| ||w||``, with ``||x_i|| <= r`` for every token. MHA is
+``f(X) = Σ_h softmax(X A^h Xᵀ) X (W_V^h)ᵀ (O^h)ᵀ``, with ``||x_i|| <= r`` for every token. vitef's reading
+of its derivation (an assumption: the bound depends on the tokens through r alone, so ``||X||_2`` can only
+enter as ``<= sqrt(n) r``, which a pair-by-pair bound matches) is that A^h enters only through the
+bilinear form of a pair of tokens, ``|uᵀ A^h w| <= ||A^h||_2 ||u|| ||w||``. MHA is
 the attention module alone, as the plasticity estimator applies it (no norm before it, no residual, no
 LayerScale); the blocks of timm ``Eva`` and ``Beit`` differ as follows.
 
@@ -59,10 +62,12 @@ LayerScale); the blocks of timm ``Eva`` and ``Beit`` differ as follows.
   key/value heads are not dot-product attention of the tokens' projections: :func:`mha_bound` refuses
   them with a :class:`~vitef.errors.ComponentError`.
 - **Biases.** Key and value biases cancel without RoPE (a key bias shifts a softmax row by a constant; a
-  value bias adds a constant, as softmax rows sum to one). A query bias does not: it adds ``b_qᵀ W_K x_j``
-  to the logits. The paper's formula, and vitef's default, leave biases out. ``bias=True`` bounds the
-  biased attention exactly: it is bias-free attention of the augmented tokens ``(x, 1)`` with weights
-  ``[W | b]``, whose norms are at most ``sqrt(r² + 1)`` and whose differences are those of x.
+  value bias adds a constant, as softmax rows sum to one, with or without RoPE). A query bias does not: it
+  adds ``b_qᵀ W_K x_j`` to the logits (and under RoPE a key bias adds ``x_iᵀ W_Qᵀ R_iᵀ R_j b_k``). The
+  paper's formula, and vitef's default, leave biases out (a counterexample is in the tests). ``bias=True``
+  gives a bound of the biased attention: it is bias-free attention of the augmented tokens ``(x, 1)`` with
+  weights ``[W | b]``, whose norms are at most ``sqrt(r² + 1)`` and whose differences are those of x, so
+  the same formula applies to them.
 
 r is estimated from data by :func:`estimate_radius`: per image ``sqrt(mean over tokens ||t||²)`` of the
 embedded downstream images, averaged over images (the paper reports 19.4 for CIFAR-10 with ViT-B/16
