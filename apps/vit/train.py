@@ -81,6 +81,7 @@ from vitef.selection import (
 from vitef.selection import select as select_units
 from vitef.utils import (
     PRECISIONS,
+    ScheduledGC,
     atomic_write_json,
     autocast_context,
     check_precision,
@@ -101,6 +102,8 @@ MIN_LOSS_SCALE = 1.0
 # A mean cross-entropy this large needs logit gaps of about this size: no run that is still learning gets there,
 # while a diverging one can stay finite (e.g. loss 1e13 with finite gradient norms) and end "completed" at chance.
 MAX_LOSS = 1e4
+# Steps between two collections of Python's garbage collector, which is off inside the loop (ScheduledGC).
+GC_PERIOD = 50
 # What trains (method=): full finetuning of `trainable` (the paper's), BitFit, LoRA. A dict: method → description.
 METHODS: dict[str, str] = {
     "full": "every parameter of `trainable` (+ head)",
@@ -427,20 +430,28 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
     bar = tqdm(total=cfg.steps, initial=progress["step"], disable=not info.is_main, desc="train", mininterval=2)
     step = progress["step"]
     try:
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            row = train_step(stepper, batches, step=step + 1)
-            step += 1
-            row = {"step": step, **row, "images_per_s": cfg.batch_size / (time.perf_counter() - t0)}
-            metrics.log(row)
-            bar.update(1)
-            if step % cfg.log_every == 0:
-                logger.info("step %d loss %.4f lr %.3g grad_norm %.3g", step, row["loss"], row["lr"], row["grad_norm"])
-            if step % cfg.eval_period == 0 or step == cfg.steps:
-                _validate(cfg, run, model, val_loader, device, step, progress, metrics, info, lora)
-            if step % (cfg.checkpoint_period or cfg.eval_period) == 0 or step == cfg.steps or step in cfg.keep_steps:
-                progress["step"] = step
-                _checkpoint(cfg, run, model, stepper, batches, progress, info, lora)
+        with ScheduledGC(GC_PERIOD) as collect:
+            while step < cfg.steps:
+                t0 = time.perf_counter()
+                row = train_step(stepper, batches, step=step + 1)
+                step += 1
+                row = {"step": step, **row, "images_per_s": cfg.batch_size / (time.perf_counter() - t0)}
+                metrics.log(row)
+                bar.update(1)
+                if step % cfg.log_every == 0:
+                    logger.info(
+                        "step %d loss %.4f lr %.3g grad_norm %.3g", step, row["loss"], row["lr"], row["grad_norm"]
+                    )
+                if step % cfg.eval_period == 0 or step == cfg.steps:
+                    _validate(cfg, run, model, val_loader, device, step, progress, metrics, info, lora)
+                if (
+                    step % (cfg.checkpoint_period or cfg.eval_period) == 0
+                    or step == cfg.steps
+                    or step in cfg.keep_steps
+                ):
+                    progress["step"] = step
+                    _checkpoint(cfg, run, model, stepper, batches, progress, info, lora)
+                collect(step)  # the garbage collector between steps, never inside one
     except TrainingError as e:
         _fail(run, info, step, str(e), metrics)
         raise
