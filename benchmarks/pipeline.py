@@ -7,8 +7,9 @@ Generates a class folder of JPEG images (``classes`` x ``per_class``, sides draw
 content with the detail of photographs at JPEG quality ``quality``: about their file size and decode cost) in a
 temporary folder, read as ``imagefolder:<folder>``, then measures, cache off and cache on, in the same run:
 
-- the loader's own images/s per worker: ``vitef.data.build_loader``'s train pipeline (decode or cached read,
-  RandomResizedCrop(``size``) + flip, normalise), batches of ``batch_size``, with ``loader_workers`` workers
+- the loader's own images/s per worker: ``vitef.data.build_loader``'s train pipeline as the app builds it
+  (decode or cached read, RandomResizedCrop(``size``) + flip, uint8 batches normalised to float), batches of
+  ``batch_size``, with ``loader_workers`` workers
   (0: the main process is the one worker), steady state over ``loader_seconds`` (off and on take turns); the
   cache's one-off build time is reported apart;
 - the app's own training loop: a short ``apps.vit.train`` run (its ``train_step``, its loaders with
@@ -122,18 +123,19 @@ def _write_class(min_side: int, max_side: int, count: int, quality: int, folder:
 
 
 def loader_rates(cfg: PipelineConfig, name: str, caches: dict[str, str | None], rounds: int = 4) -> dict[str, float]:
-    """Steady-state images/s of the train loader per cache setting (first batches, worker start-up and prefetch
-    left out). The settings take turns, ``rounds`` times ``loader_seconds / rounds`` each, so that a change of
-    load on a shared machine hits them alike."""
-    from vitef.data import build_loader, make_iterable
+    """Steady-state images/s of the training app's train loader per cache setting (first batches, worker start-up
+    and prefetch left out): uint8 batches, normalised to float here as the app's DevicePrefetcher does on its
+    device. The settings take turns, ``rounds`` times ``loader_seconds / rounds`` each, so that a change of load
+    on a shared machine hits them alike."""
+    from vitef.data import DevicePrefetcher, build_loader, make_iterable
 
     iterators = {}
     for label, cache in caches.items():
         loader = build_loader(
             name, "train", batch_size=cfg.batch_size, size=cfg.size, seed=0, num_workers=cfg.loader_workers,
-            device="cpu", drop_last=True, cache=cache,
+            device="cpu", drop_last=True, cache=cache, output="uint8",
         )  # fmt: skip
-        iterators[label] = make_iterable(loader)
+        iterators[label] = DevicePrefetcher(make_iterable(loader), "cpu", normalize=loader.dataset.transform.normalizer)
         for _ in range(2 if cfg.loader_workers == 0 else 2 * cfg.loader_workers + 1):
             next(iterators[label])
     images = dict.fromkeys(caches, 0)

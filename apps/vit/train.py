@@ -410,7 +410,8 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
     forward_model = _wrap(model, cfg, info, device)
     stepper = Stepper.build(forward_model, model, cfg.optim, cfg.steps, device, cfg.precision)
     # On CUDA the next batch is copied to the device on a side stream while the current step runs.
-    batches = DevicePrefetcher(make_iterable(train_loader, seed=cfg.seed), device)
+    normalize = train_loader.dataset.transform.normalizer
+    batches = DevicePrefetcher(make_iterable(train_loader, seed=cfg.seed), device, normalize=normalize)
     metrics = MetricsLogger(run.metrics_path, run.tensorboard_dir if cfg.tensorboard else None, enabled=info.is_main)
     progress = {"step": 0, "best_val_acc": -1.0, "best_step": 0, "best_val_loss": math.inf}
     if resume is not None:
@@ -493,7 +494,8 @@ def _loaders(cfg: TrainConfig, info: DistInfo, model: nn.Module, size: int, micr
     # Rank 0 first, so that a dataset download happens once.
     if not info.is_main:
         distributed.barrier()
-    train = build_loader(cfg.dataset_name, "train", batch_size=micro_batch, drop_last=True, **common)
+    # uint8 train batches, normalised on the device by the training loop's DevicePrefetcher.
+    train = build_loader(cfg.dataset_name, "train", batch_size=micro_batch, drop_last=True, output="uint8", **common)
     val = build_loader(cfg.dataset_name, "val", batch_size=cfg.eval_batch_size, shuffle=False, **common)
     test = build_loader(cfg.dataset_name, "test", batch_size=cfg.eval_batch_size, shuffle=False, **common)
     if info.is_main:

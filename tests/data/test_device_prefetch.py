@@ -52,3 +52,18 @@ def test_prefetcher_hands_out_the_stream_and_resumes_on_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_prefetcher_copies_ahead_on_a_side_stream_and_resumes_on_cuda():
     _check("cuda")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])  # fmt: skip
+def test_uint8_batches_normalised_by_the_prefetcher_equal_the_float_loader(device):
+    float_loader = make_iterable(build_loader("digits_subset-01", "train", **KW), seed=3)
+    uint8_loader = build_loader("digits_subset-01", "train", **KW, output="uint8", device=device)
+    raw = next(make_iterable(build_loader("digits_subset-01", "train", **KW, output="uint8"), seed=3))[0]
+    assert raw.dtype == torch.uint8 and raw.shape == (20, 3, 8, 8)
+    normalize = uint8_loader.dataset.transform.normalizer
+    it = DevicePrefetcher(make_iterable(uint8_loader, seed=3), device, normalize=normalize)
+    for _ in range(12):
+        (x, y), (a, b) = next(it), next(float_loader)
+        assert x.dtype == torch.float32 and x.device.type == device
+        assert torch.equal(x.cpu(), a) and torch.equal(y.cpu(), b)  # bit for bit

@@ -25,3 +25,19 @@ def test_resized_crop_equals_torchvision(shape, layout):
         out = resized_crop(image, top, left, ch, cw, 224)
         assert out.shape == (3, 224, 224) and out.dtype == torch.uint8 and out.is_contiguous()
         assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_uint8_output_normalised_as_a_batch_equals_the_float_output(augment):
+    from vitef.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
+
+    rng = np.random.default_rng(1)
+    images = [torch.from_numpy(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).permute(2, 0, 1) for _ in range(4)]
+    as_float = ImageTransform(32, augment, IMAGENET_MEAN, IMAGENET_STD)
+    as_uint8 = ImageTransform(32, augment, IMAGENET_MEAN, IMAGENET_STD, output="uint8")
+    want = torch.stack([as_float(im, random.Random(i)) for i, im in enumerate(images)])
+    raw = torch.stack([as_uint8(im, random.Random(i)) for i, im in enumerate(images)])
+    assert raw.dtype == torch.uint8 and raw.shape == (4, 3, 32, 32)
+    assert torch.equal(as_uint8.normalizer(raw), want)
+    with pytest.raises(TypeError):
+        as_uint8.normalizer(want)

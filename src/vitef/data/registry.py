@@ -64,6 +64,7 @@ def build_dataset(
     crop_scale: Sequence[float] = (0.08, 1.0),
     hflip: bool = True,
     cache: str | os.PathLike | None = None,
+    output: str = "float",
 ) -> VitefDataset:
     """One split of the dataset ``name``: items ``(image (3, size, size) float32, label)``, ``.num_classes``.
 
@@ -95,6 +96,10 @@ def build_dataset(
         Folder of the decoded-image cache (:mod:`vitef.data.cache`): a file-backed pool (DomainNet, Flowers102,
         Pet, ImageNet, ``imagefolder``) is decoded once, stored with its shorter side at most
         ``max(256, ceil(size * 8/7))`` px, and read from there; ``None``: decode each image on every access.
+    output
+        ``"float"``: items are normalised float32 images. ``"uint8"``: items are the uint8 images before
+        normalisation, and ``dataset.transform.normalizer`` normalises a batch of them (on its device) to the
+        same floats; the training loop's :class:`~vitef.data.loader.DevicePrefetcher` does so on the GPU.
     """
     check_split(split)
     spec = parse_name(name)
@@ -122,7 +127,7 @@ def build_dataset(
         source,
         np.asarray(indices),
         n_classes,
-        ImageTransform(size, augment, mean, std, crop_scale=crop_scale, hflip=hflip),
+        ImageTransform(size, augment, mean, std, crop_scale=crop_scale, hflip=hflip, output=output),
         corruption=corruption,
         name=name,
         split=split,
