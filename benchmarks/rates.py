@@ -32,6 +32,8 @@ SWEEPS = (
     ("model size: ViT-L/16 and ViT-H/14 on DomainNet clipart", "apps/vit/sweeps/model_size.yaml"),
     ("plasticity: ViT-B/L/H × 11 datasets", "apps/vit/sweeps/plasticity.yaml"),
     ("linear probing (11 datasets)", "apps/vit/sweeps/linear_probing.yaml"),
+    ("which parameters: 30 methods × 11 datasets × 4 lrs × 3 seeds (issue 12)", "apps/vit/sweeps/methods.yaml"),
+    ("low data: 10 images per class, 9 tasks × 7 configurations × 3 seeds", "apps/vit/sweeps/lowdata.yaml"),
 )
 # Numeric settings costed: (column label, training config keys replaced in every run; none: as configured).
 SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -91,7 +93,7 @@ def table(rates_file: str | Path) -> str:
         estimates = [cost(runs, rates, changes, str(path)) for _, changes in SETTINGS]
         images = format_images(estimates[0].images) if estimates[0].runs else "—"
         cells = [cell(est, gpu) for gpu in gpus for est in estimates]
-        lines.append(f"| {experiment} | {command} | {len(runs)} | {images} | " + " | ".join(cells) + " |")
+        lines.append(f"| {experiment} | {command} | {len(runs):,} | {images} | " + " | ".join(cells) + " |")
         for est in estimates:
             for g in est.gpus:
                 for p in g.parts:
