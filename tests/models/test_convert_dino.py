@@ -74,16 +74,6 @@ def _arch(path):
     return READERS[config["architectures"][0]].from_config(config)
 
 
-def _uses_eva_support(fn):
-    """Run ``fn``; skip while vitef's ``_check_vit`` still refuses timm's Eva (component registry, issue 14.1)."""
-    try:
-        return fn()
-    except ModelError as e:
-        if "is a Eva, not a timm VisionTransformer" in str(e):
-            pytest.skip("build_model does not accept timm Eva models yet (issue 14.1)")
-        raise
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_remap_loads_strictly_and_equals_transformers(tmp_path, variant):
     hf, size = _save_hf(tmp_path, variant)
@@ -104,7 +94,7 @@ def test_remap_loads_strictly_and_equals_transformers(tmp_path, variant):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_build_model_from_folder_equals_transformers(tmp_path, variant):
     hf, size = _save_hf(tmp_path, variant)
-    model = _uses_eva_support(lambda: build_model(str(tmp_path))).eval()
+    model = build_model(str(tmp_path)).eval()
     assert model.num_classes == 0
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
@@ -120,7 +110,7 @@ def test_random_init_has_the_converted_parameters(tmp_path, variant):
     _save_hf(tmp_path, variant)
     arch = _arch(tmp_path)
     state = REMAPS[type(arch)](load_file(str(tmp_path / "model.safetensors")), arch)
-    model = _uses_eva_support(lambda: build_model(str(tmp_path), pretrained=False))
+    model = build_model(str(tmp_path), pretrained=False)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in state.items()}
 
 
@@ -196,7 +186,7 @@ def test_fresh_head_and_other_resolution(tmp_path):
 
 def test_dinov3_fresh_head_and_other_resolution(tmp_path):
     hf, _ = _save_hf(tmp_path, "dinov3")
-    model = _uses_eva_support(lambda: build_model(str(tmp_path), num_classes=3, img_size=96)).eval()
+    model = build_model(str(tmp_path), num_classes=3, img_size=96).eval()
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         ref = hf(pixel_values=x).pooler_output  # RoPE has no table to resize: any grid is exact
