@@ -302,8 +302,7 @@ def family_figure(families: list[Family], mode: str, log_scale: str = "auto") ->
         + [[np.nan if f.ranks[c] is None else f.ranks[c] for c in ORDER] for f in fams],
         dtype=float,
     )  # (1 + families, components)
-    cmap = plt.get_cmap("viridis_r").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("viridis_r").with_extremes(bad="#dddddd")  # grey: a component not measured
     ax_rank.imshow(np.ma.masked_invalid(ranks), cmap=cmap, norm=Normalize(1, len(ORDER)), aspect="auto")
     for i in range(ranks.shape[0]):
         for j in range(ranks.shape[1]):
