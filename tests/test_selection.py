@@ -333,3 +333,27 @@ def test_an_impossible_budget_fails_before_scoring():
         check_budget(model, 0.0001)
     with pytest.raises(ConfigError, match="budget=11 units, but the model has 10"):
         select(model, _cfg("rgn", budget=11))  # no target given: the budget error comes first
+
+
+FAMILIES = {  # small random-init Eva (DINOv3, EVA-02 with SwiGLU) and Beit backbones at 16 px
+    "dinov3": ("vit_small_patch16_dinov3", dict(depth=2, embed_dim=48, num_heads=2)),
+    "eva02": ("eva02_tiny_patch14_224", dict(depth=2, patch_size=8)),
+    "beit": ("beit_base_patch16_224", dict(depth=2, embed_dim=48, num_heads=2, patch_size=8)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("criterion", ["plasticity", "bound", "rgn"])
+def test_every_criterion_scores_every_unit_of_eva_and_beit(family, criterion):
+    from vitef.models import build_model
+
+    name, kwargs = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build_model(name, pretrained=False, num_classes=3, img_size=16, **kwargs).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    source = [torch.randn(4, 3, 16, 16)]
+    sel = select(model, _cfg(criterion, budget=0.2), source=source, target=_batches(), num_classes=3)
+    assert sel.units == candidate_units(model) and len(sel.units) == 2 * 5
+    assert all(math.isfinite(s) for s in sel.scores.values())
+    assert 0 < sel.picked_params <= 0.2 * backbone_parameters(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # scoring leaves the weights
