@@ -172,8 +172,7 @@ def kendall_tau(ranks: dict[str, int | None]) -> float:
     comps = [c for c in ORDER if ranks.get(c) is not None]
     if len(comps) < 2:
         return math.nan
-    tau = float(kendalltau([ranks[c] for c in comps], [THEORETICAL_RANK[c] for c in comps]).statistic)
-    return tau
+    return float(kendalltau([ranks[c] for c in comps], [THEORETICAL_RANK[c] for c in comps]).statistic)
 
 
 def collect(cfg: FamiliesPlotConfig) -> list[Family]:
