@@ -8,7 +8,8 @@ content with the detail of photographs at JPEG quality ``quality``: about their 
 temporary folder, read as ``imagefolder:<folder>``, then measures, cache off and cache on, in the same run:
 
 - the loader's own images/s per worker: ``vitef.data.build_loader``'s train pipeline as the app builds it
-  (decode or cached read, RandomResizedCrop(``size``) + flip, uint8 batches normalised to float), batches of
+  (decode or cached read, RandomResizedCrop(``size``) + flip, uint8 batches: the float normalisation is the
+  training loop's, on its device, timed apart), batches of
   ``batch_size``, with ``loader_workers`` workers
   (0: the main process is the one worker), steady state over ``loader_seconds`` (off and on take turns); the
   cache's one-off build time is reported apart;
@@ -124,10 +125,10 @@ def _write_class(min_side: int, max_side: int, count: int, quality: int, folder:
 
 def loader_rates(cfg: PipelineConfig, name: str, caches: dict[str, str | None], rounds: int = 4) -> dict[str, float]:
     """Steady-state images/s of the training app's train loader per cache setting (first batches, worker start-up
-    and prefetch left out): uint8 batches, normalised to float here as the app's DevicePrefetcher does on its
-    device. The settings take turns, ``rounds`` times ``loader_seconds / rounds`` each, so that a change of load
-    on a shared machine hits them alike."""
-    from vitef.data import DevicePrefetcher, build_loader, make_iterable
+    and prefetch left out): the uint8 batches its workers deliver (the training loop normalises them on its
+    device: :func:`normalize_rate`). The settings take turns, ``rounds`` times ``loader_seconds / rounds`` each,
+    so that a change of load on a shared machine hits them alike."""
+    from vitef.data import build_loader, make_iterable
 
     iterators = {}
     for label, cache in caches.items():
@@ -135,7 +136,7 @@ def loader_rates(cfg: PipelineConfig, name: str, caches: dict[str, str | None], 
             name, "train", batch_size=cfg.batch_size, size=cfg.size, seed=0, num_workers=cfg.loader_workers,
             device="cpu", drop_last=True, cache=cache, output="uint8",
         )  # fmt: skip
-        iterators[label] = DevicePrefetcher(make_iterable(loader), "cpu", normalize=loader.dataset.transform.normalizer)
+        iterators[label] = make_iterable(loader)
         for _ in range(2 if cfg.loader_workers == 0 else 2 * cfg.loader_workers + 1):
             next(iterators[label])
     images = dict.fromkeys(caches, 0)
@@ -148,6 +149,21 @@ def loader_rates(cfg: PipelineConfig, name: str, caches: dict[str, str | None], 
             seconds[label] += time.perf_counter() - t0
     iterators.clear()  # ends the workers
     return {label: images[label] / seconds[label] for label in caches}
+
+
+def normalize_rate(cfg: PipelineConfig, name: str, repeats: int = 20) -> float:
+    """Images/s of normalising the train loader's uint8 batches to float on this process's CPU (the step the
+    training loop's DevicePrefetcher does after the copy, on the GPU when there is one)."""
+    from vitef.data import build_loader, make_iterable
+
+    loader = build_loader(name, "train", batch_size=cfg.batch_size, size=cfg.size, seed=0, device="cpu", output="uint8")
+    images = next(make_iterable(loader))[0]
+    normalize = loader.dataset.transform.normalizer
+    normalize(images)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        normalize(images)
+    return repeats * images.shape[0] / (time.perf_counter() - t0)
 
 
 def train_rates(cfg: PipelineConfig, name: str, cache: str | None, root: Path) -> dict[int, float]:
@@ -252,6 +268,10 @@ def main(cfg: PipelineConfig) -> None:
         for label, rate in rates.items():
             print(f"  cache {label:<3} {rate / per:8.1f}")
         print(f"  ratio on/off: {rates['on'] / rates['off']:.1f}x (goal >= 5x)")
+        print(
+            f"  (uint8 batches; normalising them to float, done by the training loop on its device, runs at "
+            f"{normalize_rate(cfg, name):.0f} images/s on this CPU)"
+        )
         sys.stdout.flush()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
