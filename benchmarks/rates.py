@@ -34,6 +34,7 @@ SWEEPS = (
     ("linear probing (11 datasets)", "apps/vit/sweeps/linear_probing.yaml"),
     ("which parameters: 30 methods × 11 datasets × 4 lrs × 3 seeds (issue 12)", "apps/vit/sweeps/methods.yaml"),
     ("low data: 10 images per class, 9 tasks × 7 configurations × 3 seeds", "apps/vit/sweeps/lowdata.yaml"),
+    ("plasticity across backbone families: 7 ViT-B × 11 datasets × 2 modes", "apps/vit/sweeps/families.yaml"),
 )
 # Numeric settings costed: (column label, training config keys replaced in every run; none: as configured).
 SETTINGS: tuple[tuple[str, dict[str, Any]], ...] = (
