@@ -291,9 +291,11 @@ def family_figure(families: list[Family], mode: str, log_scale: str = "auto") ->
     """(a) rank heat map of the families of ``mode`` with the theoretical row; (b) mean plasticity bars."""
     fams = [f for f in families if f.mode == mode]
     n = len(fams)
+    # Constrained layout keeps the rotated family names, the legend and the titles apart.
     fig, (ax_rank, ax_bar) = plt.subplots(
-        1, 2, figsize=(11.5, 1.6 + 0.45 * (n + 1)), gridspec_kw={"width_ratios": [1, 1.6]}
-    )
+        1, 2, figsize=(12.5, max(4.2, 2.4 + 0.45 * (n + 1))), gridspec_kw={"width_ratios": [1, 1.5]},
+        layout="constrained",
+    )  # fmt: skip
 
     # (a) ranks: the theoretical row on top, then each family; colour = rank (1, most plastic, brightest).
     ranks = np.array(
@@ -334,14 +336,13 @@ def family_figure(families: list[Family], mode: str, log_scale: str = "auto") ->
     if log and positive.size:
         ax_bar.set_yscale("log")
     ax_bar.set_xticks(x)
-    ax_bar.set_xticklabels([f.label for f in fams], rotation=20, ha="right", fontsize=8)
-    ax_bar.set_ylabel("plasticity (mean over layers and targets)" + (", log" if log else ""))
-    ax_bar.set_title("(b) mean plasticity per component")
-    ax_bar.legend(fontsize=8, ncol=len(ORDER), loc="upper center", bbox_to_anchor=(0.5, -0.25), frameon=False)
+    ax_bar.set_xticklabels([f.label for f in fams], rotation=25, ha="right", fontsize=8)
+    ax_bar.set_ylabel("mean plasticity" + (" (log scale)" if log else ""), fontsize=9)
+    ax_bar.set_title("(b) mean plasticity per component (over layers, then targets)")
+    ax_bar.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax_bar.grid(axis="y", alpha=0.3)
 
     fig.suptitle(title(fams, mode), fontsize=10)
-    fig.tight_layout()
     return fig
 
 
