@@ -357,3 +357,25 @@ def test_every_criterion_scores_every_unit_of_eva_and_beit(family, criterion):
     assert all(math.isfinite(s) for s in sel.scores.values())
     assert 0 < sel.picked_params <= 0.2 * backbone_parameters(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # scoring leaves the weights
+
+
+def test_bound_criterion_with_query_biases_is_larger_for_mha_only():
+    from vitef.models import build_model
+    from vitef.selection import bound_scores
+
+    name, kwargs = FAMILIES["eva02"]
+    torch.manual_seed(0)
+    model = build_model(name, pretrained=False, num_classes=3, img_size=16, **kwargs).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.q_bias.normal_(0, 0.5)  # pretrained EVA-02 has non-zero query biases; timm starts at 0
+    target = _batches()
+    plain = bound_scores(model, target)
+    biased = bound_scores(model, target, mha_bias=True)
+    assert plain.keys() == biased.keys()
+    for unit, value in plain.items():
+        if unit.startswith("mha."):
+            assert biased[unit] > value
+        else:
+            assert biased[unit] == value
+    assert build_config(SelectConfig, {"criterion": "bound", "mha_bias": True}).mha_bias

@@ -74,6 +74,9 @@ class AnalysisConfig:
     device: str = option("auto", "cpu, cuda, cuda:N or auto")
     seed: int = option(42, "seed of the image order (the paper: 42)")
     sigma: float = option(1.0, "lower bound on the per-token std of LayerNorm inputs, for the LN bound ||g||_inf/sigma")
+    mha_bias: bool = option(
+        False, "MHA bound valid with query/key biases (EVA-02, BEiT have q_bias); false: the paper's bias-free formula"
+    )
     keep_samples: bool = option(False, "also save every per-pair ratio to samples.npz")
     chunk_size: int | None = option(None, "pairs per forward pass (bounds memory; default: the whole batch)")
     root: str = option("outputs", "output root: results go to <root>/analysis/<model>_<source>_<target>_<mode>/")
@@ -143,7 +146,7 @@ def main(cfg: AnalysisConfig) -> Path:
     if df.attrs["n_pairs"] < n_pairs:
         logger.warning("only %d pairs (a dataset ran out before %d steps)", df.attrs["n_pairs"], cfg.steps)
     radius = estimate_radius(model, target, max_batches=cfg.steps, device=device)
-    bounds = compare(bounds_table(model, r=radius, sigma=cfg.sigma, components=comps), df)
+    bounds = compare(bounds_table(model, r=radius, sigma=cfg.sigma, components=comps, mha_bias=cfg.mha_bias), df)
     summary, tau, p_value = summarize(df)
 
     write_results(out_dir, cfg, df, bounds, summary, tau, p_value, radius, sequence_length(model))

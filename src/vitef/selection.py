@@ -122,6 +122,7 @@ class SelectConfig:
     source_split: str = option("val", "split of the source dataset")
     seed: int = option(0, "seed of the image order, the fresh head (gradient criteria) and random")
     sigma: float = option(1.0, "lower bound on the per-token std of LayerNorm inputs (bound criterion)")
+    mha_bias: bool = option(False, "bound criterion: MHA bound valid with query/key biases (vitef.bounds.mha_bound)")
     precision: str = option("fp32", f"numeric precision of the forward passes: {', '.join(PRECISIONS)}")
 
     def validate(self) -> None:
@@ -325,11 +326,16 @@ def plasticity_scores(
 
 
 def bound_scores(
-    model: nn.Module, target: Iterable, *, sigma: float = 1.0, device: torch.device | str | None = None
+    model: nn.Module,
+    target: Iterable,
+    *,
+    sigma: float = 1.0,
+    mha_bias: bool = False,
+    device: torch.device | str | None = None,
 ) -> dict[str, float]:
     """The theoretical bound of every (block, component), the MHA token radius r estimated on ``target``."""
     radius = estimate_radius(model, target, device=device)
-    df = bounds_table(model, r=radius, sigma=sigma)
+    df = bounds_table(model, r=radius, sigma=sigma, mha_bias=mha_bias)
     return {unit_name(c, int(layer)): float(b) for layer, c, b in zip(df["layer"], df["component"], df["bound"])}
 
 
@@ -565,7 +571,7 @@ def score_units(
         src = itertools.islice(source, cfg.batches)  # type: ignore[arg-type]
         scores = plasticity_scores(model, src, tgt, mode=cfg.mode, precision=cfg.precision, device=device)
     elif crit == "bound":
-        scores = bound_scores(model, tgt, sigma=cfg.sigma, device=device)
+        scores = bound_scores(model, tgt, sigma=cfg.sigma, mha_bias=cfg.mha_bias, device=device)
     elif crit in ("rgn", "grad_norm"):
         classes = num_classes if num_classes is not None else getattr(target, "num_classes", None)
         if classes is None:
