@@ -166,8 +166,11 @@ def normalize_rate(cfg: PipelineConfig, name: str, repeats: int = 20) -> float:
     return repeats * images.shape[0] / (time.perf_counter() - t0)
 
 
-def train_rates(cfg: PipelineConfig, name: str, cache: str | None, root: Path) -> dict[int, float]:
-    """``images_per_s`` of each step after ``warmup`` of a short ``apps.vit.train`` run, by step."""
+def train_rates(
+    cfg: PipelineConfig, name: str, cache: str | None, root: Path, waits: dict[str | None, dict[int, float]]
+) -> dict[int, float]:
+    """``images_per_s`` of each step after ``warmup`` of a short ``apps.vit.train`` run, by step; each step's
+    ``data_wait_ms`` (the host's time getting its batch) goes to ``waits[cache]``."""
     from apps.vit.train import TrainConfig
     from apps.vit.train import main as train_main
     from vitef.config import build_config
@@ -199,7 +202,9 @@ def train_rates(cfg: PipelineConfig, name: str, cache: str | None, root: Path) -
     )
     train_main(run_cfg)
     rows = RunDir(root / "runs" / log_dir).read_metrics()
-    return {r["step"]: r["images_per_s"] for r in rows if "images_per_s" in r and r["step"] > cfg.warmup}
+    kept = [r for r in rows if "images_per_s" in r and r["step"] > cfg.warmup]
+    waits[cache] = {r["step"]: r.get("data_wait_ms", float("nan")) for r in kept}
+    return {r["step"]: r["images_per_s"] for r in kept}
 
 
 def write_measured(cfg: PipelineConfig, steps: dict[str, dict[int, float]], device: torch.device) -> Path:
@@ -276,7 +281,9 @@ def main(cfg: PipelineConfig) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         settings = [(label, c) for label, c in (("off", None), ("on", cache)) if cfg.train_cache in ("both", label)]
-        steps = {label: train_rates(cfg, name, c, work / "out") for label, c in settings}
+        waits: dict[str | None, dict[int, float]] = {}
+        steps = {label: train_rates(cfg, name, c, work / "out", waits) for label, c in settings}
+        wait_of = {label: waits[c] for label, c in settings}
     print(
         f"training loop (apps.vit.train, {cfg.model}{' shrunk ' + str(TINY) if cfg.tiny else ''}, {device}, "
         f"{cfg.precision}{', compiled' if cfg.compile else ''}, {cfg.train_workers} workers), step images/s over "
@@ -290,8 +297,10 @@ def main(cfg: PipelineConfig) -> None:
     print("  (goal: p10/median >= 0.9, no stalls)")
     for label, by_step in steps.items():
         med = statistics.median(by_step.values())
-        slow = [f"{k}:{v:.0f}" for k, v in by_step.items() if v < 0.9 * med]
+        slow = [f"{k}:{v:.0f}({wait_of[label][k]:.0f} ms)" for k, v in by_step.items() if v < 0.9 * med]
         print(f"  cache {label}: {len(slow)} steps below 0.9 x median{': ' + ' '.join(slow[:30]) if slow else ''}")
+        wait = statistics.median(wait_of[label].values())
+        print(f"  cache {label}: median data wait {wait:.1f} ms per step (step:images/s(data wait) above)")
     if cfg.rates_out:
         print(f"rates written to {write_measured(cfg, steps, device)}")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -316,8 +316,11 @@ def _train_step(s: Stepper, batches: Iterator, where: str) -> dict[str, Any]:
     s.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=s.device)
     n_images = 0
+    waited = 0.0  # host seconds getting batches: a slow step with a long wait waited for data
     for micro in range(s.grad_accumulation):
+        t0 = time.perf_counter()
         images, labels = next(batches)
+        waited += time.perf_counter() - t0
         images = images.to(s.device, non_blocking=True)
         labels = labels.to(s.device, non_blocking=True)
         n_images += labels.numel()
@@ -356,6 +359,7 @@ def _train_step(s: Stepper, batches: Iterator, where: str) -> dict[str, Any]:
     s.scheduler.step()
     row: dict[str, Any] = {"loss": loss_value, "lr": lr, "grad_norm": norm}
     row.update({f"grad_norm/{c}": v for c, v in zip(per_component, component_norms)})
+    row["data_wait_ms"] = 1000 * waited
     return row
 
 
