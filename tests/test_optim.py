@@ -127,6 +127,26 @@ def test_fused_optimizers_match_foreach_on_cuda():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_grad_norms_of_interleaved_groups_and_of_many_tensors():
+    # Groups need not be contiguous in parameter order (the registry's components interleave block by block).
+    torch.manual_seed(1)
+    shapes = [(4, 3), (3,), (6,), (2, 2), (5,), (1,)] * 5
+    params = [nn.Parameter(torch.randn(s)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[3].grad = None  # skipped, as a frozen parameter
+    names = [f"p{i}" for i in range(len(params))]
+    groups = {n: ("ln", "mha", "fc1")[i % 3] for i, n in enumerate(names)}
+    total, per = grad_norms(list(zip(names, params)), groups)
+    assert list(per) == ["ln", "mha", "fc1"]  # the order of first appearance
+    for g, norm in per.items():
+        grads = [p.grad.flatten() for n, p in zip(names, params) if groups[n] == g and p.grad is not None]
+        assert norm.dtype == torch.float32 and norm.shape == ()
+        assert norm.item() == pytest.approx(torch.cat(grads).norm().item(), rel=1e-6)
+    everything = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+    assert total.item() == pytest.approx(everything.norm().item(), rel=1e-6)
+
+
 def test_grad_norms_and_clipping_match_direct_computation():
     torch.manual_seed(0)
     a, b, c = (nn.Parameter(torch.randn(n)) for n in (5, 7, 3))

@@ -256,21 +256,25 @@ def make_iterable(loader: DataLoader, seed: int | None = None) -> EndlessIterato
 
 
 class DevicePrefetcher:
-    """The batches of an :class:`EndlessIterator`, already on ``device``: the host-to-device copy of batch k+1
-    runs on a side CUDA stream while the device computes step k (issue 13).
+    """The batches of an :class:`EndlessIterator`, already on ``device``, one batch ahead (issue 13).
 
-    Copied on the compute stream, as ``tensor.to(device, non_blocking=True)`` in the step does, the copy of a
-    ViT-B batch of 256 float images (154 MB) waits for the previous step's kernels and the next step waits for
-    it: about 6 ms of every 80 ms step on an H200 at bf16 (estimated at ~25 GB/s). On the side stream it overlaps
-    the step. Each
-    batch is recorded on the compute stream before it is handed out (``record_stream``), so its memory is not
-    reused while the step still reads it.
+    ``next()`` hands out the batch fetched ahead; :meth:`prefetch` fetches the following one from the loader and,
+    on CUDA, starts its host-to-device copy on a side stream. The training step calls :meth:`prefetch` once its own
+    forward and backward are queued, so the loader's host work (taking the batch from the worker queue, pinning)
+    and the copy overlap the device computing that step. Fetched when the step asks for its batch instead, the host
+    time of every fetch (and its jitter) was spent with the device idle: the GPU had finished the previous step and
+    the next step's kernels were not queued yet. Without a :meth:`prefetch` call, ``next()`` fetches on demand.
+
+    On the compute stream, the copy of a ViT-B batch of 256 float images (154 MB) would wait for the previous
+    step's kernels and the next step would wait for it (about 6 ms per step at ~25 GB/s, an estimate). Each batch
+    is recorded on the compute stream before it is handed out (``record_stream``), so its memory is not reused
+    while the step still reads it.
 
     ``normalize`` (a :class:`~vitef.data.transforms.Normalizer`) turns the batches of a loader built with
-    ``output="uint8"`` into normalised floats after the copy, on the device: a quarter of the bytes cross
-    to the GPU. Off CUDA it hands out the loader's batches (normalised in this process when ``normalize`` is
-    given). ``state_dict`` is the position of the next batch it hands out (the prefetched one counts as not
-    consumed), so a run resumed from it sees the same batches.
+    ``output="uint8"`` into normalised floats after the copy, on the device: a quarter of the bytes cross to the
+    GPU. Off CUDA the batches stay where the loader made them (normalised in this process when ``normalize`` is
+    given); fetching ahead works the same way. ``state_dict`` is the position of the next batch handed out (the one
+    fetched ahead counts as not consumed), so a run resumed from it sees the same batches.
     """
 
     def __init__(self, batches: EndlessIterator, device: torch.device | str, normalize: Callable | None = None):
@@ -287,30 +291,32 @@ class DevicePrefetcher:
     def __iter__(self) -> DevicePrefetcher:
         return self
 
-    def _prefetch(self) -> None:
+    def prefetch(self) -> None:
+        """Fetch the next batch from the loader (and start its copy to the device), unless one is already waiting."""
+        if self._pending is not None:
+            return
         state = self.batches.state_dict()
         images, labels = next(self.batches)
-        with torch.cuda.stream(self.stream):
-            images = images.to(self.device, non_blocking=True)
-            if self.normalize is not None:
-                images = self.normalize(images)  # (B, 3, H, W) float32, made on the side stream
-            batch = (images, labels.to(self.device, non_blocking=True))
+        if self.stream is None:
+            batch = (images if self.normalize is None else self.normalize(images), labels)
+        else:
+            with torch.cuda.stream(self.stream):
+                images = images.to(self.device, non_blocking=True)
+                if self.normalize is not None:
+                    images = self.normalize(images)  # (B, 3, H, W) float32, made on the side stream
+                batch = (images, labels.to(self.device, non_blocking=True))
         self._pending = (batch, state)
 
     def __next__(self) -> Any:
-        if self.stream is None:
-            images, labels = next(self.batches)
-            return (images if self.normalize is None else self.normalize(images)), labels
-        if self._pending is None:
-            self._prefetch()
+        self.prefetch()  # nothing waiting: the first batch, or the caller did not fetch ahead
         assert self._pending is not None
         (images, labels), _ = self._pending
-        current = torch.cuda.current_stream(self.device)
-        current.wait_stream(self.stream)  # the copy is done before the step reads the batch
-        images.record_stream(current)
-        labels.record_stream(current)
         self._pending = None
-        self._prefetch()  # the next copy overlaps the step that is about to be queued
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)  # the copy is done before the step reads the batch
+            images.record_stream(current)
+            labels.record_stream(current)
         return images, labels
 
     def state_dict(self) -> dict[str, int]:
