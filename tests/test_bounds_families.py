@@ -12,6 +12,7 @@ import torch
 from timm.layers import apply_rot_embed_cat
 from timm.models.eva import EvaAttention
 from timm.models.vision_transformer import Attention
+from tiny import family_model, perturb_family
 from torch import nn
 
 from vitef.bounds import (
@@ -29,19 +30,10 @@ from vitef.bounds import (
 from vitef.errors import ComponentError
 from vitef.landscape import top_directions
 
-SMALL = {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 2}
-CASES: dict[str, tuple[str, dict]] = {
-    # RoPE (half layout), 4 registers + CLS, LayerScale gamma_1/gamma_2, fused qkv without bias.
-    "dinov3": ("vit_small_patch16_dinov3", SMALL),
-    # RoPE (interleaved), fused qkv + q_bias/v_bias, packed SwiGLU (GluMlp fc1), patch 14.
-    "eva02": ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}),
-    # Separate q_proj/k_proj/v_proj, inner norm attn.norm, SwiGLU fc1_g/fc1_x with mlp.norm.
-    "eva02_clip": ("eva02_base_patch16_clip_224", SMALL),
-    # One rotary embedding per block and per head (timm's AttentionRope).
-    "rope_mixed": ("vit_small_patch16_rope_mixed_224", SMALL),
-    # Relative position bias per block, gamma_1/gamma_2, no absolute position embedding.
-    "beit": ("beit_base_patch16_224", SMALL),
-}
+# The cases of tiny.FAMILY_CASES the bounds are checked on: RoPE in both layouts (DINOv3: half, 4 registers + CLS;
+# EVA-02: interleaved, fused qkv + q_bias/v_bias, packed SwiGLU), separate q/k/v projections with an inner norm
+# (EVA-02 CLIP), one rotary embedding per block and head (mixed RoPE), relative position biases (BEiT).
+CASES = ("dinov3", "eva02", "eva02_clip", "rope_mixed", "beit")
 # Sequence lengths: 4 patches (2 × 2 grid) plus the prefix tokens.
 SEQUENCE = {"dinov3": 9, "eva02": 5, "eva02_clip": 5, "rope_mixed": 5, "beit": 5}
 
@@ -52,19 +44,10 @@ def build(key: str, *, zero_qk_bias: bool = True) -> nn.Module:
     ``zero_qk_bias``: zero the query and key biases, for which the paper's formula has no term (see
     :func:`test_query_bias_needs_the_augmented_bound`).
     """
-    name, kwargs = CASES[key]
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, **kwargs).double().eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(1)
+    model = family_model(key).double().eval().requires_grad_(False)
+    perturb_family(model, seed=1, table_scale=0.3)  # drawn in float64, unlike the registry tests' models
     with torch.no_grad():
-        for pname, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            if p.ndim >= 2 and "relative_position_bias_table" not in pname:
-                p.copy_(0.1 * noise)
-            elif pname.endswith(("norm1.weight", "norm2.weight", "norm.weight", "gamma_1", "gamma_2")):
-                p.copy_(1.0 + 0.3 * noise)
-            else:
-                p.copy_(0.3 * noise)
         if zero_qk_bias:
             for block in model.blocks:
                 attn = block.attn

@@ -7,6 +7,9 @@
 - ``random_vit``: a seeded timm VisionTransformer, for library tests that need a model but no config.
 - ``SWEEP_ARCH``, ``sweep_train_overrides`` and ``digits_train_sweep``: smaller still, for sweep tests that
   train several runs.
+- ``FAMILY_CASES``, ``family_model`` and ``perturb_family``: timm's other families (Eva: DINOv3, EVA-02, mixed
+  RoPE; Beit) and a ViT with LayerScale, 2 blocks on 28-32 px images, one case per layout the component registry
+  must know, for the family tests of the registry and of vitef.bounds.
 
 Test files import it as ``from tiny import ...``: pytest puts tests/ on sys.path when it loads tests/conftest.py
 (no __init__.py, the default prepend import mode). Every helper returns a fresh copy, so a test that edits its
@@ -18,8 +21,10 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from vitef.models import build_model
 
@@ -115,3 +120,75 @@ def digits_train_sweep(name: str, root: Path, run_name: str, steps: int, eval_pe
         "grid": {"trainable": [["mha"], ["ln1"]]},
         "run_name": run_name,
     }
+
+
+# Other families at a small size: 2 blocks, 64 wide (EVA-02 tiny keeps its 192), 2 heads, 4 patches per image.
+FAMILY_SMALL = {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 2}
+# key -> (timm name, kwargs): one case per layout the component registry must know.
+FAMILY_CASES: dict[str, tuple[str, dict]] = {
+    # RoPE (half rotation), 4 registers + CLS, LayerScale gamma_1/gamma_2, fused qkv without bias, plain MLP.
+    "dinov3": ("vit_small_patch16_dinov3", FAMILY_SMALL),
+    # RoPE (interleaved), fused qkv with q_bias/v_bias, packed SwiGLU (GluMlp fc1), patch 14.
+    "eva02": ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}),
+    # EVA-02 CLIP: separate q_proj/k_proj/v_proj, scale norm attn.norm, SwiGLU fc1_g/fc1_x with mlp.norm.
+    "eva02_clip": ("eva02_base_patch16_clip_224", FAMILY_SMALL),
+    # EVA-02 with timm kwargs: LayerScale on the attention branch only (no gamma_2), split SwiGLU.
+    "eva02_kwargs": (
+        "eva02_tiny_patch14_224",
+        {
+            "img_size": 28,
+            "depth": 2,
+            "qkv_fused": False,
+            "scale_mlp": True,
+            "init_values": 0.1,
+            "attn_only_layer_scale": True,
+        },
+    ),
+    # Mixed RoPE (learnable frequencies rope.freqs, one embedding per block and per head), timm's AttentionRope.
+    "rope_mixed": ("vit_small_patch16_rope_mixed_224", FAMILY_SMALL),
+    # BEiT: a relative position bias table in every block, gamma_1/gamma_2, no absolute position embedding.
+    "beit": ("beit_base_patch16_224", FAMILY_SMALL),
+    # BEiT with one relative position bias shared by all blocks (rel_pos_bias.*), none of their own.
+    "beit_shared": (
+        "beit_base_patch16_224",
+        {**FAMILY_SMALL, "use_shared_rel_pos_bias": True, "use_rel_pos_bias": False},
+    ),
+    # Both: the shared bias adds to each block's own.
+    "beit_both": ("beit_base_patch16_224", {**FAMILY_SMALL, "use_shared_rel_pos_bias": True}),
+    # The paper's family, for reference: the same tests hold for a VisionTransformer with LayerScale.
+    "vit": ("vit_small_patch14_dinov2", {"img_size": 28, "depth": 2, "embed_dim": 64, "num_heads": 2}),
+}
+# The registry's family (vitef.models.model_family) of every case.
+FAMILY_OF = {"dinov3": "eva", "eva02": "eva", "eva02_clip": "eva", "eva02_kwargs": "eva", "rope_mixed": "eva",
+             "beit": "beit", "beit_shared": "beit", "beit_both": "beit", "vit": "vit"}  # fmt: skip
+
+
+def family_model(key: str) -> nn.Module:
+    """The case ``key`` of ``FAMILY_CASES`` as timm creates it: float32, training mode, initialised from torch's
+    global generator (the caller seeds it)."""
+    name, kwargs = FAMILY_CASES[key]
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def perturb_family(model: nn.Module, *, seed: int, table_scale: float) -> nn.Module:
+    """Replace every parameter of ``model`` by seeded Gaussian noise, in place, in the parameters' own dtype.
+
+    timm's initial values (LayerScale gains, relative position bias tables, q/v biases, norms at γ = 1, β = 0)
+    would hide whether a computation uses them. Gains and norm weights become 1 + 0.3 N(0, 1), relative position
+    bias tables ``table_scale`` N(0, 1), other matrices 0.1 N(0, 1), everything else (biases, tokens) 0.3 N(0, 1).
+    The noise comes from a generator seeded with ``seed``, one draw per parameter in ``named_parameters`` order.
+    Returns ``model``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            if "relative_position_bias_table" in name:
+                p.copy_(table_scale * noise)
+            elif p.ndim >= 2:
+                p.copy_(0.1 * noise)
+            elif name.endswith(("norm1.weight", "norm2.weight", "norm.weight", "gamma_1", "gamma_2")):
+                p.copy_(1.0 + 0.3 * noise)
+            else:
+                p.copy_(0.3 * noise)
+    return model

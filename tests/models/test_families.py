@@ -1,7 +1,8 @@
 """Eva (EVA-02, DINOv3) and Beit in the component registry, against timm's own forward (issue 14, item 1).
 
-Every family is built at a small size with random weights (perturbed so that LayerScale gains, relative position
-bias tables and q/v biases are not their trivial initial values), in float64 so that equalities are tight.
+Every family is built at a small size (tiny.FAMILY_CASES) with random weights (tiny.perturb_family, so that
+LayerScale gains, relative position bias tables and q/v biases are not their trivial initial values), in float64 so
+that equalities are tight.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from tiny import FAMILY_CASES, FAMILY_OF, FAMILY_SMALL, family_model, perturb_family
 from torch import nn
 
 from vitef.errors import ComponentError, ModelError
@@ -38,65 +40,13 @@ from vitef.models.components import PATTERNS, count_units, unit_of, units_of
 from vitef.plasticity import measure
 from vitef.probe import PROBE_POINTS, block_points, extract_features, point_dim
 
-SMALL = {"img_size": 32, "depth": 2, "embed_dim": 64, "num_heads": 2}
-# name -> (timm name, kwargs): one case per layout the registry must know.
-CASES: dict[str, tuple[str, dict]] = {
-    # RoPE (half rotation), 4 registers, LayerScale gamma_1/gamma_2, fused qkv without bias, plain MLP.
-    "dinov3": ("vit_small_patch16_dinov3", SMALL),
-    # RoPE (interleaved), fused qkv with q_bias/v_bias, packed SwiGLU (GluMlp fc1), patch 14.
-    "eva02": ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}),
-    # EVA-02 CLIP: separate q_proj/k_proj/v_proj, scale norm attn.norm, SwiGLU fc1_g/fc1_x with mlp.norm.
-    "eva02_clip": ("eva02_base_patch16_clip_224", SMALL),
-    # EVA-02 with timm kwargs: LayerScale on the attention branch only (no gamma_2), split SwiGLU.
-    "eva02_kwargs": (
-        "eva02_tiny_patch14_224",
-        {
-            "img_size": 28,
-            "depth": 2,
-            "qkv_fused": False,
-            "scale_mlp": True,
-            "init_values": 0.1,
-            "attn_only_layer_scale": True,
-        },
-    ),
-    # Mixed RoPE (learnable frequencies rope.freqs, one embedding per block), timm's AttentionRope.
-    "rope_mixed": ("vit_small_patch16_rope_mixed_224", SMALL),
-    # BEiT: a relative position bias table in every block, gamma_1/gamma_2.
-    "beit": ("beit_base_patch16_224", SMALL),
-    # BEiT with one relative position bias shared by all blocks (rel_pos_bias.*), none of their own.
-    "beit_shared": ("beit_base_patch16_224", {**SMALL, "use_shared_rel_pos_bias": True, "use_rel_pos_bias": False}),
-    # Both: the shared bias adds to each block's own.
-    "beit_both": ("beit_base_patch16_224", {**SMALL, "use_shared_rel_pos_bias": True}),
-    # The paper's family, for reference: the same tests hold for a VisionTransformer with LayerScale.
-    "vit": ("vit_small_patch14_dinov2", {"img_size": 28, "depth": 2, "embed_dim": 64, "num_heads": 2}),
-}
-FAMILY = {"dinov3": "eva", "eva02": "eva", "eva02_clip": "eva", "eva02_kwargs": "eva", "rope_mixed": "eva",
-          "beit": "beit", "beit_shared": "beit", "beit_both": "beit", "vit": "vit"}  # fmt: skip
-
-
-def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random values everywhere: gains near 1, everything else (biases, tables, tokens) away from its init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=p.dtype)
-            if "relative_position_bias_table" in name:
-                p.copy_(0.5 * noise)
-            elif p.ndim >= 2:
-                p.copy_(0.1 * noise)
-            elif name.endswith(("norm1.weight", "norm2.weight", "norm.weight", "gamma_1", "gamma_2")):
-                p.copy_(1.0 + 0.3 * noise)
-            else:
-                p.copy_(0.3 * noise)
-    return model
-
 
 @pytest.fixture(scope="module")
 def models() -> dict[str, nn.Module]:
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # once: timm draws every case's initial values in turn (perturb_family replaces them)
     out = {}
-    for key, (name, kwargs) in CASES.items():
-        out[key] = perturb(timm.create_model(name, pretrained=False, **kwargs), seed=1).double().eval()
+    for key in FAMILY_CASES:
+        out[key] = perturb_family(family_model(key), seed=1, table_scale=0.5).double().eval()
     return out
 
 
@@ -148,10 +98,10 @@ def module_owner(model: nn.Module) -> dict[int, tuple[str, int | None]]:
     return owner
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
 def test_every_parameter_in_exactly_one_component_and_unit(models, case):
     model = models[case]
-    assert model_family(model) == FAMILY[case]
+    assert model_family(model) == FAMILY_OF[case]
     info = assign_components(model)
     owner = module_owner(model)
     params = dict(model.named_parameters())
@@ -220,8 +170,8 @@ def test_unknown_layouts_name_the_supported_families():
 
 
 def test_build_model_accepts_eva_and_beit_and_refuses_others():
-    assert type(build_model("vit_small_patch16_dinov3", pretrained=False, **SMALL)).__name__ == "Eva"
-    beit = build_model("beit_base_patch16_224", pretrained=False, use_shared_rel_pos_bias=True, **SMALL)
+    assert type(build_model("vit_small_patch16_dinov3", pretrained=False, **FAMILY_SMALL)).__name__ == "Eva"
+    beit = build_model("beit_base_patch16_224", pretrained=False, use_shared_rel_pos_bias=True, **FAMILY_SMALL)
     assert type(beit).__name__ == "Beit"
     # Overrides are checked against the named model's own class: qkv_fused is an Eva argument, not a ViT one.
     eva = build_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, depth=1, qkv_fused=False)
@@ -272,7 +222,7 @@ def close(a, b, msg=""):
     torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=msg)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
 def test_blocks_and_trace_equal_timm_forward(models, case):
     model = models[case]
     x = images(model, 3, seed=2)
@@ -319,7 +269,7 @@ def _gain(block, k):
     return 1.0 if gamma is None else gamma
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
 def test_layer_scales_multiply_by_the_gains(models, case):
     model = models[case]
     z = torch.randn(2, 5, model.embed_dim, dtype=torch.float64)
@@ -375,12 +325,12 @@ def direct_attention(model: nn.Module, layer: int, x: torch.Tensor, ctx) -> torc
     return attn.proj(attn.norm(out) if hasattr(attn, "norm") else out)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
 def test_run_attention_equals_direct_computation(models, case):
     model = models[case]
     with torch.no_grad():
         e, ctx = embed_context(model, images(model, 2, seed=3))
-        if FAMILY[case] == "eva":
+        if FAMILY_OF[case] == "eva":
             assert ctx.rope is not None
         if case in ("beit_shared", "beit_both"):
             assert ctx.rel_pos_bias is not None
@@ -494,7 +444,7 @@ def test_embedding_mode_equals_direct_computation(models, case):
     assert hidden["mean"][0] == pytest.approx(df["mean"][0], rel=1e-10)
 
 
-@pytest.mark.parametrize("name, kwargs", [(CASES[c][0], CASES[c][1]) for c in ("dinov3", "eva02", "beit")])
+@pytest.mark.parametrize("name, kwargs", [FAMILY_CASES[c] for c in ("dinov3", "eva02", "beit")])
 def test_acceptance_build_freeze_measure_probe_in_float32(name, kwargs):
     """The issue's acceptance path at small size: build_model, set_trainable, measure (both modes), probe."""
     torch.manual_seed(0)
