@@ -228,8 +228,8 @@ def grad_norms(
     if not named:
         return torch.zeros(()), {}
     # A handful of kernels whatever the number of tensors: one fused norm over every gradient, the squares of the
-    # norms ordered by group, one sum per group. Launched per tensor, the squares alone were ~300 launches per step
-    # on a ViT-B, host time the device waited for at the step's one sync.
+    # norms ordered by group, one sum per group: 16 operations on a ViT-B's 152 tensors. Squared one tensor at a
+    # time they were 184, launches queued on the host before the step's one sync.
     order: dict[str, list[int]] = {}
     for i, (name, _) in enumerate(named):
         order.setdefault(groups[name], []).append(i)
