@@ -16,6 +16,7 @@ from vitef.adapters import (
     load_merged,
     lora_targets,
     merged_model,
+    merged_state_dict,
     train_biases,
     trainable_counts,
 )
@@ -200,3 +201,113 @@ def test_bitfit_trains_q_and_v_biases_not_position_tables():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {f"blocks.{i}.attn.{b}" for i in range(2) for b in ("q_bias", "v_bias", "proj.bias")}
     assert trainable == expected | {n for n, _ in model.named_parameters() if n.startswith(("head.", "fc_norm."))}
+
+
+# ---------------------------------------------------------------------------------------------------
+# merged_state_dict: merged_model's state dict without the copy
+# ---------------------------------------------------------------------------------------------------
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of ``t`` (torch.equal calls -0.0 and 0.0 equal; the bytes do not)."""
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def _assert_same_bits(got: dict, expected: dict) -> None:
+    assert list(got) == list(expected)  # the same keys in the same order
+    for name, tensor in expected.items():
+        assert (got[name].dtype, got[name].shape) == (tensor.dtype, tensor.shape), name
+        assert torch.equal(_bits(got[name]), _bits(tensor)), name
+
+
+def _wrapped(key: str, dtype: torch.dtype = torch.float32):
+    """A seeded small model of ``key`` with LoRA on qkv and fc1 of every block and non-zero ``B``."""
+    if key == "vit":
+        torch.manual_seed(0)
+        model = random_vit().eval()
+    else:
+        model = family_model(key)
+    model.to(dtype)
+    torch.manual_seed(1)
+    wrapped = add_lora(model, LoraConfig(rank=2, alpha=6, modules=["qkv", "fc1"]), ["all"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.5)
+    return wrapped, model
+
+
+@pytest.mark.parametrize(
+    ("key", "dtype"),
+    [("vit", torch.float32), ("vit", torch.bfloat16), ("beit", torch.float32), ("eva02_clip", torch.float32)],
+)
+def test_merged_state_dict_is_merged_models_state_dict_bit_for_bit_and_leaves_the_model(key, dtype):
+    """ViT (fused qkv, fc1), BEiT (fused qkv beside q/v biases: the qkv_bias_separate marker), EVA-02 CLIP (q/k/v_proj,
+    SwiGLU fc1_g/fc1_x); bfloat16 weights with float32 adapters (PEFT keeps the adapters in float32)."""
+    wrapped, model = _wrapped(key, dtype)
+    before = {n: t.clone() for n, t in model.state_dict().items()}  # base_layer / lora_* names
+    flags = {n: p.requires_grad for n, p in wrapped.named_parameters()}
+    separate = [getattr(m, "qkv_bias_separate", None) for m in model.modules()]
+    got = merged_state_dict(wrapped)
+    _assert_same_bits(model.state_dict(), before)  # the wrapped model is left as it was, adapters included
+    assert {n: p.requires_grad for n, p in wrapped.named_parameters()} == flags
+    assert [getattr(m, "qkv_bias_separate", None) for m in model.modules()] == separate
+    plain = merged_model(wrapped)
+    _assert_same_bits(got, plain.state_dict())
+    assert not any(t.requires_grad for t in got.values())
+    adapted = [n for n in got if n.replace(".weight", ".base_layer.weight") in before and n.endswith(".weight")]
+    assert len(adapted) == {"vit": 4, "beit": 4, "eva02_clip": 10}[key]  # 2 blocks x (qkv or q/k/v) + (fc1 or g/x)
+    for name in adapted:  # the adapters moved them (B != 0), by the update PEFT computes
+        base = before[name.replace(".weight", ".base_layer.weight")]
+        assert not torch.equal(got[name], base), name
+    # A fresh timm model loads it strictly and computes what merged_model computes.
+    if key == "vit":
+        fresh = random_vit().to(dtype).eval()
+        fresh.load_state_dict(got, strict=True)
+        images = torch.randn(2, 3, 16, 16, dtype=dtype)
+        with torch.no_grad():
+            assert torch.equal(fresh(images), plain.eval()(images))
+
+
+def test_merged_state_dict_copies_only_the_adapted_weights():
+    """Bounded extra memory: every entry but the adapted weights is the live tensor; those are new, on ``device``."""
+    wrapped, model = _wrapped("vit")
+    live = model.state_dict()  # base_layer / lora_* names; detached views of the parameters
+    live_ptrs = {t.untyped_storage().data_ptr() for t in live.values()}
+    got = merged_state_dict(wrapped)
+    adapted = {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "mlp.fc1")}
+    new_bytes = 0
+    for name, tensor in got.items():
+        source = name
+        if name.rpartition(".")[0] in {a.rpartition(".")[0] for a in adapted}:  # weight or bias of an adapted module
+            source = name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        if name in adapted:
+            assert tensor.untyped_storage().data_ptr() not in live_ptrs, name
+            new_bytes += tensor.numel() * tensor.element_size()
+        else:
+            assert tensor.data_ptr() == live[source].data_ptr(), name
+    assert new_bytes == sum(live[a.replace(".weight", ".base_layer.weight")].nbytes for a in adapted)
+    # merged_model copies everything: none of its tensors is the live one.
+    assert not {t.untyped_storage().data_ptr() for t in merged_model(wrapped).state_dict().values()} & live_ptrs
+    # device: the merged weights go there (one at a time), the rest stay the live tensors.
+    on_meta = merged_state_dict(wrapped, device="meta")
+    assert list(on_meta) == list(got)
+    for name, tensor in on_meta.items():
+        where = "meta" if name in adapted else "cpu"
+        assert (tensor.device.type, tensor.shape, tensor.dtype) == (where, got[name].shape, got[name].dtype), name
+        if name not in adapted:
+            assert tensor.data_ptr() == got[name].data_ptr(), name
+
+
+def test_merged_state_dict_after_merge_adapter_and_refusals():
+    wrapped, model = _wrapped("vit")
+    expected = merged_state_dict(wrapped)
+    wrapped.merge_adapter()  # the base weights now hold the update: merge_and_unload adds nothing more
+    _assert_same_bits(merged_state_dict(wrapped), expected)
+    with pytest.warns(UserWarning, match="already merged"):
+        _assert_same_bits(merged_state_dict(wrapped), merged_model(wrapped).state_dict())
+    import peft
+
+    dora = peft.get_peft_model(random_vit(), peft.LoraConfig(r=2, target_modules=["blocks.0.attn.qkv"], use_dora=True))
+    with pytest.raises(NotImplementedError, match="blocks.0.attn.qkv has a LoRA variant"):
+        merged_state_dict(dora)

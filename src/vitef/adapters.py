@@ -16,6 +16,8 @@ units, as for full finetuning) in which blocks. The wrapped model keeps the timm
 (``blocks.0.attn.qkv.base_layer.weight``, ``blocks.0.attn.qkv.lora_A.default.weight``), so the component registry
 still assigns every parameter. :func:`merged_model` merges the adapters into a copy with PEFT's
 ``merge_and_unload``: a plain timm model whose state dict is the timm layout every reader loads.
+:func:`merged_state_dict` gives that state dict without the copy (new tensors for the adapted weights only), for
+saving checkpoints.
 
 BEiT and EVA-02 attention with ``q_bias`` / ``v_bias`` compute the fused projection as
 ``F.linear(x, qkv.weight, bias)``, which reads the weight and would skip an adapter wrapped around ``qkv``.
@@ -308,6 +310,98 @@ def merged_model(wrapped) -> nn.Module:
             module.qkv_bias_separate = False
             delattr(module, _SEPARATED)
     return merged
+
+
+def merged_state_dict(wrapped, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of :func:`merged_model`, computed one adapted module at a time, without copying the model.
+
+    Same keys in the same order (timm names: ``blocks.0.attn.qkv.weight``, no ``base_layer`` / ``lora_*``), shapes,
+    dtypes and values bit for bit as ``merged_model(wrapped).state_dict()``: each adapted Linear's weight is its
+    base weight plus PEFT's own ``get_delta_weight`` (``(B @ A) * alpha / r``, ``fan_in_fan_out`` and the
+    half-precision-on-CPU cast included), added in place to a copy as ``merge`` adds it to the weight. Adapters that
+    are inactive or already merged into the base weight are skipped, as ``merge`` skips them. The attention
+    attributes :func:`merged_model` resets (``qkv_bias_separate``, the marker of :func:`add_lora`) and the
+    adapters' dropout are not state and do not enter.
+
+    Only the adapted weights are new tensors (on ``device``, by default the weight's own). Every other entry is the
+    live tensor of the wrapped model (detached, sharing its storage): save the dict right away and do not modify its
+    tensors, or the model (and the dict, after a training step) changes with them.
+
+    Parameters
+    ----------
+    wrapped
+        The ``PeftModel`` of :func:`add_lora`; left as it is.
+    device
+        Where the merged weights go. Each is computed on its module's device (the same arithmetic as
+        ``merge_and_unload``) and then moved: ``"cpu"`` for a model on an accelerator bounds the accelerator's
+        extra memory to one adapted module (its delta and merged weight) instead of all merged weights.
+
+    Raises
+    ------
+    NotImplementedError
+        For adapted modules :func:`add_lora` does not make (another PEFT layer type, LoRA variants such as DoRA,
+        ``lora_bias``, nested adapters), whose merge this function does not reproduce: use :func:`merged_model`.
+    """
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = wrapped.get_base_model()
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}  # the adapted modules
+    for name, module in layers.items():
+        _check_mergeable(name, module, LoraLinear, BaseTunerLayer)
+    state: dict[str, torch.Tensor] = {}
+    # state_dict() lists an adapter layer's base_layer entries first (its first child), then lora_A / lora_B /
+    # ...: dropping those and the ".base_layer" segment gives the merged model's keys in its order.
+    for key, tensor in model.state_dict().items():
+        prefix = _owner(key, layers)
+        if prefix is None:
+            state[key] = tensor
+            continue
+        inner = key[len(prefix) + 1 :]
+        if not inner.startswith("base_layer."):
+            continue  # lora_A, lora_B, ...: merged away
+        inner = inner.removeprefix("base_layer.")
+        state[f"{prefix}.{inner}"] = _merged_weight(layers[prefix], device) if inner == "weight" else tensor
+    return state
+
+
+def _owner(key: str, layers: dict[str, nn.Module]) -> str | None:
+    """The adapter layer (a key of ``layers``) that state-dict entry ``key`` lies in, or None."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:i])
+        if prefix in layers:
+            return prefix
+    return None
+
+
+def _check_mergeable(name: str, module: nn.Module, lora_linear: type, tuner_layer: type) -> None:
+    """Refuse the adapter layers whose merge :func:`_merged_weight` would not reproduce."""
+    why = None
+    if type(module) is not lora_linear:
+        why = f"a {type(module).__name__}, not a LoRA Linear"
+    elif isinstance(module.base_layer, tuner_layer):
+        why = "nested adapter layers"
+    elif any(a in getattr(module, "lora_variant", {}) for a in module.lora_A):
+        why = "a LoRA variant (e.g. DoRA)"
+    elif any(getattr(module, "lora_bias", {}).get(a, False) for a in module.lora_A):
+        why = "lora_bias"
+    if why:
+        raise NotImplementedError(f"merged_state_dict: {name} has {why}, which add_lora never makes; use merged_model")
+
+
+def _merged_weight(layer: nn.Module, device: torch.device | str | None) -> torch.Tensor:
+    """``layer``'s base weight with its active, not yet merged adapters added, as PEFT's ``merge`` adds them."""
+    weight = layer.get_base_layer().weight.detach()
+    adapters = [a for a in layer.active_adapters if a in layer.lora_A and a not in layer.merged_adapters]
+    if not adapters:  # merge_and_unload leaves the weight as it is
+        return weight if device is None else weight.to(device)
+    merged = weight.clone()
+    with torch.no_grad():
+        for adapter in adapters:
+            # merge does ``weight.data += delta``: the same in-place add on a copy gives the same bits.
+            merged += layer.get_delta_weight(adapter)
+    return merged if device is None else merged.to(device)
 
 
 # ---------------------------------------------------------------------------------------------------
