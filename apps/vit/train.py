@@ -38,6 +38,7 @@ from vitef.adapters import (
     load_adapter_state,
     load_merged,
     merged_model,
+    merged_state_dict,
     train_biases,
     trainable_counts,
 )
@@ -687,8 +688,14 @@ class Lora:
 
 
 def _plain(model: nn.Module, lora: Lora | None) -> nn.Module:
-    """The model to save: itself, or for LoRA a merged copy (timm layout)."""
+    """The model to evaluate as saved: itself, or for LoRA a merged copy (timm layout)."""
     return model if lora is None else merged_model(lora.wrapped)
+
+
+def _weights(model: nn.Module, lora: Lora | None) -> nn.Module | dict[str, torch.Tensor]:
+    """What a checkpoint saves: the model, or for LoRA its merged state dict (timm layout), built one adapted
+    module at a time straight to host memory (no copy of the whole model on the device)."""
+    return model if lora is None else merged_state_dict(lora.wrapped, device="cpu")
 
 
 def _resume(step_dir: Path, model: nn.Module, stepper: Stepper, batches, info: DistInfo, lora: Lora | None) -> dict:
@@ -726,7 +733,7 @@ def _validate(cfg, run, model, val_loader, device, step, progress, metrics, info
         progress.update(best_val_acc=result.acc, best_val_loss=result.loss, best_step=step)
         if info.is_main:
             info_best = {"step": step, "val_acc": result.acc, "val_loss": result.loss}
-            ckpt.save_best(run.best_dir, _plain(model, lora), info_best)
+            ckpt.save_best(run.best_dir, _weights(model, lora), info_best)
 
 
 def _checkpoint(cfg, run, model, stepper: Stepper, batches, progress, info, lora=None) -> None:
@@ -742,7 +749,7 @@ def _checkpoint(cfg, run, model, stepper: Stepper, batches, progress, info, lora
         }
         if lora is not None:
             state["lora"] = {"adapters": adapter_state(model), "base_sha256": base_fingerprint(model)}
-        ckpt.save_checkpoint(run.step_dir(progress["step"]), _plain(model, lora), state)
+        ckpt.save_checkpoint(run.step_dir(progress["step"]), _weights(model, lora), state)
         run.prune_checkpoints(cfg.keep_last, keep=cfg.keep_steps)
         run.write_status("running", progress["step"], "checkpointed")
     distributed.barrier()

@@ -114,3 +114,14 @@ def test_corrupt_or_missing_files_raise_checkpoint_error(tmp_path):
     ckpt.save_best(tmp_path / "b", tiny(num_classes=3), {})
     with pytest.raises(CheckpointError, match="does not fit"):
         ckpt.load_weights(tiny(num_classes=4), tmp_path / "b" / "model.safetensors")
+
+
+def test_weights_saved_from_a_state_dict_equal_those_saved_from_the_module(tmp_path):
+    # The LoRA runs save a merged state dict built without a model copy: the file must be the module's file.
+    model = tiny(seed=4)
+    ckpt.save_weights(model, tmp_path / "module.safetensors")
+    ckpt.save_weights(dict(model.state_dict()), tmp_path / "mapping.safetensors")
+    assert (tmp_path / "module.safetensors").read_bytes() == (tmp_path / "mapping.safetensors").read_bytes()
+    other = tiny(seed=5)
+    ckpt.load_weights(other, tmp_path / "mapping.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))

@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +102,13 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def save_weights(model: nn.Module, path: str | Path) -> None:
-    """Save the full state dict (timm names, head included) as safetensors, atomically."""
-    state = {k: v.detach().contiguous().cpu() for k, v in unwrap(model).state_dict().items()}
+def save_weights(model: nn.Module | Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Save the full state dict (timm names, head included) as safetensors, atomically.
+
+    ``model`` is a module or an already built state dict (e.g. :func:`vitef.adapters.merged_state_dict`).
+    """
+    weights = model if isinstance(model, Mapping) else unwrap(model).state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp))
 
@@ -131,7 +136,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(directory: str | Path, model: nn.Module, state: dict[str, Any]) -> Path:
+def save_checkpoint(
+    directory: str | Path, model: nn.Module | Mapping[str, torch.Tensor], state: dict[str, Any]
+) -> Path:
     """Write ``directory`` (e.g. ``checkpoints/step_100``) with the model and ``state``, atomically.
 
     ``state`` must be weights-only serialisable: tensors, numbers, strings, lists, tuples, dicts.
@@ -204,7 +211,7 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
         ) from e
 
 
-def save_best(directory: str | Path, model: nn.Module, info: dict[str, Any]) -> None:
+def save_best(directory: str | Path, model: nn.Module | Mapping[str, torch.Tensor], info: dict[str, Any]) -> None:
     """Write the best checkpoint: ``model.safetensors`` then ``best.json`` (each atomically)."""
     directory = Path(directory)
     save_weights(model, directory / MODEL_FILE)
