@@ -9,7 +9,10 @@ pretraining distribution and downstream tasks (a corruption shift, new classes),
 are finetuned one type at a time.
 
 It is the training app (``apps.vit.train``) — same config keys, run directory, resume — followed by an
-export of the best-validation checkpoint and a JSON card next to it (test accuracy, config, SHA-256).
+export of the best-validation checkpoint and a JSON card next to it (test accuracy, config, SHA-256). The
+training keys that only make sense for finetuning (``method``, ``lora.*``, ``select.*``) must keep their
+defaults: any other value is refused before anything runs, and ``--help`` marks them. A finished run is
+exported as it is, so one trained with another config is refused too (``overwrite=true`` retrains it).
 
 Snapshots. The step checkpoints of ``keep_steps`` (log-spaced, e.g. 10, 30, 100, ...) are exported too, as
 self-describing files ``<stem>_steps/<stem>_step<N>.safetensors`` with their cards, so that plasticity can be
@@ -20,29 +23,124 @@ appears as pretraining goes on.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import shutil
 import sys
+import typing
 from pathlib import Path
+from typing import Any
 
 from apps.vit import train
-from vitef.config import cli_main, load_config, option, to_dict
+from vitef.config import canonical_saved, cli_main, flatten, load_config, option, to_dict
 from vitef.errors import ConfigError
+from vitef.models import ModelConfig
 from vitef.monitor import RunDir
 from vitef.utils import atomic_path, atomic_write_json, check_writable
+
+# Keys of the training app's config that pretraining has no use for: it trains every parameter of a randomly
+# initialised model, so there is no finetuning method to choose, no LoRA adapter and no unit selection. They stay
+# in the config (at their defaults) so that a pretraining run is a training run to every reader of its config.yaml
+# (resume, sweeps, a run's config.yaml given back as config=); validation refuses any other value, --help marks
+# them. Key -> why it is refused.
+UNSUPPORTED: dict[str, str] = {
+    "method": "it trains every parameter from scratch",
+    "lora": "LoRA adapters belong to method=lora, and pretraining trains every parameter from scratch",
+    "select": "a selection criterion picks units of a pretrained model to finetune, and pretraining trains every unit",
+}
+UNSUPPORTED_HELP = "unused by apps.vit.pretrain (keep the default): "
+# Keys that only say where and how the result is exported: a finished run can be exported again with others.
+EXPORT_KEYS = ("export", "card_analysis", "card_targets")
+
+
+def _train_default(name: str) -> Any:
+    """The default of ``TrainConfig.<name>`` (a fresh copy)."""
+    f = next(f for f in dataclasses.fields(train.TrainConfig) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) and value else repr(value)
+
+
+def _refuse(changed: list[tuple[str, Any, Any]], why: str) -> None:
+    """Raise one :class:`ConfigError` for the unsupported keys ``changed`` ((dotted key, value, default)), if any."""
+    if not changed:
+        return
+    key, value, default = changed[0]
+    others = f"; also remove {', '.join(k for k, *_ in changed[1:])}" if len(changed) > 1 else ""
+    raise ConfigError(
+        f"{key}={_shown(value)} is not supported by apps.vit.pretrain ({why}): remove {key}=... (its default is "
+        f"{_shown(default)}){others}, or finetune with apps.vit.train"
+    )
+
+
+def _unsupported_group(key: str) -> type:
+    """The config group ``TrainConfig.<key>`` as pretraining has it: same keys and defaults (a run's config.yaml
+    reads the same), each shown by ``--help`` as unused, and a ``validate()`` that refuses any other value.
+
+    The refusal wins over the group's own checks: ``lora.rank=0`` is refused as unsupported, not as too small.
+    """
+    default = _train_default(key)
+    base = type(default)
+    hints = typing.get_type_hints(base)
+    fields = []
+    for f in dataclasses.fields(base):
+        value = getattr(default, f.name)
+        initial = (
+            {"default_factory": lambda v=value: copy.deepcopy(v)}
+            if isinstance(value, (list, dict))
+            else {"default": value}
+        )
+        metadata = {**f.metadata, "help": UNSUPPORTED_HELP + f.metadata.get("help", "")}
+        fields.append((f.name, hints[f.name], dataclasses.field(metadata=metadata, **initial)))
+
+    def refuse_changed(self) -> None:
+        now, was = flatten(dataclasses.asdict(self)), flatten(dataclasses.asdict(type(self)()))
+        _refuse([(f"{key}.{k}", now[k], was[k]) for k in now if now[k] != was[k]], UNSUPPORTED[key])
+
+    def validate(self) -> None:
+        try:
+            base.validate(self)  # canonical values (e.g. a criterion alias) compare as the default does
+        except ConfigError:
+            refuse_changed(self)
+            raise
+        refuse_changed(self)
+
+    name = f"Pretrain{base.__name__}"
+    out = dataclasses.make_dataclass(name, fields, bases=(base,), namespace={"validate": validate})
+    out.__module__ = __name__
+    out.__doc__ = f"{(base.__doc__ or '').strip()} Unused by apps.vit.pretrain: every key keeps its default."
+    return out
+
+
+PretrainLoraConfig = _unsupported_group("lora")
+PretrainSelectConfig = _unsupported_group("select")
 
 
 @dataclasses.dataclass
 class PretrainConfig(train.TrainConfig):
     """Pretrain a ViT (random init, every component trains) and export its best checkpoint."""
 
+    # Random weights by default: pretraining refuses model.pretrained=true, so --help should not offer it.
+    model: ModelConfig = option(
+        dataclasses.replace(_train_default("model"), pretrained=False), "the ViT architecture, randomly initialised"
+    )
+    method: str = option("full", UNSUPPORTED_HELP + "pretraining trains every parameter (finetuning: apps.vit.train)")
+    lora: PretrainLoraConfig = option(PretrainLoraConfig(), UNSUPPORTED_HELP + "LoRA adapters of method=lora")
+    select: PretrainSelectConfig = option(PretrainSelectConfig(), UNSUPPORTED_HELP + "units to finetune")
     export: str = option("", "where to write the weights (.safetensors); a .json card is written beside it")
     card_analysis: str = option("", "analysis config (apps.vit.analysis) whose plasticity results go in the card")
     card_targets: list[str] = option([], "downstream datasets analysed for the card, in both modes")
 
     def validate(self) -> None:
+        # Before the training app's checks, whose messages (e.g. on method=lora with select) are about finetuning.
+        # (lora and select, validated before this, refuse their own keys.)
+        default_method = _train_default("method")
+        if self.method != default_method:
+            _refuse([("method", self.method, default_method)], UNSUPPORTED["method"])
         super().validate()
         if not self.export.endswith(".safetensors"):
             raise ConfigError(f"export={self.export!r} must be a path ending in .safetensors")
@@ -74,8 +172,9 @@ def snapshot_path(export: str | Path, step: int) -> Path:
 
 def main(cfg: PretrainConfig) -> None:
     check_writable(Path(cfg.export).parent, "export")  # before training, not after it
-    train.main(cfg)
     run = RunDir.from_log_dir(cfg.root, cfg.run_name)
+    check_finished_run(cfg, run)
+    train.main(cfg)
     evaluation = json.loads(run.eval_path.read_text())
     common = {
         "model": {**to_dict(cfg.model), "pretrained": False},
@@ -113,6 +212,37 @@ def main(cfg: PretrainConfig) -> None:
     print(f"exported {cfg.export} (test acc {100 * evaluation['acc']:.2f}%, card {card_path(cfg.export)})")
     if snapshots:
         print(f"exported {len(snapshots)} snapshots to {folder}")
+
+
+def check_finished_run(cfg: PretrainConfig, run: RunDir) -> None:
+    """Refuse to export a finished run that was trained with another config.
+
+    ``train.main`` returns at once on a completed run without comparing configs, so the export would be that
+    run's weights under a card that describes ``cfg`` (e.g. ``steps=800`` over a finished 2,400-step run). The
+    export keys may change (a finished run can be exported again elsewhere, or its card measured on other
+    targets); so may the keys a resumed run may change (``train.RESUME_FREE_KEYS``).
+
+    Raises
+    ------
+    ConfigError
+        The run is complete and its ``config.yaml`` differs from ``cfg`` in a training key.
+    """
+    if cfg.overwrite or (run.read_status() or {}).get("status") != "completed" or not run.config_path.is_file():
+        return
+    saved = flatten(canonical_saved(PretrainConfig, run.read_config()))
+    now = flatten(to_dict(cfg))
+    free = (*train.RESUME_FREE_KEYS, *EXPORT_KEYS)
+    diffs = [
+        (k, saved.get(k), now.get(k))
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k) and not any(k == f or k.startswith(f + ".") for f in free)
+    ]
+    if diffs:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:5])
+        raise ConfigError(
+            f"run directory {run.path} holds a finished run trained with a different config ({shown}): its weights "
+            "are not those of this config. Use overwrite=true to train it again, or another log_dir"
+        )
 
 
 def export(weights: Path, dest: str | Path, card: dict) -> None:
