@@ -31,10 +31,10 @@ import shutil
 import sys
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from apps.vit import train
-from vitef.config import canonical_saved, cli_main, flatten, load_config, option, to_dict
+from vitef.config import cli_main, flatten, load_config, option, to_dict
 from vitef.errors import ConfigError
 from vitef.models import ModelConfig
 from vitef.monitor import RunDir
@@ -51,8 +51,10 @@ UNSUPPORTED: dict[str, str] = {
     "select": "a selection criterion picks units of a pretrained model to finetune, and pretraining trains every unit",
 }
 UNSUPPORTED_HELP = "unused by apps.vit.pretrain (keep the default): "
-# Keys that only say where and how the result is exported: a finished run can be exported again with others.
+# Keys that only say where and how the result is exported: a finished run can be exported again with others, and
+# a sweep does not call a run stale for them (the sweep reads the app module's RESUME_FREE_KEYS).
 EXPORT_KEYS = ("export", "card_analysis", "card_targets")
+RESUME_FREE_KEYS = (*train.RESUME_FREE_KEYS, *EXPORT_KEYS)
 
 
 def _train_default(name: str) -> Any:
@@ -124,6 +126,8 @@ PretrainSelectConfig = _unsupported_group("select")
 class PretrainConfig(train.TrainConfig):
     """Pretrain a ViT (random init, every component trains) and export its best checkpoint."""
 
+    resume_free_keys: ClassVar[tuple[str, ...]] = RESUME_FREE_KEYS
+
     # Random weights by default: pretraining refuses model.pretrained=true, so --help should not offer it.
     model: ModelConfig = option(
         dataclasses.replace(_train_default("model"), pretrained=False), "the ViT architecture, randomly initialised"
@@ -173,7 +177,6 @@ def snapshot_path(export: str | Path, step: int) -> Path:
 def main(cfg: PretrainConfig) -> None:
     check_writable(Path(cfg.export).parent, "export")  # before training, not after it
     run = RunDir.from_log_dir(cfg.root, cfg.run_name)
-    check_finished_run(cfg, run)
     train.main(cfg)
     evaluation = json.loads(run.eval_path.read_text())
     common = {
@@ -212,37 +215,6 @@ def main(cfg: PretrainConfig) -> None:
     print(f"exported {cfg.export} (test acc {100 * evaluation['acc']:.2f}%, card {card_path(cfg.export)})")
     if snapshots:
         print(f"exported {len(snapshots)} snapshots to {folder}")
-
-
-def check_finished_run(cfg: PretrainConfig, run: RunDir) -> None:
-    """Refuse to export a finished run that was trained with another config.
-
-    ``train.main`` returns at once on a completed run without comparing configs, so the export would be that
-    run's weights under a card that describes ``cfg`` (e.g. ``steps=800`` over a finished 2,400-step run). The
-    export keys may change (a finished run can be exported again elsewhere, or its card measured on other
-    targets); so may the keys a resumed run may change (``train.RESUME_FREE_KEYS``).
-
-    Raises
-    ------
-    ConfigError
-        The run is complete and its ``config.yaml`` differs from ``cfg`` in a training key.
-    """
-    if cfg.overwrite or (run.read_status() or {}).get("status") != "completed" or not run.config_path.is_file():
-        return
-    saved = flatten(canonical_saved(PretrainConfig, run.read_config()))
-    now = flatten(to_dict(cfg))
-    free = (*train.RESUME_FREE_KEYS, *EXPORT_KEYS)
-    diffs = [
-        (k, saved.get(k), now.get(k))
-        for k in sorted(set(saved) | set(now))
-        if saved.get(k) != now.get(k) and not any(k == f or k.startswith(f + ".") for f in free)
-    ]
-    if diffs:
-        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:5])
-        raise ConfigError(
-            f"run directory {run.path} holds a finished run trained with a different config ({shown}): its weights "
-            "are not those of this config. Use overwrite=true to train it again, or another log_dir"
-        )
 
 
 def export(weights: Path, dest: str | Path, card: dict) -> None:

@@ -87,6 +87,8 @@ from vitef.utils import (
     autocast_context,
     check_precision,
     check_writable,
+    compile_cache_dir,
+    compile_cache_scope,
     precision_scope,
     resolve_device,
     runtime_info,
@@ -120,6 +122,7 @@ RESUME_FREE_KEYS = (
     "overwrite",
     "device",
     "compile",
+    "compile_cache",
     "data.num_workers",
     "data.download",
     "data.root",
@@ -131,6 +134,8 @@ RESUME_FREE_KEYS = (
 class TrainConfig:
     """Finetune chosen components of a ViT on one dataset (arXiv 2602.06883)."""
 
+    # The keys a resumed or finished run may change (RESUME_FREE_KEYS; an app built on this one may add its own).
+    resume_free_keys: ClassVar[tuple[str, ...]] = RESUME_FREE_KEYS
     ALIASES: ClassVar[dict[str, str]] = {
         "lr": "optim.lr",
         "model_name": "model.name",
@@ -157,6 +162,11 @@ class TrainConfig:
         "fp32", f"numeric precision: {', '.join(PRECISIONS)} (fp32: the paper's, strict; tf32: fp32 on tensor cores)"
     )
     compile: bool = option(False, "torch.compile the model (compiled once, at the first step)")
+    compile_cache: str = option(
+        "",
+        "folder of torch.compile's caches, shared by runs: on a cluster put it on shared storage so that a study "
+        "compiles each graph once (empty: torch's default, a folder in each machine's /tmp)",
+    )
     device: str = option("auto", "auto, cpu, cuda, cuda:N (under torchrun: cuda:LOCAL_RANK)")
     root: str = option("outputs", "output root; the run goes to <root>/runs/<log_dir>")
     log_dir: str = option("", "run name (default: <dataset>_<trainable>_lr<lr>_seed<seed>) or a run directory")
@@ -194,6 +204,11 @@ class TrainConfig:
             raise ConfigError(
                 f"trainable={self.trainable} and select.criterion={self.select.criterion} both choose what trains: "
                 "leave trainable at its default ([all]) to train the selected units, or drop select.criterion"
+            )
+        if self.compile_cache and not self.compile:
+            raise ConfigError(
+                f"compile_cache={self.compile_cache!r} is set but compile=false: set compile=true, or drop "
+                "compile_cache (it only holds torch.compile's kernels)"
             )
         positive = ("steps", "batch_size", "eval_batch_size", "eval_period", "keep_last", "log_every")
         for key in positive:
@@ -383,7 +398,11 @@ def main(cfg: TrainConfig) -> None:
         run_path = RunDir.from_log_dir(cfg.root, cfg.run_name).path
         # The float32 flags of cfg.precision for the whole run (steps, validation, test), restored on return so
         # that a sweep running apps in-process does not leak them into the next run.
-        with run_lock(run_path, "apps.vit.train", enabled=info.is_main), precision_scope(cfg.precision):
+        with (
+            compile_cache_scope(cfg.compile_cache),  # first: an unwritable folder fails before the run is touched
+            run_lock(run_path, "apps.vit.train", enabled=info.is_main),
+            precision_scope(cfg.precision),
+        ):
             train(cfg, info, device)
     finally:
         distributed.destroy_distributed()
@@ -391,7 +410,7 @@ def main(cfg: TrainConfig) -> None:
 
 def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
     run = RunDir.from_log_dir(cfg.root, cfg.run_name)
-    if not cfg.overwrite and _already_complete(run, info):
+    if not cfg.overwrite and _already_complete(cfg, run, info):
         return
     # Before any compute: a read-only root (or a file in the way) would otherwise only fail at the first write.
     check_writable(run.path, "root" if run.path == Path(cfg.root) / "runs" / cfg.run_name else "log_dir")
@@ -477,11 +496,14 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
     _test_best(cfg, run, model, test_loader, device, progress, info, trainable, selection, lora)
 
 
-def _already_complete(run: RunDir, info: DistInfo) -> bool:
+def _already_complete(cfg: TrainConfig, run: RunDir, info: DistInfo) -> bool:
+    """True when the run directory holds this run, completed: nothing to do (its config is checked: a finished run
+    of another config is not this one)."""
     status = run.read_status()
     if status is None or status.get("status") != "completed":
         return False
     if info.is_main:
+        _check_same_config(cfg, run)
         print(
             f"run {run.path} is already complete (step {status.get('step')}); results in {run.eval_path}. "
             "Pass overwrite=true to train it again."
@@ -545,8 +567,9 @@ def _check_same_config(cfg: TrainConfig, run: RunDir) -> None:
         saved = run.read_config()
     except ConfigError as e:
         raise ConfigError(f"{e}; use overwrite=true to start afresh") from e
-    diffs = _diff(flatten(canonical_saved(TrainConfig, saved)), flatten(to_dict(cfg)))
-    diffs = [d for d in diffs if not any(d[0] == k or d[0].startswith(k + ".") for k in RESUME_FREE_KEYS)]
+    diffs = _diff(flatten(canonical_saved(type(cfg), saved)), flatten(to_dict(cfg)))
+    free = type(cfg).resume_free_keys
+    diffs = [d for d in diffs if not any(d[0] == k or d[0].startswith(k + ".") for k in free)]
     if diffs:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs[:5])
         raise ConfigError(
@@ -650,6 +673,7 @@ def _write_runtime(cfg: TrainConfig, run: RunDir, device: torch.device, info: Di
     record = runtime_info(device, cfg.precision)
     record.update(
         compile=cfg.compile,
+        compile_cache=compile_cache_dir() if cfg.compile else None,
         world_size=info.world_size,
         num_workers=cfg.data.num_workers,
         start_step=step,

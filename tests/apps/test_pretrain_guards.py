@@ -115,8 +115,8 @@ def _card(export: Path) -> dict:
 
 
 def test_a_finished_run_trained_with_another_config_is_not_exported_as_this_one(tmp_path, run_inprocess):
-    """train.main returns at once on a finished run; without the check the export would be its 4-step weights under
-    a card saying steps=2."""
+    """A finished run is not trained again: without the training app's config check the export would be its 4-step
+    weights under a card saying steps=2."""
     export = tmp_path / "m.safetensors"
     base = [f"config={tiny_yaml(tmp_path)}", f"root={tmp_path / 'out'}", f"export={export}"]
     assert run_inprocess(APP, *base).returncode == 0
@@ -126,8 +126,8 @@ def test_a_finished_run_trained_with_another_config_is_not_exported_as_this_one(
     assert r.returncode == 2
     run = tmp_path / "out" / "runs" / "pre"
     assert r.stderr.strip().splitlines()[-1] == (
-        f"error: run directory {run} holds a finished run trained with a different config (steps: 4 -> 2): its "
-        "weights are not those of this config. Use overwrite=true to train it again, or another log_dir"
+        f"error: run directory {run} exists with a different config (steps: 4 -> 2). Use overwrite=true to replace "
+        "it, or another log_dir"
     )
     assert _card(export) == card  # untouched
     # Export keys and the keys a resumed run may change do not make another run: exported again, same weights.

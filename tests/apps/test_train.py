@@ -285,6 +285,53 @@ def test_compile_traces_once_whatever_the_validations_and_checkpoints_in_between
     assert after_step == [1] * 6, after_step
 
 
+def test_a_finished_run_is_not_taken_for_one_of_another_config(tmp_path, capsys):
+    train_app.main(tiny_cfg(tmp_path, steps=2, eval_period=2))
+    run = RunDir(tmp_path / "out" / "runs" / "run")
+    results = run.eval_path.read_bytes()
+    train_app.main(tiny_cfg(tmp_path, steps=2, eval_period=2, log_every=7))  # a key that changes nothing: done
+    assert "is already complete (step 2)" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"exists with a different config \(steps: 2 -> 4\)\. Use overwrite=true"):
+        train_app.main(tiny_cfg(tmp_path, steps=4, eval_period=2))
+    assert run.eval_path.read_bytes() == results
+
+
+def test_compile_cache_holds_the_runs_compilation_and_is_set_back_after_it(tmp_path, monkeypatch):
+    # Where Inductor would cache is read from the environment when the graph is compiled (first step): the counting
+    # backend records it. Afterwards the caller's setting is back, and runtime.json says which folder was used.
+    from vitef.utils import COMPILE_CACHE_ENV
+
+    seen: list[str | None] = []
+
+    def backend(gm, example_inputs):
+        seen.append(os.environ.get(COMPILE_CACHE_ENV))
+        return gm.forward
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=backend))
+    monkeypatch.setenv(COMPILE_CACHE_ENV, str(tmp_path / "callers"))
+    cache = tmp_path / "shared" / "compile"
+    torch._dynamo.reset()
+    train_app.main(tiny_cfg(tmp_path, steps=2, eval_period=2, compile=True, compile_cache=str(cache)))
+    torch._dynamo.reset()
+    assert seen == [str(cache)] and cache.is_dir()
+    assert os.environ[COMPILE_CACHE_ENV] == str(tmp_path / "callers")
+    runtime = RunDir(tmp_path / "out" / "runs" / "run").read_runtime()
+    assert runtime["compile"] is True and runtime["compile_cache"] == str(cache)
+    # The cache folder changes nothing in the results: another one resumes the same run (here: complete).
+    train_app.main(tiny_cfg(tmp_path, steps=2, eval_period=2, compile=True, compile_cache=str(tmp_path / "other")))
+
+
+def test_compile_cache_needs_compile_and_a_writable_folder(tmp_path):
+    with pytest.raises(ConfigError, match=r"compile_cache='c' is set but compile=false: set compile=true"):
+        tiny_cfg(tmp_path, compile_cache="c")
+    (tmp_path / "file").write_text("in the way")
+    cfg = tiny_cfg(tmp_path, compile=True, compile_cache=str(tmp_path / "file" / "cache"))
+    with pytest.raises(ConfigError, match="compile_cache"):
+        train_app.main(cfg)
+    assert not (tmp_path / "out" / "runs").exists()
+
+
 def test_runtime_json_records_the_effective_precision_and_the_callers_flags_come_back(tmp_path):
     from vitef.utils import precision_flags, precision_scope
 
