@@ -37,7 +37,7 @@ part() {  # part <name> <timeout-seconds> <command...>
 part env 60 $PY -c "import torch, timm, torchvision; print('torch', torch.__version__, 'timm', timm.__version__, \
 'torchvision', torchvision.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_capability())"
 part tests 180 $PY -m pytest -q -p no:cacheprovider tests/test_optim.py tests/test_precision.py tests/data/test_resized_crop.py \
-    tests/data/test_device_prefetch.py
+    tests/data/test_device_prefetch.py tests/apps/test_train_divergence.py
 part app_tf32 180 $PY -m apps.vit.train config=apps/vit/configs/digits.yaml device=cuda precision=tf32 steps=60 \
     eval_period=30 root="$WORK/app" log_dir=tf32 tensorboard=false
 [ -f "$WORK/app/runs/tf32/runtime.json" ] && cat "$WORK/app/runs/tf32/runtime.json"

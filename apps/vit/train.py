@@ -107,6 +107,9 @@ MIN_LOSS_SCALE = 1.0
 MAX_LOSS = 1e4
 # Steps between two collections of Python's garbage collector, which is off inside the loop (ScheduledGC).
 GC_PERIOD = 50
+# With a fused optimiser (CUDA) the checks of an update are read by the host one update late, while the device runs
+# the next one, instead of stalling the queue once per update; False keeps one host wait per update everywhere.
+DEFERRED_CHECKS = True
 # What trains (method=): full finetuning of `trainable` (the paper's), BitFit, LoRA. A dict: method → description.
 METHODS: dict[str, str] = {
     "full": "every parameter of `trainable` (+ head)",
@@ -285,6 +288,12 @@ class Stepper:
     precision: str = "fp32"
     clip_grad: float | None = 1.0
     grad_accumulation: int = 1
+    # Checks read one update late (:func:`launch_step`); only with a fused optimiser, which can skip an update on
+    # the device, and without fp16 loss scaling (GradScaler drives that skip itself).
+    deferred: bool = False
+    # Device flag, once any update failed its checks: every later update is skipped on the device too, so that the
+    # weights are still those before the failed update when the host reads its numbers and stops.
+    refused: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -304,34 +313,79 @@ class Stepper:
             precision=precision,
             clip_grad=cfg.clip_grad,
             grad_accumulation=cfg.grad_accumulation,
+            deferred=DEFERRED_CHECKS and bool(optimizer.defaults.get("fused")) and precision != "fp16",
         )
 
 
 def train_step(s: Stepper, batches: Iterator, step: int | None = None) -> dict[str, Any]:
-    """One optimiser update over ``grad_accumulation`` micro-batches drawn from ``batches``.
+    """One optimiser update over ``grad_accumulation`` micro-batches drawn from ``batches``; its metrics row.
 
     Returns the metrics row (without ``step``): mean loss over the full batch (averaged over processes),
-    the learning rate of this update, the pre-clipping global gradient norm and its per-component norms.
-    Raises :class:`TrainingError`, before updating the weights, when the loss is above ``MAX_LOSS`` or the
-    loss or the gradient norm is NaN
-    or infinite (under fp16, a non-finite norm only once the loss scale is down to ``MIN_LOSS_SCALE``:
-    before that GradScaler skips the update and lowers its scale). ``step`` (the number of this update)
-    is named in that message.
+    the learning rate of this update, the pre-clipping global gradient norm and its per-component norms, the host's
+    milliseconds getting batches. Raises :class:`TrainingError`, with the weights as they were before this update,
+    when the loss is above ``MAX_LOSS`` or the loss or the gradient norm is NaN or infinite (under fp16, a
+    non-finite norm only once the loss scale is down to ``MIN_LOSS_SCALE``: before that GradScaler skips the update
+    and lowers its scale). ``step`` (the number of this update) is named in that message.
+
+    The same update as :func:`launch_step`, waiting for its numbers at once (the training loop reads them one update
+    later).
+    """
+    return launch_step(s, batches, step).result()
+
+
+@dataclasses.dataclass
+class PendingRow:
+    """The metrics row of an update launched by :func:`launch_step`, its numbers possibly still on the device.
+
+    :meth:`result` waits for them (if not already read), runs the divergence checks and returns the row.
+    """
+
+    stepper: Stepper
+    values: torch.Tensor  # (2 + C,) loss, global gradient norm, one norm per component
+    components: list[str]
+    lr: float
+    waited: float
+    where: str
+    ready: torch.cuda.Event | None = None  # recorded after the copy of ``values`` to the host
+    row: dict[str, Any] | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.row is not None
+
+    def result(self) -> dict[str, Any]:
+        if self.row is None:
+            if self.ready is not None:
+                self.ready.synchronize()  # the copy of this update's numbers, not the work queued after it
+            loss_value, norm, *component_norms = self.values.tolist()
+            _check_update(self.stepper, loss_value, norm, self.lr, self.where)
+            self.row = {"loss": loss_value, "lr": self.lr, "grad_norm": norm}
+            self.row.update({f"grad_norm/{c}": v for c, v in zip(self.components, component_norms)})
+            self.row["data_wait_ms"] = 1000 * self.waited
+        return self.row
+
+
+def launch_step(s: Stepper, batches: Iterator, step: int | None = None) -> PendingRow:
+    """Queue one optimiser update; its metrics row comes from the returned :class:`PendingRow`.
 
     The whole update runs under :func:`vitef.utils.precision_scope` of ``s.precision`` (backward pass included),
-    autocast covers the forward only. The host waits for the device once per update: every number of the row
-    comes back in one copy, before the checks that must precede the update (a ``.item()`` per value would each
-    stall the queue of device work).
+    autocast covers the forward only. Every number of the row comes back to the host in one copy (a ``.item()``
+    per value would each stall the queue of device work).
+
+    Without ``s.deferred`` the host waits for that copy before the update, checks it and updates (or raises): the
+    row is ready on return. With ``s.deferred`` (a fused optimiser) the checks also run on the device and an update
+    that fails them is skipped there (the fused kernels' ``found_inf``, as GradScaler uses them), as is every later
+    one; the host reads the numbers when :meth:`PendingRow.result` is called, typically after queueing the next
+    update, and raises then. Either way a failing update never reaches the weights, and the error names its step.
     """
     with precision_scope(s.precision):
-        return _train_step(s, batches, f"step {step}: " if step is not None else "")
+        return _launch_step(s, batches, f"step {step}: " if step is not None else "")
 
 
-def _train_step(s: Stepper, batches: Iterator, where: str) -> dict[str, Any]:
+def _launch_step(s: Stepper, batches: Iterator, where: str) -> PendingRow:
     s.model.train()
     s.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=s.device)
-    n_images = 0
     waited = 0.0  # host seconds getting batches: a slow step with a long wait waited for data
     prefetch = getattr(batches, "prefetch", None)  # a DevicePrefetcher fetches the next batch ahead
     for micro in range(s.grad_accumulation):
@@ -340,7 +394,6 @@ def _train_step(s: Stepper, batches: Iterator, where: str) -> dict[str, Any]:
         waited += time.perf_counter() - t0
         images = images.to(s.device, non_blocking=True)
         labels = labels.to(s.device, non_blocking=True)
-        n_images += labels.numel()
         # DDP all-reduces gradients on the last micro-batch only.
         with distributed.maybe_no_sync(s.model, skip=micro < s.grad_accumulation - 1):
             with autocast_context(s.device, s.precision):
@@ -355,11 +408,46 @@ def _train_step(s: Stepper, batches: Iterator, where: str) -> dict[str, Any]:
             prefetch()
             waited += time.perf_counter() - t0
     distributed.all_reduce_mean(loss_sum)
-    # Unscaling and the norms only read the gradients: the weights are still untouched when a check below fails.
+    # Unscaling and the norms only read the gradients: the weights are still untouched when a check fails.
     s.scaler.unscale_(s.optimizer)
     total, per_component = grad_norms(s.named_params, s.groups)
     values = torch.stack([loss_sum.float(), *(v.to(loss_sum.device) for v in (total, *per_component.values()))])
-    loss_value, norm, *component_norms = values.tolist()  # the one host sync of the step
+    lr = peak_lr(s.optimizer)  # with layer decay, the head's (the schedule's lr)
+    pending = PendingRow(s, values, list(per_component), lr, waited, where)
+    if s.deferred:
+        _update_unless_refused(s, values)
+        if values.is_cuda:
+            pending.values = values.to("cpu", non_blocking=True)  # into pinned memory, read after `ready`
+            pending.ready = torch.cuda.Event()
+            pending.ready.record()
+        return pending
+    pending.result()  # waits for the numbers; raises before the update
+    clip_gradients([p for _, p in s.named_params], s.clip_grad, total)
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.scheduler.step()
+    return pending
+
+
+def _update_unless_refused(s: Stepper, values: torch.Tensor) -> None:
+    """Clip and update with the fused optimiser, skipped on the device if this or an earlier update failed the
+    checks of :func:`_check_update` (the host raises when it reads them)."""
+    loss, norm = values[0], values[1]
+    ok = torch.isfinite(values[:2]).all() & (loss <= MAX_LOSS)
+    s.refused = ~ok if s.refused is None else s.refused | ~ok
+    clip_gradients([p for _, p in s.named_params], s.clip_grad, norm)
+    # The fused kernels skip the whole update (weights, moments, step count) when found_inf is non-zero.
+    s.optimizer.found_inf = s.refused.float()
+    s.optimizer.grad_scale = None
+    try:
+        s.optimizer.step()
+    finally:
+        del s.optimizer.found_inf, s.optimizer.grad_scale
+    s.scheduler.step()
+
+
+def _check_update(s: Stepper, loss_value: float, norm: float, lr: float, where: str) -> None:
+    """Raise :class:`TrainingError` when an update's loss or gradient norm says that training diverged."""
     if not math.isfinite(loss_value) or loss_value > MAX_LOSS:
         raise TrainingError(
             f"{where}the training loss is {loss_value:.4g}: training diverged. Lower the learning rate (lr=...), "
@@ -372,18 +460,9 @@ def _train_step(s: Stepper, batches: Iterator, where: str) -> dict[str, Any]:
         fp16 = f" even at loss scale {s.scaler.get_scale():g}" if s.scaler.is_enabled() else ""
         raise TrainingError(
             f"{where}the gradient norm is {norm}{fp16} (loss {loss_value:.4g}): training diverged. "
-            f"Lower the learning rate (lr={peak_lr(s.optimizer):g} now){clip}"
+            f"Lower the learning rate (lr={lr:g} now){clip}"
             + (" or use precision=bf16 or fp32" if s.scaler.is_enabled() else "")
         )
-    clip_gradients([p for _, p in s.named_params], s.clip_grad, total)
-    lr = peak_lr(s.optimizer)  # with layer decay, the head's (the schedule's lr)
-    s.scaler.step(s.optimizer)
-    s.scaler.update()
-    s.scheduler.step()
-    row: dict[str, Any] = {"loss": loss_value, "lr": lr, "grad_norm": norm}
-    row.update({f"grad_norm/{c}": v for c, v in zip(per_component, component_norms)})
-    row["data_wait_ms"] = 1000 * waited
-    return row
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -460,30 +539,30 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
         micro_batch,
     )  # fmt: skip
     bar = tqdm(total=cfg.steps, initial=progress["step"], disable=not info.is_main, desc="train", mininterval=2)
-    step = progress["step"]
+    step = progress["step"]  # the last update whose row is read, checked and logged
+    queued: tuple[int, PendingRow] | None = None  # the update launched after it, not read yet (deferred checks)
+    since = time.perf_counter()  # when the time of the next logged update starts (its images/s)
     try:
         with ScheduledGC(GC_PERIOD) as collect:
-            while step < cfg.steps:
-                t0 = time.perf_counter()
-                row = train_step(stepper, batches, step=step + 1)
-                step += 1
-                row = {"step": step, **row, "images_per_s": cfg.batch_size / (time.perf_counter() - t0)}
-                metrics.log(row)
+            for n in range(step + 1, cfg.steps + 1):
+                pending = launch_step(stepper, batches, step=n)
                 bar.update(1)
-                if step % cfg.log_every == 0:
-                    logger.info(
-                        "step %d loss %.4f lr %.3g grad_norm %.3g", step, row["loss"], row["lr"], row["grad_norm"]
-                    )
-                if step % cfg.eval_period == 0 or step == cfg.steps:
-                    _validate(cfg, run, model, val_loader, device, step, progress, metrics, info, lora)
-                if (
-                    step % (cfg.checkpoint_period or cfg.eval_period) == 0
-                    or step == cfg.steps
-                    or step in cfg.keep_steps
-                ):
-                    progress["step"] = step
+                if queued is not None:  # the update before: read while the device runs this one
+                    since = _log_update(cfg, metrics, *queued, since)
+                    step, queued = queued[0], None
+                queued = (n, pending)
+                boundary = _evaluates(cfg, n) or _checkpoints(cfg, n)
+                if pending.done or boundary:  # validation and checkpoints only follow checked updates
+                    since = _log_update(cfg, metrics, *queued, since)
+                    step, queued = n, None
+                if _evaluates(cfg, n):
+                    _validate(cfg, run, model, val_loader, device, n, progress, metrics, info, lora)
+                if _checkpoints(cfg, n):
+                    progress["step"] = n
                     _checkpoint(cfg, run, model, stepper, batches, progress, info, lora)
-                collect(step)  # the garbage collector between steps, never inside one
+                if boundary:
+                    since = time.perf_counter()  # validation and checkpoint time is no update's
+                collect(n)  # the garbage collector between steps, never inside one
     except TrainingError as e:
         _fail(run, info, step, str(e), metrics)
         raise
@@ -494,6 +573,26 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
         bar.close()
     metrics.close()
     _test_best(cfg, run, model, test_loader, device, progress, info, trainable, selection, lora)
+
+
+def _evaluates(cfg: TrainConfig, step: int) -> bool:
+    return step % cfg.eval_period == 0 or step == cfg.steps
+
+
+def _checkpoints(cfg: TrainConfig, step: int) -> bool:
+    return step % (cfg.checkpoint_period or cfg.eval_period) == 0 or step == cfg.steps or step in cfg.keep_steps
+
+
+def _log_update(cfg: TrainConfig, metrics: MetricsLogger, step: int, pending: PendingRow, since: float) -> float:
+    """Read, check (:class:`TrainingError` for a diverged update) and log the row of update ``step``; returns the
+    time it was logged. Its images/s count the time since ``since``: with deferred checks, about one update of the
+    device."""
+    row = pending.result()
+    now = time.perf_counter()
+    metrics.log({"step": step, **row, "images_per_s": cfg.batch_size / (now - since)})
+    if step % cfg.log_every == 0:
+        logger.info("step %d loss %.4f lr %.3g grad_norm %.3g", step, row["loss"], row["lr"], row["grad_norm"])
+    return now
 
 
 def _already_complete(cfg: TrainConfig, run: RunDir, info: DistInfo) -> bool:

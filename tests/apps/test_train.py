@@ -113,7 +113,18 @@ def test_completed_run_exits_at_once_and_overwrite_restarts(tmp_path, capsys):
     assert yaml.safe_load(run.config_path.read_text())["optim"]["lr"] == 0.2
 
 
-def test_nan_loss_stops_with_failed_status_and_keeps_best(tmp_path, monkeypatch):
+def fused_on_cpu(monkeypatch) -> None:
+    """The fused optimiser kernels CUDA gets, on CPU: the training loop then reads each update's checks one update
+    late (Stepper.deferred), as on a GPU."""
+    import vitef.optim
+
+    monkeypatch.setattr(vitef.optim, "implementation", lambda params: {"fused": True})
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_nan_loss_stops_with_failed_status_and_keeps_best(tmp_path, monkeypatch, deferred):
+    if deferred:
+        fused_on_cpu(monkeypatch)
     real = train_app.F.cross_entropy
     calls = {"n": 0}
 
@@ -223,6 +234,34 @@ def test_sigkill_then_relaunch_equals_uninterrupted_run(tmp_path):
     assert json.loads(run.eval_path.read_text()) == json.loads(ref_eval.read_text())
 
 
+def test_deferred_checks_train_exactly_as_checks_before_each_update(tmp_path, monkeypatch):
+    # The same fused optimiser, its checks read one update late or before each update: the same rows, weights and
+    # results bit for bit (the deferral moves when the host waits, not what is computed), checkpoints and
+    # validations included.
+    fused_on_cpu(monkeypatch)
+    guarded, real = [], train_app._update_unless_refused
+    monkeypatch.setattr(train_app, "_update_unless_refused", lambda *a: guarded.append(1) or real(*a))
+    results = {}
+    for deferred in (False, True):
+        monkeypatch.setattr(train_app, "DEFERRED_CHECKS", deferred)
+        guarded.clear()
+        root = tmp_path / str(deferred)
+        train_app.main(tiny_cfg(tmp_path, root=str(root), steps=7, eval_period=3, checkpoint_period=2))
+        run = RunDir(root / "runs" / "run")
+        weights = load_file(run.best_model_path)
+        rows = [
+            {k: v for k, v in r.items() if k not in ("images_per_s", "data_wait_ms")}
+            for r in read_metrics(run.metrics_path)
+        ]
+        results[deferred] = (weights, rows, json.loads(run.eval_path.read_text()), run.checkpoint_steps())
+        assert len(guarded) == (7 if deferred else 0)  # the updates went through the device-side guard
+    (w0, rows0, eval0, steps0), (w1, rows1, eval1, steps1) = results[False], results[True]
+    assert [r["step"] for r in rows1 if "loss" in r] == list(range(1, 8))
+    assert rows0 == rows1 and steps0 == steps1
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert eval0 == eval1
+
+
 def test_two_process_ddp_matches_one_process(tmp_path):
     extra = ("steps=4", "eval_period=2", "batch_size=16", "trainable=[mha,fc1]")
     _finish(_launch(tmp_path, tmp_path / "one", *extra))
@@ -269,7 +308,7 @@ def test_compile_traces_once_whatever_the_validations_and_checkpoints_in_between
         graphs.append(len(gm.graph.nodes))
         return gm.forward
 
-    real_compile, real_step = torch.compile, train_app.train_step
+    real_compile, real_step = torch.compile, train_app.launch_step
     monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counting_backend))
     after_step: list[int] = []
 
@@ -278,7 +317,7 @@ def test_compile_traces_once_whatever_the_validations_and_checkpoints_in_between
         after_step.append(len(graphs))
         return row
 
-    monkeypatch.setattr(train_app, "train_step", step)
+    monkeypatch.setattr(train_app, "launch_step", step)
     torch._dynamo.reset()
     train_app.main(tiny_cfg(tmp_path, steps=6, eval_period=3, checkpoint_period=2, compile=True))
     torch._dynamo.reset()

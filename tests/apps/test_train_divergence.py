@@ -69,6 +69,61 @@ def test_a_huge_finite_loss_fails_the_step_before_any_update(monkeypatch):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def fused_stepper(monkeypatch, name: str = "adamw", device: str = "cpu"):
+    """linear_stepper with the fused optimiser CUDA gets (also on CPU here): its checks are deferred."""
+    import vitef.optim
+
+    monkeypatch.setattr(vitef.optim, "implementation", lambda params: {"fused": True})
+    torch.manual_seed(0)
+    model = LinearHead().to(device)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+    cfg = OptimConfig(name=name, lr=0.1, warmup_steps=0, scheduler="constant", clip_grad=1.0)
+    stepper = train_app.Stepper.build(model, model, cfg, 10, torch.device(device), "fp32")
+    assert stepper.deferred and stepper.optimizer.defaults["fused"]
+    return model, stepper
+
+
+def _state(model, optimizer) -> dict:
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {f"{i}.{k}": v.clone() for i, st in enumerate(optimizer.state.values()) for k, v in st.items()}
+    return {**weights, **moments}
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_deferred_checks_skip_the_failing_update_and_every_later_one_on_the_device(monkeypatch, name, device):
+    # On CUDA the numbers come back through a pinned copy read after its event, while later work is queued.
+    model, stepper = fused_stepper(monkeypatch, name, device)
+    good = (torch.ones(8, 4, device=device), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1], device=device))
+    train_app.train_step(stepper, iter([good]), step=1)  # a normal update first: the moments exist
+    before = _state(model, stepper.optimizer)
+    bad = tuple(t.to(device) for t in next(huge_batches()))
+    # The failing update is launched, then a good one, before the host reads the first: neither reaches the
+    # weights or the optimiser state, and reading the first names its step.
+    first = train_app.launch_step(stepper, iter([bad]), step=2)
+    second = train_app.launch_step(stepper, iter([good]), step=3)
+    with pytest.raises(TrainingError, match=r"^step 2: the training loss is [0-9.]+e\+1[89]: training diverged"):
+        first.result()
+    after = _state(model, stepper.optimizer)
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert 0 < second.result()["loss"] < 10  # its own numbers, read as usual
+
+
+def test_deferred_checks_refuse_a_huge_loss_with_the_same_message(monkeypatch):
+    model, stepper = fused_stepper(monkeypatch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(train_app, "MAX_LOSS", 1.0)
+    batches = iter([(torch.ones(8, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))])
+    with pytest.raises(TrainingError, match=r"^step 2: the training loss is 1.099: training diverged"):
+        train_app.train_step(stepper, batches, step=2)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_without_clipping_the_message_suggests_it():
     _, stepper = linear_stepper(clip_grad=None)
     with pytest.raises(TrainingError, match=r"lr=0.1 now\), enable gradient clipping \(optim.clip_grad=1.0\)$"):
