@@ -10,7 +10,9 @@ Variants (same model, same freezing through the component registry, same fixed b
 cosine schedule, clipping at 1.0) are named ``<loop>-<precision>[-compile][-<component>]``:
 
 - loop ``ours``: the app's own :func:`apps.vit.train.train_step` plus its ``metrics.jsonl`` row (total and
-  per-component gradient norms, lr, loss), i.e. what one step of the app costs (fused SGD on CUDA);
+  per-component gradient norms, lr, loss), i.e. what one step of the app costs (fused SGD on CUDA); each step
+  waits for its own numbers, as the timing needs (the app's loop reads them one update late, while the next one
+  runs: ``benchmarks.pipeline`` times that loop);
 - loop ``plain``: zero_grad / forward / cross-entropy / backward / ``clip_grad_norm_`` / step / loss.item(), with
   torch's default SGD (the hand-written loop, like timm's train.py);
 - precision: a name of ``vitef.utils.PRECISIONS`` (``fp32`` strict, ``tf32``, ``bf16``, ``fp16``), under
