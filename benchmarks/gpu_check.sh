@@ -9,7 +9,8 @@
 # the first step of a compiled ViT-B/16 run (a new process) with torch.compile's cache empty vs filled.
 # Measured rates go to <out-dir>/rates.csv (columns of vitef.rates) to merge into benchmarks/rates.csv; each
 # part's output to <out-dir>/<part>.log. A part that fails is reported and the next one still runs.
-# PARTS="tests pipeline" runs only those parts; PIPE_CACHE=both also trains with the cache off.
+# PARTS="tests pipeline" runs only those parts; PIPE_CACHE=both also trains with the cache off; PIPE_DEFERRED=false
+# makes the host wait for each update's checks before it (the loop before deferred checks, to compare).
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/vitef-gpu-check}}
 mkdir -p "$OUT_DIR"
@@ -50,7 +51,7 @@ if [ -n "$SHM_KB" ] && [ "$SHM_KB" -lt 2000000 ]; then WORKERS=4; fi
 echo "== /dev/shm free: ${SHM_KB:-unknown} kB: $WORKERS training workers"
 part pipeline 420 $PY -m benchmarks.pipeline device=cuda tiny=false model=vit_base_patch16_224 batch_size=256 \
     steps=${PIPE_STEPS:-150} warmup=${PIPE_WARMUP:-40} train_workers=$WORKERS loader_workers=0 precision=bf16 compile=true \
-    train_cache=${PIPE_CACHE:-on} classes=20 \
+    train_cache=${PIPE_CACHE:-on} deferred_checks=${PIPE_DEFERRED:-true} classes=20 \
     per_class=100 workdir="$WORK/pipeline" rates_out="$OUT_DIR/rates.csv"
 # The bundled digits at 224 px through a random-init ViT-B/16: no download, the graphs of the study's model.
 cat >"$WORK/vitb_digits.yaml" <<'YAML'

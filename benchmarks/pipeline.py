@@ -67,6 +67,11 @@ class PipelineConfig:
     precision: str = option("fp32", "precision of the training runs (fp32, tf32, bf16, fp16)")
     compile: bool = option(False, "torch.compile the training runs' model (its compile time falls in the warm-up)")
     train_cache: str = option("both", "which training runs: both (cache off, then on), on, off")
+    deferred_checks: bool = option(
+        True,
+        "the app's default: with a fused optimiser (CUDA) each update's checks are read one update late; false: "
+        "the host waits for them before each update (to compare in one session)",
+    )
     rates_out: str = option("", "also write the training runs' median images/s to this CSV (vitef.rates columns)")
     workdir: str = option("", "folder for the images, cache and runs (default: a temporary folder, removed)")
 
@@ -200,7 +205,13 @@ def train_rates(
             "tensorboard": False,
         },
     )
-    train_main(run_cfg)
+    import apps.vit.train as train_app
+
+    default, train_app.DEFERRED_CHECKS = train_app.DEFERRED_CHECKS, cfg.deferred_checks
+    try:
+        train_main(run_cfg)
+    finally:
+        train_app.DEFERRED_CHECKS = default
     rows = RunDir(root / "runs" / log_dir).read_metrics()
     kept = [r for r in rows if "images_per_s" in r and r["step"] > cfg.warmup]
     waits[cache] = {r["step"]: r.get("data_wait_ms", float("nan")) for r in kept}
@@ -226,7 +237,8 @@ def write_measured(cfg: PipelineConfig, steps: dict[str, dict[int, float]], devi
             source="python -m benchmarks.pipeline",
             notes=(
                 f"apps.vit.train end to end on a generated JPEG class folder ({cfg.classes}x{cfg.per_class}, "
-                f"{cfg.min_side}-{cfg.max_side} px), cache {label}, {cfg.train_workers} workers; median step "
+                f"{cfg.min_side}-{cfg.max_side} px), cache {label}, {cfg.train_workers} workers"
+                f"{'' if cfg.deferred_checks else ', checks before each update'}; median step "
                 f"rate of steps {cfg.warmup + 1}-{cfg.steps}, p10 {_p10(list(by_step.values())):.0f}"
             ),
         )  # fmt: skip
@@ -286,7 +298,8 @@ def main(cfg: PipelineConfig) -> None:
         wait_of = {label: waits[c] for label, c in settings}
     print(
         f"training loop (apps.vit.train, {cfg.model}{' shrunk ' + str(TINY) if cfg.tiny else ''}, {device}, "
-        f"{cfg.precision}{', compiled' if cfg.compile else ''}, {cfg.train_workers} workers), step images/s over "
+        f"{cfg.precision}{', compiled' if cfg.compile else ''}, {cfg.train_workers} workers, "
+        f"{'deferred checks' if cfg.deferred_checks else 'checks before each update'}), step images/s over "
         f"steps {cfg.warmup + 1}-{cfg.steps}:"
     )
     print(f"  {'cache':<6}{'median':>9}{'p10':>9}{'min':>9}{'p10/median':>12}")
