@@ -19,7 +19,7 @@ quickstart: $(STAMP)
 	$(PY) -m apps.study config=apps/studies/quickstart.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src apps tests benchmarks

@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # Tests never touch the network: the hub libraries fail fast instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# At most 2 threads per test process, shared by the pytest-xdist workers (`make test` runs 2): more threads than
+# cores only slows every worker down.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads() // _WORKERS)))
 
 
 def run_module(module: str, *args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
