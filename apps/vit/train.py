@@ -601,8 +601,8 @@ def _already_complete(cfg: TrainConfig, run: RunDir, info: DistInfo) -> bool:
     status = run.read_status()
     if status is None or status.get("status") != "completed":
         return False
+    _check_same_config(cfg, run)  # on every rank (the same file): under torchrun all of them fail, not rank 0 alone
     if info.is_main:
-        _check_same_config(cfg, run)
         print(
             f"run {run.path} is already complete (step {status.get('step')}); results in {run.eval_path}. "
             "Pass overwrite=true to train it again."

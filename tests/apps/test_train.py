@@ -18,6 +18,7 @@ from tiny import tiny_train, tiny_vit
 
 from apps.vit import train as train_app
 from vitef.config import build_config, load_config
+from vitef.distributed import DistInfo
 from vitef.errors import ComponentError, ConfigError, TrainingError
 from vitef.models import build_model_from_config, component_of, set_trainable
 from vitef.monitor import RunDir, read_metrics
@@ -333,6 +334,12 @@ def test_a_finished_run_is_not_taken_for_one_of_another_config(tmp_path, capsys)
     with pytest.raises(ConfigError, match=r"exists with a different config \(steps: 2 -> 4\)\. Use overwrite=true"):
         train_app.main(tiny_cfg(tmp_path, steps=4, eval_period=2))
     assert run.eval_path.read_bytes() == results
+    # Every process of a distributed run reads the finished run's config: no rank carries on while rank 0 fails.
+    other_rank = DistInfo(rank=1, local_rank=1, world_size=2)
+    with pytest.raises(ConfigError, match="exists with a different config"):
+        train_app._already_complete(tiny_cfg(tmp_path, steps=4, eval_period=2), run, other_rank)
+    assert train_app._already_complete(tiny_cfg(tmp_path, steps=2, eval_period=2), run, other_rank)
+    assert "already complete" not in capsys.readouterr().out  # said once, by rank 0
 
 
 def test_compile_cache_holds_the_runs_compilation_and_is_set_back_after_it(tmp_path, monkeypatch):
