@@ -6,6 +6,7 @@ and resumes from its checkpoint like apps.vit.train (tests/apps/test_sweep_app.p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -444,3 +445,56 @@ def test_forked_training_runs_are_bit_identical_to_in_process_ones(tmp_path):
         for rel in weights:
             assert (b / rel).read_bytes() == (a / rel).read_bytes()
         assert json.loads((b / "status.json").read_text())["status"] == "completed"
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.parametrize("fork", [False, True], ids=["subprocesses", "forked"])
+def test_a_sweep_killed_with_sigkill_takes_its_running_children_with_it(tmp_path, fork):
+    # SIGKILL gives the sweep no chance to stop its children, which sit in their own process groups: the kernel
+    # must end them when the sweep dies, or they would go on training unsupervised.
+    import os
+    import signal
+    import subprocess
+    import time
+
+    # Seed 0 is quick: the fork backend makes the first run in the sweep's own process, before forking the others.
+    grids = [{"seed": [0]}, {"seed": [1, 2], "sleep": [120.0]}]
+    s = sweep(tmp_path, grids=grids, local={"max_parallel": 2, "fork": fork})
+    script = (
+        "import sys, yaml\n"
+        "from vitef.config import build_config\n"
+        "from vitef.sweep import SweepConfig, launch\n"
+        f"launch(build_config(SweepConfig, yaml.safe_load(open(sys.argv[1]))), {APP!r})\n"
+    )
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(yaml.safe_dump(dataclasses.asdict(s)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}
+    sweeper = subprocess.Popen([sys.executable, "-c", script, str(cfg)], env=env, stderr=subprocess.DEVNULL)
+    try:
+        pid_files = [r.run_dir / "pid" for r in expand(s, APP) if r.cfg.sleep]
+        deadline = time.monotonic() + 60
+        while not all(p.exists() and p.read_text() for p in pid_files):
+            assert sweeper.poll() is None and time.monotonic() < deadline, "the runs did not start"
+            time.sleep(0.05)
+        pids = [int(p.read_text()) for p in pid_files]
+        assert all(_alive(pid) for pid in pids)
+        sweeper.kill()
+        sweeper.wait()
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in pids), "children outlived the SIGKILLed sweep"
+    finally:
+        sweeper.kill()
+        for pid_file in tmp_path.rglob("pid"):  # never leave a sleeper behind, whatever failed
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)

@@ -27,8 +27,9 @@ Backends
     start-up per run), or ``local.max_parallel`` runs at once as subprocesses, each pinned to one GPU
     of ``local.gpus`` through ``CUDA_VISIBLE_DEVICES``. Each subprocess gets its own process group;
     when the sweep is stopped (Ctrl-C, SIGTERM, SIGHUP, an exception) it ends them (SIGTERM, then
-    SIGKILL after a few seconds) before it exits. Only a SIGKILL of the sweep itself leaves them
-    running: their run locks then keep a relaunch off those runs until they end. With ``local.fork``
+    SIGKILL after a few seconds) before it exits. A SIGKILL of the sweep, which it cannot catch, ends
+    them too on Linux: each child asks the kernel for a SIGTERM when the sweep dies (``PR_SET_PDEATHSIG``);
+    elsewhere they run on, and their run locks keep a relaunch off those runs until they end. With ``local.fork``
     the runs are forked children of the sweep instead (CPU only; refused with ``local.gpus``): each
     inherits the imports (a subprocess spends seconds importing torch before a run of a few seconds)
     and what the first run, made in the sweep's process, set up; it calls ``main(cfg)`` as the
@@ -74,7 +75,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import dataclasses
+import functools
 import gc
 import importlib
 import importlib.util
@@ -874,7 +877,7 @@ class _Children:
                 raise _Stopped()
             # Its own process group: the whole tree (e.g. data-loader workers) can be signalled at once,
             # and a Ctrl-C in the terminal reaches the sweep, which then ends it.
-            proc = subprocess.Popen(list(cmd), start_new_session=True, **kwargs)
+            proc = subprocess.Popen(list(cmd), start_new_session=True, preexec_fn=_ends_with_us(), **kwargs)
             self._procs.add(proc)
         return proc
 
@@ -898,6 +901,43 @@ class _Children:
             _signal_group(proc.pid, signal.SIGKILL)  # the group may hold more than the child itself
         if procs:
             logger.warning("sweep stopped: ended %d running subprocess(es)", len(procs))
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's ``prctl`` (Linux only), looked up once in the sweep process: a child calls it between fork and exec,
+    where nothing that takes a lock (an import, a library lookup) may run."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _end_with(parent: int) -> None:
+    """In a child of the sweep, before it runs anything: have the kernel SIGTERM it when ``parent`` (the sweep)
+    dies, whatever kills the sweep. A ``kill -9`` of the sweep cannot run :meth:`_Children.stop`, and the children
+    sit in their own process groups, so without this they would train on, unsupervised, holding their runs' locks.
+    A data-loader worker of the child notices its parent gone and ends too."""
+    prctl = _prctl()
+    if prctl is None:  # other systems: a killed sweep leaves its children to finish their runs
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the sweep died before the request took effect: nobody would signal us
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _ends_with_us() -> Callable[[], None] | None:
+    """``preexec_fn`` of a subprocess that must not outlive this process (Linux; None elsewhere).
+
+    The kernel signals the child when the *thread* that started it ends: the parallel backend starts each child
+    from a thread that then waits for it, the sequential one from the main thread, so that is when the sweep ends.
+    """
+    return functools.partial(_end_with, os.getpid()) if _prctl() is not None else None
 
 
 def _signal_group(pid: int, sig: int, or_child: bool = False) -> None:
@@ -950,7 +990,7 @@ def run_command(
         with open(log, "w") as fh:
             kwargs = dict(stdout=fh, stderr=subprocess.STDOUT, env=full_env, cwd=cwd)
             if children is None:
-                rc = subprocess.call(list(cmd), **kwargs)
+                rc = subprocess.call(list(cmd), preexec_fn=_ends_with_us(), **kwargs)
             else:
                 proc = children.start(cmd, **kwargs)
                 try:
@@ -1206,8 +1246,9 @@ class _Forked:
         self.open = False
 
 
-def _forked_child(module: str, run: Run, record: Path, log: Path, conn: Any) -> None:
+def _forked_child(module: str, run: Run, record: Path, log: Path, conn: Any, parent: int) -> None:
     """The body of a forked child: one run through :func:`run_in_process`, its outcome sent back as JSON."""
+    _end_with(parent)  # a killed sweep (pid ``parent``) takes its children with it
     with contextlib.suppress(OSError):
         os.setpgid(0, 0)  # its own process group (the parent sets it too: whoever comes first)
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -1288,7 +1329,8 @@ def _launch_forked(
         try:
             reader, writer = ctx.Pipe(duplex=False)
             child = _Forked(run, None, reader, _snapshot(run.status_path), log)
-            child.proc = ctx.Process(target=_forked_child, args=(module, run, record, log, writer), name=run.log_dir)
+            args = (module, run, record, log, writer, os.getpid())
+            child.proc = ctx.Process(target=_forked_child, args=args, name=run.log_dir)
             try:
                 child.proc.start()
                 running.append(child)
