@@ -9,7 +9,7 @@
 # the first step of a compiled ViT-B/16 run (a new process) with torch.compile's cache empty vs filled.
 # Measured rates go to <out-dir>/rates.csv (columns of vitef.rates) to merge into benchmarks/rates.csv; each
 # part's output to <out-dir>/<part>.log. A part that fails is reported and the next one still runs.
-# PARTS="tests pipeline" runs only those parts; PIPE_CACHE=both also trains with the cache off; PIPE_DEFERRED=false
+# PARTS="tests pipeline" runs only those parts (BUDGET_S, default 570, caps the whole run); PIPE_CACHE=both also trains with the cache off; PIPE_DEFERRED=false
 # makes the host wait for each update's checks before it (the loop before deferred checks, to compare).
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/vitef-gpu-check}}
@@ -23,10 +23,21 @@ trap 'rm -rf "$WORK"' EXIT
 status=0
 
 PARTS=${PARTS:-env tests app_tf32 train pipeline compile_cache}
+# The whole script stays within BUDGET_S seconds (a device call is cut at 600 s, and a cut loses what is left):
+# each part gets at most what remains, and a part with under 30 s left is skipped (rerun it with PARTS=...).
+BUDGET_S=${BUDGET_S:-570}
+START_S=$SECONDS
 part() {  # part <name> <timeout-seconds> <command...>
     local name=$1 limit=$2
     shift 2
     case " $PARTS " in *" $name "*) ;; *) return 0 ;; esac
+    local left=$((BUDGET_S - (SECONDS - START_S)))
+    if [ $left -lt 30 ]; then
+        echo "== $name: skipped, ${left} s of BUDGET_S=$BUDGET_S left (rerun with PARTS=\"$name\")"
+        status=1
+        return 0
+    fi
+    [ $limit -le $left ] || limit=$left
     echo "== $(date -u +%H:%M:%S) $name: $*"
     timeout "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
     local rc=$?
