@@ -9,8 +9,9 @@
 # the first step of a compiled ViT-B/16 run (a new process) with torch.compile's cache empty vs filled.
 # Measured rates go to <out-dir>/rates.csv (columns of vitef.rates) to merge into benchmarks/rates.csv; each
 # part's output to <out-dir>/<part>.log. A part that fails is reported and the next one still runs.
-# PARTS="tests pipeline" runs only those parts (BUDGET_S, default 570, caps the whole run); PIPE_CACHE=both also trains with the cache off; PIPE_DEFERRED=false
-# makes the host wait for each update's checks before it (the loop before deferred checks, to compare).
+# PARTS="tests pipeline" runs only those parts; BUDGET_S (default 570) caps the whole run; PIPE_CACHE=both also
+# trains with the cache off; PIPE_DEFERRED=false makes the host wait for each update's checks before it (the loop
+# before deferred checks, to compare).
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/vitef-gpu-check}}
 mkdir -p "$OUT_DIR"
