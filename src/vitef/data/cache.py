@@ -41,11 +41,12 @@ other, each ``H x W x 3`` uint8), ``index.npz`` (offsets, heights, widths, label
 corruptions), ``S``, the resize policy, the Pillow and torchvision versions (both decide the pixels), and,
 in the pool's order, every source file's path relative to the pool's common folder, its size, its
 modification time (ns) and its label. A file added, removed, replaced or touched gives another key: a
-changed folder is never served stale (its old entry stays on disk until deleted; delete any entry folder
-to reclaim its space, the next run that needs it rebuilds it). Splits cut from one pool (DomainNet,
-``imagefolder``, Pet's trainval) share one entry whatever the run seed, so every image is decoded once.
-Checking the key stats every file of the pool each time a dataset is built (about a second per 100k files
-on a local disk).
+changed folder is never served stale (its old entry stays on disk until removed: ``python -m apps.vit.cache
+cache=<folder>`` lists the entries with their size and when each was last used, and ``prune=true
+unused_days=30`` removes those unused for 30 days; a run that needs a removed entry rebuilds it; see *Use
+and removal* below). Splits cut from one pool (DomainNet, ``imagefolder``, Pet's trainval) share one entry
+whatever the run seed, so every image is decoded once. Checking the key stats every file of the pool each
+time a dataset is built (about a second per 100k files on a local disk).
 
 Building
 --------
@@ -54,14 +55,36 @@ decodes into a temporary folder ``<cache>/.<entry>.tmp-<pid>-<random>/`` (severa
 torch release the GIL), flushes it to disk and renames it to ``<cache>/<entry>/`` in one atomic step, so a
 complete entry is the only thing ever found under that name. Another process needing the same entry waits
 on the lock, then finds the finished entry and reads it. A build that is killed leaves a temporary folder,
-which the next build of that entry deletes; nothing reads temporary folders. Lock files stay (they are
-empty). File systems without ``flock`` (some network mounts) build without the lock, with a warning; two
-builders may then both decode, and the second rename loses to the first entry, which both use.
+which the next build of that entry (or a prune) deletes; nothing reads temporary folders. Lock files stay
+(they are empty) until a prune removes their entry or its temporary folder. File systems without ``flock``
+(some network mounts) build without the lock, with a warning; two builders may then both decode, and the
+second rename loses to the first entry, which both use.
+
+Use and removal
+---------------
+A process that serves an entry touches ``<entry>/last_used`` (once per entry and process; the build writes
+it too; a cache that cannot be written is served without) and holds a shared ``flock`` on that file for
+the rest of its life (:func:`release_entries` drops it): the cache thus knows when each entry was last used
+and whether a running process reads it, which matters because DataLoader workers open the memory map by
+its path when they start (and a run starts workers again whenever its data stream restarts).
+:func:`list_cache` describes every entry, every temporary folder of a build (``partial``) and every entry
+folder with missing or unreadable files (``damaged``); entries built before ``last_used`` existed count as
+last used when they were built.
+:func:`remove_entry` takes the entry's build lock (without waiting: an entry being built or removed is kept),
+keeps an entry that a live process holds and a temporary folder whose build is running, renames the entry
+to ``<cache>/.<entry>.del-<pid>-<random>/`` in one step (a process arriving later finds no entry and
+rebuilds it; one that was waiting for the use lock notices the rename and does the same), then deletes
+that folder and the entry's lock file (a builder waiting on a removed lock file locks the new one).
+Memory maps opened before the removal keep reading the deleted files (POSIX). ``python -m apps.vit.cache``
+is the command-line side: a table of the entries, and ``prune=true`` (with ``dry_run=true`` to preview).
+On file systems without ``flock`` nothing tells that an entry is in use: a prune there removes entries by
+their age alone, and keeps temporary folders written to within the last hour.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -72,6 +95,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -95,9 +119,18 @@ POLICY = "shorter side > S resized to S, torchvision resize(antialias=True) of u
 IMAGES_FILE = "images.u8"
 INDEX_FILE = "index.npz"
 META_FILE = "meta.json"
+# Touched by every process that serves the entry; its shared flock says that a live process reads the entry.
+USED_FILE = "last_used"
 # Images decoded per batch of the build (bounds the memory held by decoded, not yet written images).
 BUILD_CHUNK = 256
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+# Folder names in a cache: an entry, and the temporary folder of a build (tmp) or of a removal (del).
+ENTRY_NAME = re.compile(r"(?P<dataset>[^/]+)-s(?P<side>\d+)-(?P<digest>[0-9a-f]{20})")
+TEMP_NAME = re.compile(r"\.(?P<entry>[^/]+-s\d+-[0-9a-f]{20})\.(?P<what>tmp|del)-\d+-[0-9a-f]+")
+# Without flock, a temporary folder written to within this many seconds may belong to a running build.
+TEMP_QUIET_S = 3600.0
+# A listing probes the use lock for microseconds: a removal retries this long before calling an entry in use.
+IN_USE_RETRY_S = 0.2
 
 
 def stored_side(size: int) -> int:
@@ -189,19 +222,9 @@ class CachedSource(ImageSource):
     def __init__(self, folder: str | os.PathLike, paths: list[str] | None = None):
         self.folder = Path(folder)
         try:
-            self.meta = json.loads((self.folder / META_FILE).read_text())
-            with np.load(self.folder / INDEX_FILE, allow_pickle=False) as index:
-                self.offsets = np.asarray(index["offsets"], dtype=np.int64)
-                self.heights = np.asarray(index["heights"], dtype=np.int64)
-                self.widths = np.asarray(index["widths"], dtype=np.int64)
-                self.targets = np.asarray(index["targets"], dtype=np.int64)
-            size = (self.folder / IMAGES_FILE).stat().st_size
-        except (OSError, ValueError, KeyError) as e:
-            raise _damaged(self.folder, f"{type(e).__name__}: {e}") from e
-        n = len(self.targets)
-        ok = len(self.offsets) == n + 1 and len(self.heights) == n and len(self.widths) == n
-        if not ok or int(self.offsets[-1]) != size or self.meta.get("count") != n:
-            raise _damaged(self.folder, f"index of {n} images does not match {IMAGES_FILE} ({size} bytes)")
+            self.meta, self.offsets, self.heights, self.widths, self.targets = _read_entry(self.folder)
+        except _Damage as e:
+            raise _damaged(self.folder, str(e)) from e.__cause__
         self.paths = paths  # the source files (messages only)
         self._images: np.memmap | None = None
 
@@ -221,6 +244,28 @@ class CachedSource(ImageSource):
         return torch.from_numpy(pixels).view(h, w, 3).permute(2, 0, 1)
 
 
+class _Damage(Exception):
+    """What is wrong with an entry folder (its message: the files missing, unreadable or inconsistent)."""
+
+
+def _read_entry(folder: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The meta data and index (offsets, heights, widths, targets) of the entry ``folder``, checked against
+    each other and the size of its images file; :class:`_Damage` says what is wrong."""
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        with np.load(folder / INDEX_FILE, allow_pickle=False) as index:
+            arrays = [np.asarray(index[key], dtype=np.int64) for key in ("offsets", "heights", "widths", "targets")]
+        size = (folder / IMAGES_FILE).stat().st_size
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _Damage(f"{type(e).__name__}: {e}") from e
+    offsets, heights, widths, targets = arrays
+    n = len(targets)
+    ok = len(offsets) == n + 1 and len(heights) == n and len(widths) == n and isinstance(meta, dict)
+    if not ok or int(offsets[-1]) != size or meta.get("count") != n:
+        raise _Damage(f"index of {n} images does not match {IMAGES_FILE} ({size} bytes)")
+    return meta, offsets, heights, widths, targets
+
+
 def _damaged(folder: Path, why: str) -> DataError:
     return DataError(
         f"decoded-image cache entry '{folder}' is damaged ({why}): delete that folder, the next run rebuilds it"
@@ -228,26 +273,135 @@ def _damaged(folder: Path, why: str) -> DataError:
 
 
 @contextlib.contextmanager
-def _build_lock(path: Path, entry: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (waiting, with a log line, while another process holds it)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+def _build_lock(path: Path, entry: str, *, wait: bool = True) -> Iterator[bool | None]:
+    """Hold an exclusive ``flock`` on the lock file ``path`` of the entry ``entry`` (the build lock).
+
+    Yields ``True`` while held; ``False`` when ``wait`` is false and another process holds it (nothing is
+    held then); ``None`` when the file system refuses locks (a warning is logged and the caller goes on
+    unlocked). With ``wait``, it waits (with a log line) while another process holds the lock. A removal
+    deletes the lock file while holding it: a process that was waiting on that file then locks the new one.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for another process building the decoded-image cache entry %s", entry)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held: bool | None = True
+            except BlockingIOError:
+                if not wait:
+                    held = False
+                else:
+                    logger.info("waiting for another process building the decoded-image cache entry %s", entry)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    held = True
+            except OSError as e:
+                if e.errno not in _NO_LOCKS:
+                    raise
+                logger.warning(
+                    "the file system of %s refuses locks: going on without one (concurrent builds or removals of "
+                    "this cache entry are not excluded)",
+                    path,
+                )
+                held = None
+            if held and not _same_file(fd, path):
+                continue  # the lock file was removed while we waited for it: lock the one now there
+            yield held
+            return
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not removed nor replaced since it was opened)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+# The entries this process serves: path -> the open last_used file on which it holds a shared flock (None:
+# served without one, in a cache where the file could not be opened or a file system without locks).
+_HELD: dict[str, int | None] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _hold_entry(entry: Path) -> bool:
+    """Mark the entry ``entry`` as used by this process (once per process): take a shared ``flock`` on its
+    ``last_used`` file (kept until :func:`release_entries` or the process ends) and touch the file.
+
+    Returns ``False`` when the entry is gone or was removed while we waited for the lock (the caller then
+    builds it again), ``True`` when it may be read, with or without the lock (best effort: a cache that
+    cannot be written, or a file system without locks, is served unmarked).
+    """
+    key = str(entry)
+    with _HELD_GUARD:
+        if key in _HELD:
+            return True
+        marker = entry / USED_FILE
+        try:
+            fd = os.open(marker, os.O_RDONLY | os.O_CREAT, 0o666)
+        except FileNotFoundError:
+            return False  # the entry folder itself is gone
+        except OSError as e:  # e.g. a read-only cache holding an entry built before last_used existed
+            logger.debug("cache entry %s served without its use mark: %s cannot be opened (%s)", entry, marker, e)
+            _HELD[key] = None
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a removal (or, for microseconds, a listing) holds it
         except OSError as e:
             if e.errno not in _NO_LOCKS:
+                os.close(fd)
                 raise
-            logger.warning("the file system of %s refuses locks: building the cache entry without one", path)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+            logger.debug("cache entry %s: the file system refuses locks, served without its use lock", entry)
+        if not _same_file(fd, marker):
+            os.close(fd)  # removed while we waited: nothing to read there
+            return False
+        _HELD[key] = fd
+        try:
+            os.utime(fd)
+        except OSError as e:  # a cache shared read-only, or owned by another user
+            logger.debug("cache entry %s: cannot update the time of %s (%s)", entry, marker, e)
+        return True
+
+
+def _release(entry: Path) -> None:
+    with _HELD_GUARD:
+        fd = _HELD.pop(str(entry), None)
+        if fd is not None:
+            os.close(fd)
+
+
+def release_entries() -> None:
+    """Drop this process's use locks on the cache entries it served (they may then be removed while it lives).
+
+    A later :func:`cache_source` of an entry takes its lock and touches its ``last_used`` again. Only for a
+    process that no longer reads those entries (e.g. a notebook done with a dataset): a source still reading
+    one would fail to reopen it once removed.
+    """
+    with _HELD_GUARD:
+        fds = [fd for fd in _HELD.values() if fd is not None]
+        _HELD.clear()
+    for fd in fds:
+        os.close(fd)
+
+
+def _open_entry(entry: Path, paths: list[str]) -> CachedSource | None:
+    """The entry ``entry`` as a source, held by this process; ``None`` when it is not there (or went away)."""
+    if not (entry / META_FILE).is_file() or not _hold_entry(entry):
+        return None
+    try:
+        return CachedSource(entry, paths)
+    except BaseException:
+        _release(entry)  # a damaged entry is not in use: a prune may remove it
+        raise
 
 
 def cache_source(source: ImageSource, cache: str | os.PathLike, *, dataset: str, size: int) -> ImageSource:
     """``source`` served from the decoded-image cache in folder ``cache`` (built first when missing).
+
+    The entry served is marked as used by this process (its ``last_used`` file: see the module docstring).
 
     Parameters
     ----------
@@ -271,20 +425,25 @@ def cache_source(source: ImageSource, cache: str | os.PathLike, *, dataset: str,
     digest = _fingerprint(source.paths, source.targets, label, side)
     name = f"{label}-s{side}-{digest[:20]}"
     entry = folder / name
-    if not (entry / META_FILE).is_file():
+    cached = _open_entry(entry, source.paths)
+    if cached is None:
         check_cache_dir(cache)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with _build_lock(folder / f".{name}.lock", name):
                 if not (entry / META_FILE).is_file():  # another process may have built it while we waited
                     _build(source, folder, name, digest, label, side)
+                # Under the build lock: a removal (which takes it too) cannot come between the build and the hold.
+                cached = _open_entry(entry, source.paths)
         except OSError as e:
             raise ConfigError(
                 f"data.cache={str(cache)!r}: cannot write the decoded-image cache entry '{entry}' "
                 f"({e.strerror or e}): free space there, choose another data.cache, or data.cache=null"
             ) from e
-    cached = CachedSource(entry, source.paths)
+        if cached is None:
+            raise _damaged(entry, "it vanished while this process opened it")
     if cached.meta.get("key") != digest or not np.array_equal(cached.targets, source.targets):
+        _release(entry)
         raise _damaged(entry, "its key or labels differ from the dataset's")
     logger.info("%s: %d images from the decoded-image cache %s", dataset, len(cached), entry)
     return cached
@@ -292,8 +451,8 @@ def cache_source(source: ImageSource, cache: str | os.PathLike, *, dataset: str,
 
 def _build(source: Any, folder: Path, name: str, digest: str, label: str, side: int) -> None:
     """Decode ``source`` into ``folder/name`` through a temporary folder renamed at the end (lock held)."""
-    for stale in folder.glob(f".{name}.tmp-*"):  # left by a killed build of this entry
-        logger.info("removing %s, left by an interrupted cache build", stale)
+    for stale in [*folder.glob(f".{name}.tmp-*"), *folder.glob(f".{name}.del-*")]:  # a killed build or removal
+        logger.info("removing %s, left by an interrupted cache build or removal", stale)
         shutil.rmtree(stale, ignore_errors=True)
     tmp = folder / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
@@ -335,6 +494,7 @@ def _build(source: Any, folder: Path, name: str, digest: str, label: str, side: 
             "source_folder": os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in source.paths]),
             "build_seconds": round(time.perf_counter() - t0, 3),
         }
+        (tmp / USED_FILE).touch()
         with open(tmp / META_FILE, "w") as f:  # last: a folder with meta.json was fully written
             f.write(json.dumps(meta, indent=2) + "\n")
             f.flush()
@@ -361,3 +521,268 @@ def _build(source: Any, folder: Path, name: str, digest: str, label: str, side: 
     logger.info(
         "decoded-image cache %s: %d images, %.1f MB, built in %.1f s", name, n, offsets[-1] / 1e6, meta["build_seconds"]
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheEntry:
+    """One folder of a decoded-image cache, as :func:`list_cache` found it.
+
+    Attributes
+    ----------
+    name
+        The folder's name in the cache (what :func:`remove_entry` takes).
+    path
+        The folder.
+    kind
+        ``"entry"`` (complete), ``"partial"`` (the temporary folder of a build, or of a removal, that is running
+        or was killed) or ``"damaged"`` (an entry folder whose files are missing, unreadable or inconsistent).
+    dataset
+        The dataset label (from ``meta.json``, else from the name).
+    stored_side
+        The stored shorter side ``S`` (from the name).
+    images
+        The number of images (``None`` unless ``kind == "entry"``).
+    bytes
+        The space its files take on disk (allocated blocks: what removing them frees).
+    built
+        When it was built (POSIX time of its ``meta.json``; ``None`` without one).
+    last_used
+        When a process last served it (POSIX time of its ``last_used`` file; for entries built before that
+        file existed, their build time); for partial and damaged folders, the newest change of their files.
+    in_use
+        An entry (or damaged entry): a live process holds it; a partial folder: its build or removal is
+        running. ``None``: unknown (the file system refuses locks, or the lock file cannot be opened).
+    problem
+        What is wrong with a damaged entry (empty otherwise).
+    """
+
+    name: str
+    path: Path
+    kind: str
+    dataset: str
+    stored_side: int
+    images: int | None
+    bytes: int
+    built: float | None
+    last_used: float
+    in_use: bool | None
+    problem: str = ""
+
+
+def list_cache(cache: str | os.PathLike) -> list[CacheEntry]:
+    """The entries, damaged entries and temporary folders of builds in the cache folder ``cache``, by name.
+
+    Nothing is changed (the listing probes locks for microseconds and creates no file). Files and folders
+    not named as the cache names its folders are left out, and so are folders removed while listed.
+    Damaged entries are described, never raised.
+
+    Raises
+    ------
+    OSError
+        When ``cache`` is not a folder that can be read.
+    """
+    folder = Path(cache).expanduser()
+    with os.scandir(folder) as it:
+        names = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+    found = []
+    for name in names:
+        item = _describe(folder, name)
+        if item is not None and os.path.lexists(item.path):
+            found.append(item)
+    return found
+
+
+def _describe(folder: Path, name: str) -> CacheEntry | None:
+    path = folder / name
+    temp = TEMP_NAME.fullmatch(name)
+    entry = None if name.startswith(".") else ENTRY_NAME.fullmatch(name)
+    if temp is None and entry is None:
+        return None
+    stats = _file_stats(path)
+    size = sum(_allocated(st) for st in stats.values())
+    try:
+        newest = max([st.st_mtime for st in stats.values()] + [path.lstat().st_mtime])
+    except FileNotFoundError:
+        return None  # removed meanwhile
+    if temp is not None:
+        parts = ENTRY_NAME.fullmatch(temp["entry"])
+        assert parts is not None  # TEMP_NAME embeds ENTRY_NAME
+        in_use = _probe(folder / f".{temp['entry']}.lock")
+        return CacheEntry(name, path, "partial", parts["dataset"], int(parts["side"]), None, size, None, newest, in_use)
+    built = stats[META_FILE].st_mtime if META_FILE in stats else None
+    in_use = _probe(path / USED_FILE)
+    try:
+        meta, *_, targets = _read_entry(path)
+        if str(meta.get("key", ""))[:20] != entry["digest"] or meta.get("stored_side") != int(entry["side"]):
+            raise _Damage(f"its {META_FILE} is not that of this folder's name (another key or stored side)")
+    except _Damage as e:
+        label = entry["dataset"]
+        return CacheEntry(name, path, "damaged", label, int(entry["side"]), None, size, built, newest, in_use, str(e))
+    label = str(meta.get("dataset") or entry["dataset"])
+    used = stats[USED_FILE].st_mtime if USED_FILE in stats else built
+    return CacheEntry(name, path, "entry", label, int(entry["side"]), len(targets), size, built, used, in_use)
+
+
+def _file_stats(path: Path) -> dict[str, os.stat_result]:
+    """``lstat`` of every file under ``path`` by relative path (files removed meanwhile left out)."""
+    out = {}
+    for parent, _dirs, files in os.walk(path):
+        for file in files:
+            full = os.path.join(parent, file)
+            with contextlib.suppress(FileNotFoundError):
+                out[os.path.relpath(full, path)] = os.lstat(full)
+    return out
+
+
+def _allocated(st: os.stat_result) -> int:
+    """Bytes a file takes on disk (its allocated blocks; its size where the platform does not say)."""
+    blocks = getattr(st, "st_blocks", None)
+    return int(blocks) * 512 if blocks is not None else int(st.st_size)
+
+
+def _probe(path: Path) -> bool | None:
+    """Whether some process holds a ``flock`` on the file ``path`` (``False`` when there is no such file;
+    ``None``: unknown). Takes and drops an exclusive lock at once when it is free."""
+    try:
+        fd = os.open(path, os.O_RDWR)  # NFS turns flock into byte-range locks: exclusive ones need write access
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None  # a file system without locks, or a lock it cannot take through this file
+    finally:
+        os.close(fd)  # releases the probe's lock
+    return False
+
+
+def remove_entry(cache: str | os.PathLike, name: str) -> int | None:
+    """Remove the folder ``name`` of the cache ``cache`` (an entry, damaged entry or temporary folder of a build,
+    as :func:`list_cache` names them), safely against the processes using the cache.
+
+    Under the entry's build lock (taken without waiting), an entry that no live process holds is renamed to
+    ``.<name>.del-<pid>-<random>`` in one step and that folder deleted, then the entry's lock file; a
+    temporary folder is deleted unless its build is running. See the module docstring (*Use and removal*).
+
+    Returns
+    -------
+    int or None
+        The bytes freed; ``None`` when nothing was removed: the entry is in use, a build or removal of it is
+        running, or the folder is no longer there (the reason is logged).
+
+    Raises
+    ------
+    ValueError
+        When ``name`` is not the name of a cache entry nor of a build's temporary folder.
+    OSError
+        When the folder cannot be renamed or deleted (e.g. a cache the process may not write). A removal
+        interrupted while deleting leaves a ``.del-`` temporary folder, which a later prune removes.
+    """
+    folder = Path(cache).expanduser()
+    temp = TEMP_NAME.fullmatch(name)
+    if temp is None and (name.startswith(".") or ENTRY_NAME.fullmatch(name) is None):
+        raise ValueError(f"{name!r} is not the name of a decoded-image cache entry nor of a build's temporary folder")
+    entry = temp["entry"] if temp is not None else name
+    path = folder / name
+    if not path.is_dir() or path.is_symlink():
+        return None
+    lock = folder / f".{entry}.lock"
+    with _build_lock(lock, entry, wait=False) as held:
+        if held is False:
+            logger.info("keeping %s: a build or removal of the cache entry %s is running", name, entry)
+            return None
+        if not path.is_dir():
+            return None  # removed by another process meanwhile
+        if temp is not None:
+            if held is None and time.time() - _newest_change(path) < TEMP_QUIET_S:
+                logger.info("keeping %s: written to within the last hour, its build may still run", name)
+                return None
+            freed = _delete(path)
+        else:
+            freed = _remove_entry_folder(folder, name)
+            if freed is None:
+                return None
+        if held:
+            lock.unlink(missing_ok=True)  # while holding it: a process waiting on it then locks a new one
+    return freed
+
+
+def _remove_entry_folder(folder: Path, name: str) -> int | None:
+    """Rename the entry ``folder/name`` out of the way and delete it, unless a live process holds it
+    (build lock held by the caller)."""
+    marker = folder / name / USED_FILE
+    fd = os.open(marker, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if not _lock_exclusive(fd, marker):
+            logger.info("keeping the cache entry %s: a running process uses it", name)
+            return None
+        doomed = folder / f".{name}.del-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(folder / name, doomed)  # from here on, the entry is absent under its name: it is rebuilt if needed
+        return _delete(doomed)
+    finally:
+        os.close(fd)  # a process waiting for its use lock wakes up, sees the rename and rebuilds
+
+
+def _lock_exclusive(fd: int, path: Path) -> bool:
+    """Take an exclusive ``flock`` on ``fd`` without waiting for its holders (retrying for ``IN_USE_RETRY_S``,
+    the probe of a listing holds it for microseconds); ``True`` also when the file system refuses locks."""
+    deadline = time.monotonic() + IN_USE_RETRY_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        except OSError as e:
+            if e.errno not in _NO_LOCKS:
+                raise
+            logger.warning("the file system of %s refuses locks: cannot tell whether a process uses it", path)
+            return True
+
+
+def _newest_change(path: Path) -> float:
+    """The newest modification time of ``path`` and the files under it."""
+    times = [st.st_mtime for st in _file_stats(path).values()]
+    with contextlib.suppress(FileNotFoundError):
+        times.append(path.lstat().st_mtime)
+    return max(times, default=0.0)
+
+
+def _delete(path: Path) -> int:
+    """Delete the folder ``path``; the bytes its files took on disk."""
+    freed = sum(_allocated(st) for st in _file_stats(path).values())
+    shutil.rmtree(path)
+    logger.debug("removed %s from the decoded-image cache (%.1f MB)", path, freed / 1e6)
+    return freed
+
+
+def remove_stale_locks(cache: str | os.PathLike) -> int:
+    """Delete the lock files of the cache ``cache`` whose entry and temporary folders are all gone (left by
+    entries deleted by hand) and that no process holds; the number deleted."""
+    folder = Path(cache).expanduser()
+    with os.scandir(folder) as it:
+        names = {e.name for e in it}
+    removed = 0
+    for lock_name in sorted(names):
+        m = re.fullmatch(r"\.(?P<entry>.+)\.lock", lock_name)
+        if m is None or ENTRY_NAME.fullmatch(m["entry"]) is None:
+            continue
+        entry = m["entry"]
+        if entry in names or any(TEMP_NAME.fullmatch(n) and n.startswith(f".{entry}.") for n in names):
+            continue
+        with _build_lock(folder / lock_name, entry, wait=False) as held:
+            if held and not (folder / entry).exists():
+                (folder / lock_name).unlink(missing_ok=True)
+                removed += 1
+    return removed
