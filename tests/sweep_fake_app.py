@@ -1,10 +1,11 @@
 """A tiny app that follows the sweep convention and the run-directory contract, for the sweep tests.
 
-It "trains" for ``steps`` steps, checkpointing after each one, and resumes from its checkpoint like
-apps.vit.train does (``overwrite`` starts afresh); ``kill_at`` makes it SIGKILL its own process once at
-that step (a killed job); ``sleep`` makes it write its pid to ``pid`` and sleep (a long run).
-It imports neither torch nor vitef.config so that the subprocess backends start it in a fraction of a
-second; its command line only takes ``config=FILE.yaml`` (what the sweep passes).
+It "trains" for ``steps`` steps, checkpointing after each one, and resumes from its checkpoint like apps.vit.train
+does (``overwrite`` starts afresh); ``kill_at`` makes it SIGKILL its own process once at that step (a killed job);
+``sleep`` makes it write its pid to ``pid`` and sleep (a long run); with ``graceful`` a SIGTERM ends that sleep as
+apps.vit.train stops on it (a ``stopped`` marker, status failed, exit 143), and the next start does not sleep. It
+imports neither torch nor vitef.config so that the subprocess backends start it in a fraction of a second; its
+command line only takes ``config=FILE.yaml`` (what the sweep passes).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class FakeConfig:
     write_status: bool = True
     overwrite: bool = False
     sleep: float = 0.0
+    graceful: bool = False  # with sleep: SIGTERM stops the sleep like apps.vit.train stops (marker, exit 143)
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -68,7 +70,9 @@ def main(cfg: FakeConfig) -> None:
         atomic_write_json(run / "status.json", {"status": "failed", "step": start, "message": "fake failure"})
     if cfg.fail:
         raise TrainingError(f"fake failure in {cfg.log_dir}")
-    if cfg.sleep:
+    if cfg.sleep and not (run / "stopped").exists():  # a run stopped once resumes without sleeping
+        if cfg.graceful:
+            signal.signal(signal.SIGTERM, lambda *_: _stop(run, start))
         (run / "pid").write_text(str(os.getpid()))
         time.sleep(cfg.sleep)
     for step in range(start, cfg.steps):
@@ -78,6 +82,14 @@ def main(cfg: FakeConfig) -> None:
         atomic_write_json(ckpt, {"step": step + 1})
     if cfg.write_status:
         atomic_write_json(run / "status.json", {"status": "completed", "step": cfg.steps, "message": ""})
+
+
+def _stop(run: Path, step: int) -> None:
+    """As apps.vit.train on SIGTERM: the progress is saved (here: nothing to save), the run says so, exit 143."""
+    (run / "stopped").touch()
+    atomic_write_json(run / "status.json", {"status": "failed", "step": step, "message": "stopped by SIGTERM"})
+    sys.stderr.write("stopped: SIGTERM\n")
+    sys.exit(128 + signal.SIGTERM)
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:

@@ -498,3 +498,23 @@ def test_a_sweep_killed_with_sigkill_takes_its_running_children_with_it(tmp_path
         for pid_file in tmp_path.rglob("pid"):  # never leave a sleeper behind, whatever failed
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_a_slurm_task_warned_of_its_time_limit_stops_its_run_and_is_requeued(tmp_path):
+    # submitit's warning signal (SIGUSR2, signal_delay_s before the time limit) reaches the task: the task stops its
+    # app with SIGTERM (the app saves a checkpoint and exits 143) and submitit requeues it; the requeued task runs
+    # the app again, which resumes and completes. submitit's local cluster sends the signal and requeues as SLURM.
+    submitit = pytest.importorskip("submitit")
+    from vitef.sweep import _ArrayTask, command_for, launch_files
+
+    s = sweep(tmp_path, overrides={"sleep": 120.0, "graceful": True, "steps": 2}, run_name="r")
+    (run,) = expand(s, APP)
+    _, log = launch_files(s, run)
+    executor = submitit.LocalExecutor(folder=tmp_path / "submitit")
+    executor.update_parameters(timeout_min=1.0, signal_delay_s=50)  # the warning after 10 s
+    args = (command_for(s, run, APP), str(run.status_path), str(log), None, str(run.run_dir), True)
+    job = executor.submit(_ArrayTask(), *args)
+    assert job.result() is None  # requeued once, then completed
+    assert (run.run_dir / "stopped").exists() and starts(run) == [0, 0]
+    assert json.loads(run.status_path.read_text())["status"] == "completed"
+    assert "Caught signal SIGUSR2" in (tmp_path / "submitit" / f"{job.job_id}_0_log.err").read_text()

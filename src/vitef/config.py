@@ -34,7 +34,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vitef.errors import ConfigError, VitefError
+from vitef.errors import ConfigError, RunStopped, VitefError
 from vitef.utils import atomic_write_text, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -620,7 +620,8 @@ def cli_main(
     """Entry-point wrapper: parse the config, run ``main(cfg)``, and turn user errors into exit status 2.
 
     ``--help`` prints the keys and exits 0. A :class:`~vitef.errors.VitefError` prints ``error: <message>``
-    on stderr and exits 2; any other exception keeps its traceback (it is a bug).
+    on stderr and exits 2; :class:`~vitef.errors.RunStopped` (a run checkpointed and stopped on a signal) prints
+    ``stopped: <message>`` and exits ``128 + signal``; any other exception keeps its traceback (it is a bug).
     """
     setup_logging()
     try:
@@ -633,6 +634,9 @@ def cli_main(
         logger.debug("user error", exc_info=True)
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
+    except RunStopped as e:  # a checkpoint is saved: the scheduler sees the signal's conventional exit status
+        sys.stderr.write(f"stopped: {e}\n")
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)

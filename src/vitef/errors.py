@@ -34,3 +34,12 @@ class CheckpointError(VitefError):
 
 class TrainingError(VitefError):
     """Training cannot go on (e.g. the loss became NaN or infinite)."""
+
+
+class RunStopped(BaseException):  # noqa: N818 (not an error: like KeyboardInterrupt, it stops whatever runs)
+    """The run was stopped by a signal after saving a checkpoint (:mod:`vitef.monitor.stop`); launching it again
+    resumes it. A ``BaseException``: code that collects the failures of runs must not swallow it."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

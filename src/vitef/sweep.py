@@ -38,7 +38,9 @@ Backends
     ended like a subprocess when the sweep stops. Where fork is missing (Windows), or
     once this process has initialised CUDA, the runs go in sequence in this process instead.
 ``slurm``
-    one submitit job array, each task running the same command as a local subprocess run.
+    one submitit job array, each task running the same command as a local subprocess run. A task about to hit
+    its time limit, or preempted, stops its app (which saves a checkpoint on SIGTERM) and is requeued by
+    submitit; the requeued task resumes the run (:class:`_ArrayTask`).
 
 App convention: an app module defines ``main(cfg)`` and ``CONFIG`` (its config dataclass; without it,
 the one dataclass named ``*Config`` defined in the module). A run's directory is
@@ -124,7 +126,11 @@ CONFIG_KEY = "config"  # grid key whose values are YAML files layered under the 
 COMPLETED = "completed"
 # Config keys that never make a run stale: where the outputs live, and whether to start afresh.
 ALWAYS_FREE_KEYS = ("root", "overwrite")
-STOP_GRACE_S = 5.0  # how long stopped subprocesses get between SIGTERM and SIGKILL
+# How long stopped subprocesses get between SIGTERM and SIGKILL: a training run finishes its update and saves a
+# step checkpoint first (vitef.monitor.stop), seconds for ViT-B, more for a ViT-H with its optimiser state.
+STOP_GRACE_S = 30.0
+# The same for a job array task that submitit requeues: under its warning signal's lead (90 s by default).
+REQUEUE_GRACE_S = 60.0
 _SAFE = re.compile(r"[^A-Za-z0-9._+=-]")
 _PLACEHOLDER = re.compile(r"\{([A-Za-z0-9_.]+)\}")
 
@@ -890,17 +896,40 @@ class _Children:
         with self._guard:
             self.stopping = True
             procs = list(self._procs)
+        if procs:
+            logger.warning("stopping %d run(s): up to %.0f s for each to save a checkpoint", len(procs), grace_s)
         for proc in procs:
             _signal_group(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for proc in procs:
-            try:
-                proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
-            except subprocess.TimeoutExpired:
-                pass
+            _wait_ended(proc, max(deadline - time.monotonic(), 0.01))
             _signal_group(proc.pid, signal.SIGKILL)  # the group may hold more than the child itself
         if procs:
-            logger.warning("sweep stopped: ended %d running subprocess(es)", len(procs))
+            logger.warning("stopped %d running subprocess(es)", len(procs))
+
+
+def _wait_ended(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``proc`` to end, without reaping it; whether it ended.
+
+    ``proc.wait`` cannot serve here: :meth:`_ArrayTask.checkpoint` runs in a signal handler that interrupted a
+    ``proc.wait()`` of the same thread, which holds the Popen's wait lock until the handler returns. Leaving the
+    ended child unreaped (``WNOWAIT``) lets that wait, or the parallel backend's thread, collect its status.
+    """
+    deadline = time.monotonic() + timeout
+    while proc.returncode is None:
+        if not hasattr(os, "waitid"):  # no waitid (not Linux nor macOS): the waiting thread is another one
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+            break
+        try:
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:  # reaped meanwhile by the thread that waits for it
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return proc.returncode is not None
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -1427,6 +1456,34 @@ def _launch_forked(
     return sorted(failures, key=lambda f: order[f.run_dir]), busy
 
 
+class _ArrayTask:
+    """One task of the slurm backend's job array: :func:`run_command`, requeued by submitit before a time limit or
+    on preemption.
+
+    submitit calls :meth:`checkpoint` on its warning signal (SIGUSR2, ``signal_delay_s`` = 90 s before the time
+    limit by default): the app gets SIGTERM, finishes its update and saves a step checkpoint
+    (:mod:`vitef.monitor.stop`), and the task is requeued with the same arguments; the app then resumes the run
+    from that checkpoint. submitit recognises a requeueable callable by its ``checkpoint`` method.
+    """
+
+    def __init__(self) -> None:
+        self._children: _Children | None = None
+
+    def __call__(self, *args: Any) -> str | None:
+        self._children = _Children()
+        return run_command(*args, children=self._children)
+
+    def checkpoint(self, *args: Any) -> Any:
+        from submitit.helpers import DelayedSubmission
+
+        if self._children is not None:
+            self._children.stop(REQUEUE_GRACE_S)
+        return DelayedSubmission(_ArrayTask(), *args)  # a fresh task: this one holds live processes
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_children": None}  # submitit stores the task; processes and locks are not part of it
+
+
 def _launch_submitit(
     sweep: SweepConfig, module: str, todo: list[Run], wrap: Callable
 ) -> tuple[list[Failure], list[str], list[Busy]]:
@@ -1458,7 +1515,7 @@ def _launch_submitit(
             _, log_path = launch_files(sweep, run)
             cmd = command_for(sweep, run, module)
             args = (cmd, str(run.status_path), str(log_path), None, str(run.run_dir), run.own_status)
-            jobs.append(executor.submit(run_command, *args))
+            jobs.append(executor.submit(_ArrayTask(), *args))
     ids = [str(j.job_id) for j in jobs]
     logger.info("sweep %s: submitted %d runs as job array %s (logs: %s)", sweep.name, len(jobs), ids[0], folder)
     if not (s.wait or s.cluster == "debug"):

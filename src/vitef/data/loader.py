@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from vitef.data.base import mix_seed
 from vitef.errors import DataError
+from vitef.monitor.stop import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,9 @@ def make_loader(
         # on CUDA, a pinned copy (154 MB for 256 float images at 224 px): 4 per worker would hold 9 GB of each
         # with 14 workers, for no gain once the workers outpace the device.
         kwargs.update(persistent_workers=True, prefetch_factor=2)
+        # A scheduler signals every process of the job: the training loop stops on it after a checkpoint, which
+        # needs the workers alive until then (they end with their process).
+        kwargs["worker_init_fn"] = ignore_stop_signals
     return VitefLoader(
         dataset,
         batch_size=batch_size,
