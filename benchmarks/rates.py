@@ -32,7 +32,7 @@ SWEEPS = (
     ("model size: ViT-L/16 and ViT-H/14 on DomainNet clipart", "apps/vit/sweeps/model_size.yaml"),
     ("plasticity: ViT-B/L/H × 11 datasets", "apps/vit/sweeps/plasticity.yaml"),
     ("linear probing (11 datasets)", "apps/vit/sweeps/linear_probing.yaml"),
-    ("which parameters: 30 methods × 11 datasets × 4 lrs × 3 seeds (issue 12)", "apps/vit/sweeps/methods.yaml"),
+    ("which parameters: 31 methods × 11 datasets × 4 lrs × 3 seeds (issue 12)", "apps/vit/sweeps/methods.yaml"),
     ("low data: 10 images per class, 9 tasks × 7 configurations × 3 seeds", "apps/vit/sweeps/lowdata.yaml"),
     ("plasticity across backbone families: 7 ViT-B × 11 datasets × 2 modes", "apps/vit/sweeps/families.yaml"),
 )

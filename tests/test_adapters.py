@@ -1,4 +1,5 @@
-"""vitef.adapters: BitFit freezing, LoRA targets, merge equality, adapter and merged-checkpoint round trips."""
+"""vitef.adapters: BitFit freezing, LoRA targets, LoRA / DoRA merge equality, adapter and merged-checkpoint round
+trips."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from vitef.adapters import (
 )
 from vitef.errors import CheckpointError, ConfigError
 from vitef.models import component_of, set_trainable
+from vitef.models.components import assign_components, count_units, unit_of
 from vitef.monitor import save_weights
 
 
@@ -53,17 +55,20 @@ def test_lora_targets_follow_trainable_and_modules():
         LoraConfig(modules=["q"]).validate()
 
 
-def test_lora_merge_gives_a_plain_timm_model_with_the_adapted_logits(tmp_path):
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_lora_merge_gives_a_plain_timm_model_with_the_adapted_logits(tmp_path, dora):
     torch.manual_seed(0)
     model = random_vit().eval()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    wrapped = add_lora(model, LoraConfig(rank=2, alpha=4), ["all"])
+    wrapped = add_lora(model, LoraConfig(rank=2, alpha=4), ["all"], dora=dora)
     images = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(images), random_vit().eval()(images))  # B = 0: the wrapped model starts as the base
         for name, p in model.named_parameters():
             if ".lora_B." in name:
                 p.normal_()
+            if ".lora_magnitude_vector." in name:
+                p.mul_(torch.rand_like(p) + 0.5)  # DoRA: magnitudes away from the base's row norms too
         adapted = model(images)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {n for n in trainable if ".lora_" in n or n.startswith(("head.", "norm."))}
@@ -76,7 +81,7 @@ def test_lora_merge_gives_a_plain_timm_model_with_the_adapted_logits(tmp_path):
     # Round trip of a merged checkpoint + the adapters into a freshly wrapped model: the same function.
     save_weights(plain, tmp_path / "merged.safetensors")
     again = random_vit().eval()
-    add_lora(again, LoraConfig(rank=2, alpha=4), ["all"])
+    add_lora(again, LoraConfig(rank=2, alpha=4), ["all"], dora=dora)
     load_merged(again, tmp_path / "merged.safetensors")
     load_adapter_state(again, adapter_state(model))
     with torch.no_grad():
@@ -86,6 +91,42 @@ def test_lora_merge_gives_a_plain_timm_model_with_the_adapted_logits(tmp_path):
         load_merged(again, tmp_path / "other.safetensors")
     with pytest.raises(ConfigError, match="do not fit the model"):
         load_adapter_state(again, {})
+
+
+def test_dora_trains_adapters_magnitudes_and_head_in_the_registry_and_starts_as_the_base():
+    torch.manual_seed(0)
+    model = random_vit().eval()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        reference = model(images)
+    torch.manual_seed(1)
+    add_lora(model, LoraConfig(rank=2, alpha=4, modules=["qkv", "fc2"]), ["mha", "fc2.1"], dora=True)
+    targets = ["blocks.0.attn.qkv", "blocks.1.attn.qkv", "blocks.1.mlp.fc2"]
+    kinds = ("lora_A", "lora_B", "lora_magnitude_vector")  # PEFT's names: <module>.<kind>.default.weight
+    adapters = {f"{t}.{kind}.default.weight" for t in targets for kind in kinds}
+    head = {n for n in base if component_of(n).component == "head"}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == adapters | head
+    assert set(adapter_state(model)) == adapters  # what state.pt saves for a resume: the magnitudes too
+    lora = random_vit().eval()
+    torch.manual_seed(1)
+    add_lora(lora, LoraConfig(rank=2, alpha=4, modules=["qkv", "fc2"]), ["mha", "fc2.1"])
+    with torch.no_grad():  # LoRA's A and B from the same seed: the magnitudes draw nothing
+        assert all(torch.equal(t, adapter_state(model)[n]) for n, t in adapter_state(lora).items())
+    # The registry assigns every parameter; a magnitude lies in its module's component and block.
+    assert set(assign_components(model)) == {n for n, _ in model.named_parameters()}
+    assert sum(count_units(model).values()) == sum(p.numel() for p in model.parameters())
+    assert unit_of("blocks.1.mlp.fc2.lora_magnitude_vector.default.weight") == "fc2.1"
+    assert unit_of("blocks.0.attn.qkv.lora_magnitude_vector.default.weight") == "mha.0"
+    # rank 2: qkv (32 -> 96) A 2x32, B 96x2, m 96 in two blocks; fc2 (128 -> 32) A 2x128, B 32x2, m 32 in block 1
+    assert trainable_counts(model) == {
+        "mha": 2 * (64 + 192 + 96), "fc2": 256 + 64 + 32, "head": sum(base[n].numel() for n in head)
+    }  # fmt: skip
+    for target in targets:  # the magnitudes start as the row norms of the pretrained weights, bit for bit
+        magnitude = model.get_submodule(target).lora_magnitude_vector["default"].weight
+        assert torch.equal(magnitude, torch.linalg.norm(base[f"{target}.weight"], dim=1))
+    with torch.no_grad():  # m / ||W + 0|| is exactly 1 and B = 0: the pretrained function, bit for bit
+        assert torch.equal(model(images), reference)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -172,22 +213,27 @@ def test_lora_on_separate_qkv_trains_only_the_adapters_and_merges_to_timm_names(
         assert torch.equal(merged_weights[name], tensor) != moved, name
 
 
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("key", ["eva02", "beit"])
-def test_lora_on_a_fused_qkv_with_q_and_v_biases_is_not_bypassed(key):
+def test_lora_on_a_fused_qkv_with_q_and_v_biases_is_not_bypassed(key, dora):
     """BEiT / EVA-02 would compute F.linear(x, qkv.weight, bias) and skip the adapter on qkv."""
     model = family_model(key)
     images = torch.randn(3, 3, *model.patch_embed.img_size)
     with torch.no_grad():
         reference = model.forward_features(images)  # (B, N, D): the head's random init is too small to tell
-    wrapped = add_lora(model, LoraConfig(rank=2, alpha=4, modules=["qkv"]), ["mha"])
+    wrapped = add_lora(model, LoraConfig(rank=2, alpha=4, modules=["qkv"]), ["mha"], dora=dora)
     assert all(block.attn.qkv_bias_separate for block in model.blocks)
     with torch.no_grad():
         torch.testing.assert_close(model.forward_features(images), reference, atol=1e-5, rtol=0)  # B = 0: the same
         for name, p in model.named_parameters():
             if ".lora_B." in name:
                 p.normal_()
+            if ".lora_magnitude_vector." in name:
+                p.mul_(4)  # DoRA: the magnitudes act too
         adapted = model.forward_features(images)
-        assert (adapted - reference).abs().max() > 0.1  # the adapters act
+        # The adapters act, 100x beyond the merge's tolerance below (DoRA keeps each qkv row at its magnitude m,
+        # the small norms of the pretrained rows x 4, behind BEiT's LayerScale 0.1: a smaller change than LoRA's).
+        assert (adapted - reference).abs().max() > (0.01 if dora else 0.1)
         plain = merged_model(wrapped).eval()
         assert not any(block.attn.qkv_bias_separate for block in plain.blocks)  # as a fresh timm model computes
         assert all(block.attn.qkv_bias_separate for block in model.blocks)  # the wrapped model is left as it was
@@ -220,8 +266,9 @@ def _assert_same_bits(got: dict, expected: dict) -> None:
         assert torch.equal(_bits(got[name]), _bits(tensor)), name
 
 
-def _wrapped(key: str, dtype: torch.dtype = torch.float32):
-    """A seeded small model of ``key`` with LoRA on qkv and fc1 of every block and non-zero ``B``."""
+def _wrapped(key: str, dtype: torch.dtype = torch.float32, dora: bool = False):
+    """A seeded small model of ``key`` with LoRA (or DoRA) on qkv and fc1 of every block and non-zero ``B``; DoRA's
+    after three SGD steps besides, so that its magnitudes have moved from the base's row norms too."""
     if key == "vit":
         torch.manual_seed(0)
         model = random_vit().eval()
@@ -229,22 +276,39 @@ def _wrapped(key: str, dtype: torch.dtype = torch.float32):
         model = family_model(key)
     model.to(dtype)
     torch.manual_seed(1)
-    wrapped = add_lora(model, LoraConfig(rank=2, alpha=6, modules=["qkv", "fc1"]), ["all"])
+    wrapped = add_lora(model, LoraConfig(rank=2, alpha=6, modules=["qkv", "fc1"]), ["all"], dora=dora)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".lora_B." in name:
                 p.normal_(0, 0.5)
+    if dora:
+        _sgd_steps(model, 3)
     return wrapped, model
 
 
+def _sgd_steps(model: torch.nn.Module, steps: int) -> None:
+    """``steps`` seeded SGD updates of the trainable parameters on random images and labels (eval mode kept)."""
+    generator = torch.Generator().manual_seed(2)
+    dtype = next(model.parameters()).dtype
+    images = torch.randn(4, 3, *model.patch_embed.img_size, generator=generator).to(dtype)
+    labels = torch.randint(0, model.num_classes, (4,), generator=generator)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(images).float(), labels).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize(
     ("key", "dtype"),
     [("vit", torch.float32), ("vit", torch.bfloat16), ("beit", torch.float32), ("eva02_clip", torch.float32)],
 )
-def test_merged_state_dict_is_merged_models_state_dict_bit_for_bit_and_leaves_the_model(key, dtype):
+def test_merged_state_dict_is_merged_models_state_dict_bit_for_bit_and_leaves_the_model(key, dtype, dora):
     """ViT (fused qkv, fc1), BEiT (fused qkv beside q/v biases: the qkv_bias_separate marker), EVA-02 CLIP (q/k/v_proj,
-    SwiGLU fc1_g/fc1_x); bfloat16 weights with float32 adapters (PEFT keeps the adapters in float32)."""
-    wrapped, model = _wrapped(key, dtype)
+    SwiGLU fc1_g/fc1_x); bfloat16 weights with float32 adapters (PEFT keeps the adapters in float32); LoRA and DoRA
+    (after a few optimizer steps)."""
+    wrapped, model = _wrapped(key, dtype, dora)
     before = {n: t.clone() for n, t in model.state_dict().items()}  # base_layer / lora_* names
     flags = {n: p.requires_grad for n, p in wrapped.named_parameters()}
     separate = [getattr(m, "qkv_bias_separate", None) for m in model.modules()]
@@ -269,9 +333,10 @@ def test_merged_state_dict_is_merged_models_state_dict_bit_for_bit_and_leaves_th
             assert torch.equal(fresh(images), plain.eval()(images))
 
 
-def test_merged_state_dict_copies_only_the_adapted_weights():
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_merged_state_dict_copies_only_the_adapted_weights(dora):
     """Bounded extra memory: every entry but the adapted weights is the live tensor; those are new, on ``device``."""
-    wrapped, model = _wrapped("vit")
+    wrapped, model = _wrapped("vit", dora=dora)
     live = model.state_dict()  # base_layer / lora_* names; detached views of the parameters
     live_ptrs = {t.untyped_storage().data_ptr() for t in live.values()}
     got = merged_state_dict(wrapped)
@@ -299,15 +364,50 @@ def test_merged_state_dict_copies_only_the_adapted_weights():
             assert tensor.data_ptr() == got[name].data_ptr(), name
 
 
-def test_merged_state_dict_after_merge_adapter_and_refusals():
-    wrapped, model = _wrapped("vit")
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_merged_state_dict_after_merge_adapter(dora):
+    wrapped, model = _wrapped("vit", dora=dora)
     expected = merged_state_dict(wrapped)
     wrapped.merge_adapter()  # the base weights now hold the update: merge_and_unload adds nothing more
     _assert_same_bits(merged_state_dict(wrapped), expected)
     with pytest.warns(UserWarning, match="already merged"):
         _assert_same_bits(merged_state_dict(wrapped), merged_model(wrapped).state_dict())
+
+
+def test_merged_state_dict_refuses_merges_it_does_not_reproduce():
     import peft
 
-    dora = peft.get_peft_model(random_vit(), peft.LoraConfig(r=2, target_modules=["blocks.0.attn.qkv"], use_dora=True))
-    with pytest.raises(NotImplementedError, match="blocks.0.attn.qkv has a LoRA variant"):
-        merged_state_dict(dora)
+    def wrap(**kwargs):
+        return peft.get_peft_model(random_vit(), peft.LoraConfig(r=2, target_modules=["blocks.0.attn.qkv"], **kwargs))
+
+    with pytest.raises(NotImplementedError, match="blocks.0.attn.qkv has a LoRA variant other than DoRA"):
+        merged_state_dict(wrap(init_lora_weights="mica"))
+    with pytest.raises(NotImplementedError, match="blocks.0.attn.qkv has lora_bias"):
+        merged_state_dict(wrap(lora_bias=True))
+    two = wrap(use_dora=True)  # PEFT's DoRA merge of several adapters unmerges and remerges the others: not ours
+    two.add_adapter("other", peft.LoraConfig(r=2, target_modules=["blocks.0.attn.qkv"]))
+    two.base_model.set_adapter(["default", "other"])
+    with pytest.raises(NotImplementedError, match="blocks.0.attn.qkv has a DoRA adapter beside other adapters"):
+        merged_state_dict(two)
+
+
+@pytest.mark.parametrize("key", ["vit", "beit"])
+def test_dora_merge_scales_each_row_of_the_adapted_weight_to_its_magnitude(key):
+    """DoRA's merged weight is m * (W + s B A) / ||W + s B A||, the norm over each output row (nn.Linear's
+    (out, in) weight), after training steps moved A, B and m; the merged model computes as the wrapped one."""
+    wrapped, model = _wrapped(key, dora=True)
+    got = merged_state_dict(wrapped)
+    layers = {n: m for n, m in model.named_modules() if "default" in getattr(m, "lora_magnitude_vector", {})}
+    assert len(layers) == 4  # qkv and fc1 of both blocks
+    for name, layer in layers.items():
+        weight, scale = layer.base_layer.weight, layer.scaling["default"]
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        magnitude = layer.lora_magnitude_vector["default"].weight.detach()
+        assert scale == 3.0 and not torch.equal(magnitude, torch.linalg.norm(weight, dim=1))  # alpha / r; m trained
+        adapted = weight + scale * (b @ a)
+        expected = magnitude[:, None] * adapted / torch.linalg.norm(adapted, dim=1, keepdim=True)
+        torch.testing.assert_close(got[f"{name}.weight"], expected.detach())  # fp32 defaults: rtol 1.3e-6, atol 1e-5
+    images = torch.randn(3, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = merged_model(wrapped).eval()
+        torch.testing.assert_close(plain.forward_features(images), model.forward_features(images))

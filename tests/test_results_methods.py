@@ -56,6 +56,23 @@ def test_method_family_of_lp_ft():
     assert R.method_family(row) == "lp-ft"
 
 
+def test_dora_runs_have_their_rank_label_and_family_after_lora(tmp_path):
+    dora = write_method_run(tmp_path, "pet", 0.3, 0, 0.84, 0.83, method="dora", lora_rank=16, trainable_params=900)
+    row = R.read_run(dora)
+    assert (row["method"], row["lora_rank"], row["trainable_params"]) == ("dora", 16, 900)
+    assert R.method_label("dora", lora_rank=8) == "dora r8"
+    assert R.method_label("dora", "mha", lora_rank=4) == "dora r4:mha"
+    write_method_run(tmp_path, "pet", 0.3, 0, 0.80, 0.81, method="lora", lora_rank=16, trainable_params=850)
+    write_method_run(tmp_path, "pet", 0.3, 0, 0.70, 0.72, method="bitfit", trainable_params=250)
+    cells = R.method_cells(R.collect_finetuning(tmp_path), "val", 1)
+    # its own family, ordered between LoRA and BitFit (FAMILIES), with its own rank in the label
+    assert cells[["label", "family", "mean"]].values.tolist() == [
+        ["lora r16", "lora", pytest.approx(0.81)], ["dora r16", "dora", pytest.approx(0.83)],
+        ["bitfit", "bitfit", pytest.approx(0.72)],
+    ]  # fmt: skip
+    assert _row(cells, label="dora r16")["backbone_share"] == pytest.approx((900 - 50) / 10_000)
+
+
 def test_method_labels():
     assert R.method_label(trainable="mha") == "full:mha"
     assert R.method_label(layer_decay=0.75) == "full:all ld0.75"
@@ -92,7 +109,7 @@ def test_method_cells_choose_each_methods_lr(cells):
     assert rgn["backbone_share"] == pytest.approx((1_050 - 50) / 10_000)
     assert _row(c10, label="lora r4")["backbone_share"] == pytest.approx(0.08)
     assert _row(c10, label="random 10% seed 2")[["group", "select_seed"]].tolist() == ["random 10%", 2]
-    assert set(c10["family"]) == set(R.FAMILIES) - {"components", "lp-ft"}  # the synthetic runs have no LP-FT run
+    assert set(c10["family"]) == set(R.FAMILIES) - {"components", "lp-ft", "dora"}  # no LP-FT nor DoRA run here
     assert list(cells["dataset"].unique()) == ["cifar10", "pet"]
     assert _row(cells, dataset="pet", label="bitfit")["mean"] == pytest.approx(0.62)
 

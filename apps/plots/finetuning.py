@@ -308,6 +308,7 @@ FAMILY_STYLE = {
     "layer decay": ("#9467bd", "D"),
     "lp-ft": ("#8c564b", "P"),
     "lora": ("#2ca02c", "^"),
+    "dora": ("#17becf", "<"),
     "bitfit": ("#e377c2", "v"),
     "components": ("#1f77b4", "o"),
     "select": ("#d62728", "*"),

@@ -110,13 +110,16 @@ GC_PERIOD = 50
 # With a fused optimiser (CUDA) the checks of an update are read by the host one update late, while the device runs
 # the next one, instead of stalling the queue once per update; False keeps one host wait per update everywhere.
 DEFERRED_CHECKS = True
-# What trains (method=): full finetuning of `trainable` (the paper's), BitFit, LoRA. A dict: method → description.
+# What trains (method=): full finetuning of `trainable` (the paper's), BitFit, LoRA, DoRA, LP-FT: method → what.
 METHODS: dict[str, str] = {
     "full": "every parameter of `trainable` (+ head)",
     "bitfit": "the biases of `trainable` (+ head)",
     "lora": "LoRA adapters (lora.*) on the Linear modules of `trainable`, merged into the checkpoints (+ head)",
+    "dora": "DoRA: as lora, plus a trained magnitude per output row of each adapted module (+ head)",
     "lp_ft": "as full, from a head set to a linear probe of the pretrained model on the train split (LP-FT)",
 }
+# The methods that wrap Linear modules with PEFT adapters (the lora.* options, vitef.adapters.add_lora).
+ADAPTER_METHODS = ("lora", "dora")
 # method=lp_ft: the linear probe that initialised the head (train accuracy, ...), written when a new run starts.
 PROBE_HEAD_FILE = "lp_ft.json"
 # Keys that may change between a run and its resumption (they do not change the result).
@@ -152,7 +155,7 @@ class TrainConfig:
     optim: OptimConfig = option(OptimConfig(), "optimiser, schedule, clipping, accumulation")
     trainable: list[str] = option(["all"], "components to train: all, or a list of emb/ln1/mha/ln2/fc1/fc2")
     method: str = option("full", "how `trainable` trains: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()))
-    lora: LoraConfig = option(LoraConfig(), "LoRA adapters of method=lora: rank, alpha, dropout, modules")
+    lora: LoraConfig = option(LoraConfig(), "adapters of method=lora and method=dora: rank, alpha, dropout, modules")
     steps: int = option(10_000, "optimiser updates")
     batch_size: int = option(512, "images per update, over all processes and accumulation micro-batches")
     eval_batch_size: int = option(256, "images per evaluation batch and process")
@@ -198,10 +201,10 @@ class TrainConfig:
             raise ConfigError("trainable=[] trains nothing: use trainable=[all] or e.g. trainable=[mha]")
         if self.method not in METHODS:
             raise ConfigError(f"method={self.method!r} is unknown: choose one of {', '.join(METHODS)}")
-        if self.method == "lora" and self.select.enabled:
+        if self.method in ADAPTER_METHODS and self.select.enabled:
             raise ConfigError(
-                "method=lora with select.criterion: a selection picks whole units to train in full; use method=full "
-                "(or bitfit) with select, or method=lora with trainable=[...]"
+                f"method={self.method} with select.criterion: a selection picks whole units to train in full; use "
+                f"method=full (or bitfit) with select, or method={self.method} with trainable=[...]"
             )
         if self.select.enabled and self.trainable != ["all"]:
             raise ConfigError(
@@ -250,8 +253,8 @@ class TrainConfig:
             parts.append(model_label(self.model.name))
         if self.optim.name != "sgd":
             parts.append(self.optim.name)
-        if self.method == "lora":
-            parts.append(f"lora-r{self.lora.rank}")
+        if self.method in ADAPTER_METHODS:
+            parts.append(f"{self.method}-r{self.lora.rank}")
         elif self.method != "full":
             parts.append(self.method)
         if self.optim.layer_decay < 1:
@@ -503,11 +506,11 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
     selection = _selection(cfg, run, model, classes, device) if cfg.select.enabled else None
     trainable = selection.trainable if selection is not None else list(cfg.trainable)
     counts = set_trainable(model, trainable)
-    lora = None  # the PEFT wrapper of method=lora (model is its inner timm model, which trains)
+    lora = None  # the PEFT wrapper of method=lora / dora (model is its inner timm model, which trains)
     if cfg.method == "bitfit":
         counts = train_biases(model)
-    elif cfg.method == "lora":
-        lora = Lora(add_lora(model, cfg.lora, trainable), model)
+    elif cfg.method in ADAPTER_METHODS:
+        lora = Lora(add_lora(model, cfg.lora, trainable, dora=cfg.method == "dora"), model)
         counts = trainable_counts(model)
     size = model.patch_embed.img_size[0]
     train_loader, val_loader, test_loader = _loaders(cfg, info, model, size, micro_batch, device)
@@ -797,7 +800,7 @@ def _write_runtime(cfg: TrainConfig, run: RunDir, device: torch.device, info: Di
 
 
 class Lora:
-    """method=lora: PEFT's wrapper, and the fingerprint of the frozen weights under the adapters at start.
+    """method=lora and dora: PEFT's wrapper, and the fingerprint of the frozen weights under the adapters at start.
 
     The step and best checkpoints hold the merged model (timm layout: what eval, probing and build_model read);
     a step checkpoint's ``state.pt`` holds the adapters besides and the fingerprint of the frozen weights under

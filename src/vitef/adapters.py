@@ -1,4 +1,4 @@
-"""Finetuning methods on a timm ViT beyond full finetuning: BitFit, LoRA and LP-FT (issue 12's baselines).
+"""Finetuning methods on a timm ViT beyond full finetuning: BitFit, LoRA, DoRA and LP-FT (issue 12's baselines).
 
 BitFit (Ben Zaken et al., 2022) trains only the biases: :func:`train_biases` keeps, of the parameters that
 :func:`vitef.models.set_trainable` made trainable, the bias vectors (:data:`BIAS_SUFFIXES`: linear, patch-projection
@@ -18,6 +18,14 @@ still assigns every parameter. :func:`merged_model` merges the adapters into a c
 ``merge_and_unload``: a plain timm model whose state dict is the timm layout every reader loads.
 :func:`merged_state_dict` gives that state dict without the copy (new tensors for the adapted weights only), for
 saving checkpoints.
+
+DoRA (Liu et al., ICML 2024, weight-decomposed low-rank adaptation) through PEFT's ``use_dora``: :func:`add_lora` with
+``dora=True`` wraps the same modules with the same ``A`` / ``B`` and adds to each a magnitude vector ``m`` (one entry
+per output row, ``blocks.0.attn.qkv.lora_magnitude_vector.default.weight``, initialised to the row norms of the
+pretrained weight, so the wrapped model starts as the pretrained one); the adapted layer computes with
+``m * (W + s B A) / ||W + s B A||``, the norm taken over each output row and treated as a constant in backward.
+The magnitudes train with the adapters, are saved and restored with them, and lie in the adapted module's component
+for the registry. Merging gives that weight: a plain timm model again.
 
 BEiT and EVA-02 attention with ``q_bias`` / ``v_bias`` compute the fused projection as
 ``F.linear(x, qkv.weight, bias)``, which reads the weight and would skip an adapter wrapped around ``qkv``.
@@ -58,6 +66,8 @@ LORA_MODULES: dict[str, tuple[str, tuple[tuple[str, ...], ...]]] = {
 ADAPTER_NAME = "default"  # PEFT's name of the one adapter
 # The parameter names BitFit trains: bias vectors, incl. BEiT / EVA-02's q/v biases beside a fused qkv.
 BIAS_SUFFIXES: tuple[str, ...] = (".bias", ".q_bias", ".v_bias")
+# The parameter names of an adapter's trained tensors: LoRA's factors and DoRA's magnitude vector.
+ADAPTER_MARKERS: tuple[str, ...] = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")
 # Marks an attention whose qkv_bias_separate add_lora switched on (merged_model switches it back off).
 _SEPARATED = "_vitef_lora_separated_bias"
 
@@ -163,13 +173,13 @@ def _linear_at(block: nn.Module, path: str) -> nn.Linear | None:
     return module if isinstance(module, nn.Linear) else None
 
 
-def lora_targets(model: nn.Module, trainable: Iterable[str], modules: Iterable[str]) -> list[str]:
+def lora_targets(model: nn.Module, trainable: Iterable[str], modules: Iterable[str], method: str = "lora") -> list[str]:
     """The module names LoRA wraps: each of ``modules`` whose component ``trainable`` covers, in each block it covers
     (``qkv`` is one fused Linear or three, ``fc1`` one or two: :func:`lora_paths`).
 
     ``trainable`` holds components or units (``all``, ``mha``, ``fc1.0-5``); ``emb``, ``ln1``, ``ln2`` and
     ``head`` have no Linear module to adapt (the head trains in full anyway) and are refused, except within
-    ``all``.
+    ``all``. ``method`` (``lora`` or ``dora``) is the name the error messages give.
 
     Raises
     ------
@@ -182,8 +192,8 @@ def lora_targets(model: nn.Module, trainable: Iterable[str], modules: Iterable[s
         unit.check_depth(depth)
         if unit.component not in ("all", "mha", "fc1", "fc2"):
             raise ConfigError(
-                f"method=lora adapts Linear modules; trainable={unit.name} has none: choose among all, mha, fc1, fc2 "
-                "(or their units, e.g. mha.6-11), or method=full to train it"
+                f"method={method} adapts Linear modules; trainable={unit.name} has none: choose among all, mha, fc1, "
+                "fc2 (or their units, e.g. mha.6-11), or method=full to train it"
             )
     targets = []
     for layer in range(depth):
@@ -193,34 +203,44 @@ def lora_targets(model: nn.Module, trainable: Iterable[str], modules: Iterable[s
                 targets.extend(f"blocks.{layer}.{path}" for path in lora_paths(model.blocks[layer], module))
     if not targets:
         raise ConfigError(
-            f"method=lora: lora.modules={list(modules)} has no module in trainable={list(trainable)}; e.g. "
+            f"method={method}: lora.modules={list(modules)} has no module in trainable={list(trainable)}; e.g. "
             "trainable=[mha] with lora.modules=[qkv,proj]"
         )
     return targets
 
 
-def add_lora(model: nn.Module, cfg: LoraConfig, trainable: Iterable[str]):
+def add_lora(model: nn.Module, cfg: LoraConfig, trainable: Iterable[str], dora: bool = False):
     """Wrap the Linear modules of ``trainable`` × ``cfg.modules`` with LoRA adapters (HF PEFT), in place.
 
-    Only the adapters and the head train afterwards. Returns PEFT's ``PeftModel``: ``peft_model.base_model.model``
+    ``dora=True`` makes them DoRA adapters (PEFT's ``use_dora``): the same ``A`` and ``B`` (the same draws) plus a
+    magnitude vector per adapted module, set to the row norms of its pretrained weight. Only the adapters (and
+    magnitudes) and the head train afterwards. Returns PEFT's ``PeftModel``: ``peft_model.base_model.model``
     is ``model`` itself (the timm class, its names with ``base_layer`` / ``lora_A`` / ``lora_B`` inside the adapted
     modules), what the training loop runs; the ``PeftModel`` is what :func:`merged_model` merges. The adapters'
     ``A`` is drawn from torch's global generator (seed it first), ``B`` is zero.
     """
     import peft
 
-    targets = lora_targets(model, trainable, cfg.modules)
+    targets = lora_targets(model, trainable, cfg.modules, method="dora" if dora else "lora")
     for target in targets:
         if target.endswith(".attn.qkv"):
             _route_bias_through_qkv(model.get_submodule(target.removesuffix(".qkv")))
     config = peft.LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none"
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        bias="none",
+        use_dora=dora,
     )
     wrapped = peft.get_peft_model(model, config, adapter_name=ADAPTER_NAME)
     adapters = {id(p) for n, p in model.named_parameters() if _is_adapter(n)}
     for name, p in model.named_parameters():
         p.requires_grad_(id(p) in adapters or component_of(name).component == "head")
-    logger.info("LoRA rank %d alpha %g on %d modules: %s", cfg.rank, cfg.alpha, len(targets), ", ".join(targets))
+    logger.info(
+        "%s rank %d alpha %g on %d modules: %s",
+        "DoRA" if dora else "LoRA", cfg.rank, cfg.alpha, len(targets), ", ".join(targets),
+    )  # fmt: skip
     return wrapped
 
 
@@ -233,11 +253,12 @@ def _route_bias_through_qkv(attn: nn.Module) -> None:
 
 
 def _is_adapter(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
+    return any(marker in name for marker in ADAPTER_MARKERS)
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' tensors (``lora_A`` / ``lora_B``) of a wrapped model, by name, detached on the CPU."""
+    """The adapters' tensors (``lora_A`` / ``lora_B``, and DoRA's ``lora_magnitude_vector``) of a wrapped model, by
+    name, detached on the CPU."""
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if _is_adapter(n)}
 
 
@@ -318,7 +339,10 @@ def merged_state_dict(wrapped, device: torch.device | str | None = None) -> dict
     Same keys in the same order (timm names: ``blocks.0.attn.qkv.weight``, no ``base_layer`` / ``lora_*``), shapes,
     dtypes and values bit for bit as ``merged_model(wrapped).state_dict()``: each adapted Linear's weight is its
     base weight plus PEFT's own ``get_delta_weight`` (``(B @ A) * alpha / r``, ``fan_in_fan_out`` and the
-    half-precision-on-CPU cast included), added in place to a copy as ``merge`` adds it to the weight. Adapters that
+    half-precision-on-CPU cast included), added in place to a copy as ``merge`` adds it to the weight. A DoRA
+    adapter's weight is ``m / ||W + delta|| * (W + delta)`` as PEFT's merge computes it: the norm is PEFT's
+    ``get_weight_norm`` of the base weight plus the delta (over each output row, in the dtype of that sum), the
+    quotient ``m / norm`` scales each row, and the product is cast to the base weight's dtype. Adapters that
     are inactive or already merged into the base weight are skipped, as ``merge`` skips them. The attention
     attributes :func:`merged_model` resets (``qkv_bias_separate``, the marker of :func:`add_lora`) and the
     adapters' dropout are not state and do not enter.
@@ -334,21 +358,20 @@ def merged_state_dict(wrapped, device: torch.device | str | None = None) -> dict
     device
         Where the merged weights go. Each is computed on its module's device (the same arithmetic as
         ``merge_and_unload``) and then moved: ``"cpu"`` for a model on an accelerator bounds the accelerator's
-        extra memory to one adapted module (its delta and merged weight) instead of all merged weights.
+        extra memory to one adapted module (its delta and merged weight; DoRA's norm adds a few weight-sized
+        temporaries) instead of all merged weights.
 
     Raises
     ------
     NotImplementedError
-        For adapted modules :func:`add_lora` does not make (another PEFT layer type, LoRA variants such as DoRA,
-        ``lora_bias``, nested adapters), whose merge this function does not reproduce: use :func:`merged_model`.
+        For adapted modules :func:`add_lora` does not make (another PEFT layer type, LoRA variants other than DoRA,
+        ``lora_bias``, nested adapters, a DoRA adapter beside other adapters), whose merge this function does not
+        reproduce: use :func:`merged_model`.
     """
-    from peft.tuners.lora.layer import Linear as LoraLinear
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     model = wrapped.get_base_model()
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}  # the adapted modules
+    layers = {name: m for name, m in model.named_modules() if _is_tuner_layer(m)}  # the adapted modules
     for name, module in layers.items():
-        _check_mergeable(name, module, LoraLinear, BaseTunerLayer)
+        _check_mergeable(name, module)
     state: dict[str, torch.Tensor] = {}
     # state_dict() lists an adapter layer's base_layer entries first (its first child), then lora_A / lora_B /
     # ...: dropping those and the ".base_layer" segment gives the merged model's keys in its order.
@@ -375,33 +398,72 @@ def _owner(key: str, layers: dict[str, nn.Module]) -> str | None:
     return None
 
 
-def _check_mergeable(name: str, module: nn.Module, lora_linear: type, tuner_layer: type) -> None:
+def _is_tuner_layer(module: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)
+
+
+def _pending(layer: nn.Module) -> list[str]:
+    """The adapters of ``layer`` that ``merge_and_unload`` merges: active, with LoRA factors, not merged yet."""
+    return [a for a in layer.active_adapters if a in layer.lora_A and a not in layer.merged_adapters]
+
+
+def _is_dora(layer: nn.Module, adapter: str) -> bool:
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    return isinstance(getattr(layer, "lora_variant", {}).get(adapter), DoraLinearVariant)
+
+
+def _check_mergeable(name: str, module: nn.Module) -> None:
     """Refuse the adapter layers whose merge :func:`_merged_weight` would not reproduce."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
     why = None
-    if type(module) is not lora_linear:
+    if type(module) is not LoraLinear:
         why = f"a {type(module).__name__}, not a LoRA Linear"
-    elif isinstance(module.base_layer, tuner_layer):
+    elif _is_tuner_layer(module.base_layer):
         why = "nested adapter layers"
-    elif any(a in getattr(module, "lora_variant", {}) for a in module.lora_A):
-        why = "a LoRA variant (e.g. DoRA)"
+    elif any(a in getattr(module, "lora_variant", {}) and not _is_dora(module, a) for a in module.lora_A):
+        why = "a LoRA variant other than DoRA"
     elif any(getattr(module, "lora_bias", {}).get(a, False) for a in module.lora_A):
         why = "lora_bias"
+    elif any(_is_dora(module, a) for a in _pending(module)) and (len(_pending(module)) > 1 or module.merged_adapters):
+        # PEFT's DoRA merge takes the norm of the weight with the other adapters unmerged and merged back again
+        # (round trips that change low-precision bits): not reproduced; add_lora makes one adapter.
+        why = "a DoRA adapter beside other adapters"
     if why:
         raise NotImplementedError(f"merged_state_dict: {name} has {why}, which add_lora never makes; use merged_model")
 
 
 def _merged_weight(layer: nn.Module, device: torch.device | str | None) -> torch.Tensor:
-    """``layer``'s base weight with its active, not yet merged adapters added, as PEFT's ``merge`` adds them."""
+    """``layer``'s base weight with its active, not yet merged adapters merged, as PEFT's ``merge`` (not safe_merge,
+    as ``merge_and_unload`` calls it) merges them."""
     weight = layer.get_base_layer().weight.detach()
-    adapters = [a for a in layer.active_adapters if a in layer.lora_A and a not in layer.merged_adapters]
+    adapters = _pending(layer)
     if not adapters:  # merge_and_unload leaves the weight as it is
         return weight if device is None else weight.to(device)
-    merged = weight.clone()
     with torch.no_grad():
-        for adapter in adapters:
-            # merge does ``weight.data += delta``: the same in-place add on a copy gives the same bits.
-            merged += layer.get_delta_weight(adapter)
+        if _is_dora(layer, adapters[0]):  # then the only pending adapter (_check_mergeable)
+            merged = _dora_merged(layer, adapters[0], weight)
+        else:
+            merged = weight.clone()
+            for adapter in adapters:
+                # merge does ``weight.data += delta``: the same in-place add on a copy gives the same bits.
+                merged += layer.get_delta_weight(adapter)
     return merged if device is None else merged.to(device)
+
+
+def _dora_merged(layer: nn.Module, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+    """The DoRA-merged weight ``m / ||W + delta|| * (W + delta)``: the operations of PEFT's ``merge_unsafe`` on the
+    base weight ``W``, in its order and dtypes (the norm over each output row by PEFT's ``get_weight_norm``)."""
+    from peft.utils.other import transpose
+
+    delta = layer.get_delta_weight(adapter)  # (B @ A) * alpha / r, in the adapters' dtype
+    magnitude = layer.lora_magnitude_vector[adapter]
+    norm = magnitude.get_weight_norm(weight, transpose(delta, layer.fan_in_fan_out), scaling=1).detach()
+    scale = transpose((magnitude.weight / norm).view(-1, 1), layer.fan_in_fan_out)
+    return (scale * (weight + delta)).to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

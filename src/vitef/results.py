@@ -60,7 +60,8 @@ BASE_COLUMNS = [
     "run_dir",
 ]
 # What tells the finetuning methods apart (issue 12): the method, the selection (criterion, budget, seed of the
-# pick), layer decay, the LoRA rank, and the parameter counts. Runs of the paper's grid hold the defaults below.
+# pick), layer decay, the LoRA (or DoRA) rank, and the parameter counts. Runs of the paper's grid hold the defaults
+# below.
 METHOD_COLUMNS = [
     "method",
     "criterion",
@@ -72,6 +73,8 @@ METHOD_COLUMNS = [
     "backbone_params",
     "head_params",
 ]
+# The methods with PEFT adapters of a rank (lora.rank): apps.vit.train's ADAPTER_METHODS.
+ADAPTER_METHODS = ("lora", "dora")
 METHOD_DEFAULTS = {
     "method": "full",
     "criterion": "",
@@ -175,7 +178,7 @@ def _method_fields(cfg: dict, ev: dict, params: dict) -> dict:
         out["select_seed"] = int(cfg.get("seed", -1)) if seed < 0 else seed
     optim = cfg.get("optim") or {}
     out["layer_decay"] = float(optim.get("layer_decay", 1.0) or 1.0)
-    if out["method"] == "lora":
+    if out["method"] in ADAPTER_METHODS:
         out["lora_rank"] = int((cfg.get("lora") or {}).get("rank", 8))
     if ev.get("trainable_params") is not None:
         out["trainable_params"] = int(ev["trainable_params"])
@@ -226,6 +229,7 @@ def method_label(
     """The one name of a finetuning method in tables and figures.
 
     ``full:mha``, ``full:all ld0.75``, ``lp-ft``, ``bitfit``, ``bitfit:mha``, ``lora r8``, ``lora r8:mha``,
+    ``dora r8``, ``dora r8:mha``,
     ``select rgn 10%``, ``random 10% seed 2`` (``random 10%`` with ``pick=False``: the group of random picks);
     a selection trained with BitFit says ``select rgn 10% bitfit``; an optimizer other than SGD is appended.
     """
@@ -235,8 +239,8 @@ def method_label(
             text += f" seed {int(select_seed)}"
         if method != "full":
             text += f" {method}"
-    elif method == "lora":
-        text = f"lora r{int(lora_rank)}" + ("" if trainable == "all" else f":{trainable}")
+    elif method in ADAPTER_METHODS:
+        text = f"{method} r{int(lora_rank)}" + ("" if trainable == "all" else f":{trainable}")
     elif method == "bitfit":
         text = "bitfit" + ("" if trainable == "all" else f":{trainable}")
     elif method == "lp_ft":
@@ -655,10 +659,10 @@ def mean_curve(runs: Sequence[str | Path], column: str) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Methods: full, layer decay, LoRA, BitFit, components, selections, random picks (issue 12)
+# Methods: full, layer decay, LoRA, DoRA, BitFit, components, selections, random picks (issue 12)
 # ---------------------------------------------------------------------------------------------------
 
-FAMILIES = ("full", "layer decay", "lp-ft", "lora", "bitfit", "components", "select", "random")
+FAMILIES = ("full", "layer decay", "lp-ft", "lora", "dora", "bitfit", "components", "select", "random")
 METHOD_CELL_COLUMNS = [
     "dataset", "label", "group", "family", "method", "criterion", "budget", "select_seed", "status", "lr", "mean",
     "std", "n_seeds", "select_mean", "trainable_params", "backbone_params", "head_params", "backbone_share",
@@ -679,7 +683,7 @@ def method_family(row) -> str:
         return "random"
     if row.criterion:
         return "select"
-    if row.method in ("lora", "bitfit"):
+    if row.method in (*ADAPTER_METHODS, "bitfit"):
         return str(row.method)
     if row.method == "lp_ft":
         return "lp-ft"
@@ -694,7 +698,7 @@ def method_cells(df: pd.DataFrame, select_on: str = "val", ddof: int = 1) -> pd.
     The learning rate of a label is chosen among the learning rates of that label (selections may have fewer
     than the baselines) on ``select_on``; ``mean`` and ``std`` are over the training seeds at that lr. Parameter
     counts are the mean over the runs at the chosen lr (a pick may differ between training seeds);
-    ``backbone_share`` is (trainable − head) / backbone parameters (LoRA's adapters counted at their size).
+    ``backbone_share`` is (trainable − head) / backbone parameters (LoRA's and DoRA's adapters counted at their size).
     """
     df = with_method_columns(df)
     if df.empty:

@@ -75,3 +75,9 @@ def test_component_runs_only_keep_the_old_csv_and_no_methods(tmp_path):
     table = pd.read_csv(root / f"results/tables/methods_{TAG}.csv")
     assert set(table["group"]) == {"full:mha", "full:fc1", "full:ln1"}
     assert not (root / f"results/tables/criterion_vs_random_{TAG}.md").exists()
+
+
+def test_every_family_has_its_own_style_in_the_pareto_figure():
+    assert set(app.FAMILY_STYLE) == set(R.FAMILIES)  # DoRA included: none falls back to the "other" colour
+    assert len(set(app.FAMILY_STYLE.values())) == len(app.FAMILY_STYLE)  # no two families look alike
+    assert app.FAMILY_STYLE["dora"] != app.FAMILY_STYLE["lora"]

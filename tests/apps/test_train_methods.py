@@ -1,4 +1,4 @@
-"""apps.vit.train with select.criterion (the trainable units picked at start), method= (full, bitfit, lora, lp_ft)
+"""apps.vit.train with select.criterion (the trainable units picked at start), method= (full, bitfit, lora, dora, lp_ft)
 and optim.layer_decay: what trains, what stays bit-identical, what the run directory records, exact resume."""
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ def test_layer_decay_run_logs_the_heads_lr(tmp_path):
         ({"method": "lora", "lora": {"rank": 0}}, "lora.rank=0"),
         ({"method": "lora", "lora": {"modules": ["q"]}}, r"lora.modules=\['q'\]: choose among qkv, proj, fc1, fc2"),
         ({"method": "lora", "select": SELECT}, "method=lora with select.criterion"),
+        ({"method": "dora", "select": SELECT}, "method=dora with select.criterion"),
+        ({"method": "dora", "lora": {"rank": 0}}, "lora.rank=0"),
     ],
 )
 def test_bad_methods_name_the_key_and_the_choices(tmp_path, over, match):
@@ -131,24 +133,28 @@ def test_bad_methods_name_the_key_and_the_choices(tmp_path, over, match):
 
 
 def wrapped_initial(cfg: train_app.TrainConfig):
-    """The LoRA model as the app builds it at start (same seed, same draws)."""
+    """The LoRA (or DoRA) model as the app builds it at start (same seed, same draws)."""
     from vitef.adapters import add_lora
     from vitef.models import set_trainable
 
     set_seed(cfg.seed)
     model = build_model_from_config(cfg.model, num_classes=5)
     set_trainable(model, cfg.trainable)
-    add_lora(model, cfg.lora, cfg.trainable)
+    add_lora(model, cfg.lora, cfg.trainable, dora=cfg.method == "dora")
     return model
 
 
-def test_lora_best_checkpoint_is_a_plain_timm_model_with_the_adapted_logits_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_lora_best_checkpoint_is_a_plain_timm_model_with_the_adapted_logits_and_resumes_exactly(tmp_path, method):
+    """method=lora, and method=dora (the same adapters plus a magnitude per output row of each adapted module)."""
     from tiny import tiny_vit
 
-    from vitef.adapters import base_fingerprint, load_adapter_state, load_merged
+    from vitef.adapters import adapter_state, base_fingerprint, load_adapter_state, load_merged
     from vitef.monitor import load_state
 
-    over = {"method": "lora", "lora": {"rank": 4, "alpha": 8}, "trainable": ["mha", "fc1.1"]}
+    over = {"method": method, "lora": {"rank": 4, "alpha": 8}, "trainable": ["mha", "fc1.1"]}
+    named = cfg_of(tmp_path, **over, log_dir="").run_name
+    assert named == f"digits_subset-56789_vit_tiny_patch16_224_{method}-r4_mha-fc1.1_lr0.1_seed0"
     cfg = cfg_of(tmp_path, **over, eval_period=2, checkpoint_period=2, keep_last=2)
     train_app.main(cfg)
     run = RunDir(tmp_path / "out" / "runs" / "run")
@@ -156,7 +162,7 @@ def test_lora_best_checkpoint_is_a_plain_timm_model_with_the_adapted_logits_and_
     best_step = result["best_step"]
     # The adapted model at the best step: the start's base + the saved adapters (+ head from the merged file).
     adapted = wrapped_initial(cfg)
-    start = base_fingerprint(adapted)
+    start, initial_adapters = base_fingerprint(adapted), adapter_state(adapted)
     state = load_state(run.step_dir(best_step))
     assert state["lora"]["base_sha256"] == start  # the frozen base under the adapters is bit-identical after training
     load_merged(adapted, run.step_dir(best_step) / "model.safetensors")
@@ -174,8 +180,12 @@ def test_lora_best_checkpoint_is_a_plain_timm_model_with_the_adapted_logits_and_
             assert torch.equal(before[name], after[name]), name
     adapters = sum(t.numel() for t in state["lora"]["adapters"].values())
     head = sum(v.numel() for n, v in before.items() if unit_of(n) == "head")
-    assert adapters == 2 * 4 * ((32 + 96) + (32 + 32)) + 4 * (32 + 128)  # rank 4: qkv, proj of 2 blocks; fc1.1
-    assert result["trainable_params"] == adapters + head and result["method"] == "lora"
+    magnitudes = 2 * (96 + 32) + 128 if method == "dora" else 0  # one per output row of each adapted module
+    assert adapters == 2 * 4 * ((32 + 96) + (32 + 32)) + 4 * (32 + 128) + magnitudes  # rank 4: qkv, proj; fc1.1
+    assert sum(".lora_magnitude_vector." in n for n in state["lora"]["adapters"]) == (5 if method == "dora" else 0)
+    for name, tensor in state["lora"]["adapters"].items():  # A, B (and DoRA's m) trained away from the start
+        assert not torch.equal(tensor, initial_adapters[name]), name
+    assert result["trainable_params"] == adapters + head and result["method"] == method
     assert sum(json.loads(run.params_path.read_text())["trainable"].values()) == adapters + head
     # Resume equals uninterrupted: same merged weights and adapters at the end.
     reference = load_file(run.step_dir(4) / "model.safetensors")
