@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import re
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -45,7 +46,7 @@ from vitef.adapters import (
 from vitef.config import canonical_saved, cli_main, flatten, option, save_config, to_dict
 from vitef.data import DataConfig, DevicePrefetcher, build_loader, canonical_name, make_iterable, num_classes
 from vitef.distributed import DistInfo
-from vitef.errors import ConfigError, TrainingError, VitefError
+from vitef.errors import ConfigError, RunStopped, TrainingError, VitefError
 from vitef.evaluation import EvalResult, evaluate
 from vitef.models import (
     ModelConfig,
@@ -60,6 +61,7 @@ from vitef.monitor import MetricsLogger, RunDir
 from vitef.monitor import checkpoint as ckpt
 from vitef.monitor.lock import run_lock
 from vitef.monitor.metrics import require_tensorboard
+from vitef.monitor.stop import StopSignals
 from vitef.optim import (
     OptimConfig,
     build_optimizer,
@@ -297,6 +299,9 @@ class Stepper:
     # Device flag, once any update failed its checks: every later update is skipped on the device too, so that the
     # weights are still those before the failed update when the host reads its numbers and stops.
     refused: torch.Tensor | None = None
+    # Set by a scheduler's signal (vitef.monitor.stop): each update's row says whether any process has it, so that
+    # every process of a distributed run stops after the same update.
+    stop: StopSignals | None = None
 
     @classmethod
     def build(
@@ -351,6 +356,10 @@ class PendingRow:
     where: str
     ready: torch.cuda.Event | None = None  # recorded after the copy of ``values`` to the host
     row: dict[str, Any] | None = None
+    # Whether a stop was requested when the update was launched: the host's flag, or (distributed) the last entry of
+    # ``values``, the flag averaged over the processes with the loss, > 0 when any process has it.
+    stop: bool = False
+    stop_in_values: bool = False
 
     @property
     def done(self) -> bool:
@@ -361,6 +370,8 @@ class PendingRow:
             if self.ready is not None:
                 self.ready.synchronize()  # the copy of this update's numbers, not the work queued after it
             loss_value, norm, *component_norms = self.values.tolist()
+            if self.stop_in_values:
+                self.stop = component_norms.pop() > 0
             _check_update(self.stepper, loss_value, norm, self.lr, self.where)
             self.row = {"loss": loss_value, "lr": self.lr, "grad_norm": norm}
             self.row.update({f"grad_norm/{c}": v for c, v in zip(self.components, component_norms)})
@@ -410,13 +421,19 @@ def _launch_step(s: Stepper, batches: Iterator, where: str) -> PendingRow:
             t0 = time.perf_counter()
             prefetch()
             waited += time.perf_counter() - t0
-    distributed.all_reduce_mean(loss_sum)
+    stop = s.stop is not None and s.stop.requested
+    shared_stop = None
+    if distributed.world_size() > 1:  # the stop flag travels with the loss: one all-reduce, read with the row
+        both = distributed.all_reduce_mean(torch.stack([loss_sum, torch.full_like(loss_sum, float(stop))]))
+        loss_sum, shared_stop = both[0], both[1:]
     # Unscaling and the norms only read the gradients: the weights are still untouched when a check fails.
     s.scaler.unscale_(s.optimizer)
     total, per_component = grad_norms(s.named_params, s.groups)
-    values = torch.stack([loss_sum.float(), *(v.to(loss_sum.device) for v in (total, *per_component.values()))])
+    numbers = [loss_sum.float(), *(v.to(loss_sum.device) for v in (total, *per_component.values()))]
+    values = torch.stack(numbers if shared_stop is None else [*numbers, shared_stop[0]])  # (2 + C [+ 1],)
     lr = peak_lr(s.optimizer)  # with layer decay, the head's (the schedule's lr)
-    pending = PendingRow(s, values, list(per_component), lr, waited, where)
+    pending = PendingRow(s, values, list(per_component), lr, waited, where, stop=stop)
+    pending.stop_in_values = shared_stop is not None
     if s.deferred:
         _update_unless_refused(s, values)
         if values.is_cuda:
@@ -545,27 +562,36 @@ def train(cfg: TrainConfig, info: DistInfo, device: torch.device) -> None:
     step = progress["step"]  # the last update whose row is read, checked and logged
     queued: tuple[int, PendingRow] | None = None  # the update launched after it, not read yet (deferred checks)
     since = time.perf_counter()  # when the time of the next logged update starts (its images/s)
+    stopping = False  # a read row says a stop was requested (the same row on every process)
     try:
-        with ScheduledGC(GC_PERIOD) as collect:
+        with ScheduledGC(GC_PERIOD) as collect, StopSignals() as stepper.stop:
             for n in range(step + 1, cfg.steps + 1):
                 pending = launch_step(stepper, batches, step=n)
                 bar.update(1)
                 if queued is not None:  # the update before: read while the device runs this one
                     since = _log_update(cfg, metrics, *queued, since)
+                    stopping |= queued[1].stop
                     step, queued = queued[0], None
                 queued = (n, pending)
-                boundary = _evaluates(cfg, n) or _checkpoints(cfg, n)
+                stopping |= not info.is_distributed and stepper.stop.requested  # alone: at once, no need to agree
+                boundary = _evaluates(cfg, n) or _checkpoints(cfg, n) or stopping
                 if pending.done or boundary:  # validation and checkpoints only follow checked updates
                     since = _log_update(cfg, metrics, *queued, since)
+                    stopping |= pending.stop
                     step, queued = n, None
                 if _evaluates(cfg, n):
                     _validate(cfg, run, model, val_loader, device, n, progress, metrics, info, lora)
-                if _checkpoints(cfg, n):
+                if _checkpoints(cfg, n) or stopping:
                     progress["step"] = n
                     _checkpoint(cfg, run, model, stepper, batches, progress, info, lora)
+                if stopping:
+                    raise RunStopped(_stopped_message(stepper.stop, n), stepper.stop.signum or signal.SIGTERM)
                 if boundary:
                     since = time.perf_counter()  # validation and checkpoint time is no update's
                 collect(n)  # the garbage collector between steps, never inside one
+    except RunStopped as e:
+        _fail(run, info, step, str(e), metrics, stopped=True)
+        raise
     except TrainingError as e:
         _fail(run, info, step, str(e), metrics)
         raise
@@ -881,11 +907,20 @@ def _checkpoint(cfg, run, model, stepper: Stepper, batches, progress, info, lora
     distributed.barrier()
 
 
-def _fail(run: RunDir, info: DistInfo, step: int, message: str, metrics: MetricsLogger) -> None:
+def _fail(run: RunDir, info: DistInfo, step: int, message: str, metrics: MetricsLogger, stopped: bool = False) -> None:
     metrics.close()
     if info.is_main:
-        logger.error("run failed at step %d: %s", step, message)
+        if stopped:
+            logger.warning("run stopped at step %d: %s", step, message)
+        else:
+            logger.error("run failed at step %d: %s", step, message)
         run.write_status("failed", step, message)
+
+
+def _stopped_message(stop: StopSignals | None, step: int) -> str:
+    """Why a run stopped early; on a process the signal did not reach, the flag came from another one."""
+    why = f"{stop.name} received" if stop is not None and stop.requested else "another process was signalled"
+    return f"{why}: stopped after step {step}, checkpoint saved; launch the same run again to resume it"
 
 
 def _test_best(cfg, run, model, test_loader, device, progress, info, trainable, selection, lora=None) -> None:
