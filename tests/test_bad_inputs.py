@@ -58,6 +58,7 @@ APPS = {
     "report": "apps.plots.report",
     "components": "apps.vit.components",
     "data_info": "apps.vit.data_info",
+    "cache": "apps.vit.cache",
 }
 
 TINY = tiny_train(steps=2, device="cpu")
@@ -396,6 +397,14 @@ def plots_cases() -> list[Case]:
         ("data_info", "split", ["splits=[dev]"], "dev"),
         ("data_info", "offline", ["name=cifar10", "data.root={tmp}/data", "data.download=false"], "cifar10"),
         ("data_info", "unknown-key", ["foo=1"], "unknown config key 'foo'"),
+        ("cache", "no-cache", [], "cache is empty"),
+        ("cache", "missing", ["cache={tmp}/nowhere"], "does not exist"),
+        ("cache", "is-file", ["cache={file}"], "is not a folder"),
+        ("cache", "unused-days", ["cache={tmp}", "prune=true", "unused_days=-1"], "unused_days=-1"),
+        ("cache", "unused-days-type", ["cache={tmp}", "unused_days=soon"], "unused_days"),
+        ("cache", "dry-run-alone", ["cache={tmp}", "dry_run=true"], "add prune=true"),
+        ("cache", "read-only", ["cache={ro}", "prune=true"], "not writable"),
+        ("cache", "unknown-key", ["cache={tmp}", "foo=1"], "unknown config key 'foo'"),
     ]
     return [Case(i, app, argv, m) for app, i, argv, m in c]
 

@@ -16,10 +16,10 @@ import dataclasses
 import time
 from pathlib import Path
 
+from vitef import utils
 from vitef.config import cli_main, option
 from vitef.data.cache import CacheEntry, list_cache, remove_entry, remove_stale_locks
 from vitef.errors import ConfigError, DataError
-from vitef.utils import write_error
 
 DAY_S = 86400.0
 
@@ -49,7 +49,7 @@ class CacheConfig:
         if self.dry_run and not self.prune:
             raise ConfigError("dry_run=true previews a prune: add prune=true (nothing is removed with dry_run=true)")
         if self.prune and not self.dry_run:
-            error = write_error(path)
+            error = utils.write_error(path)  # looked up at call time (tests stand in for it as root)
             if error is not None:
                 raise ConfigError(
                     f"cache={self.cache!r} is not writable ({error}): prune as a user who may write there, "

@@ -404,7 +404,7 @@ def test_the_app_reports_what_it_cannot_remove(tmp_path, run_inprocess, monkeypa
     import apps.vit.cache as app
 
     cache, paths, _ = _old_cache(tmp_path)
-    monkeypatch.setattr(app, "write_error", lambda folder: "Permission denied")  # as for another user's cache
+    monkeypatch.setattr(app.utils, "write_error", lambda folder: "Permission denied")  # another user's cache
     r = run_inprocess("apps.vit.cache", f"cache={cache}", "prune=true")
     assert r.returncode == 2 and f"error: cache='{cache}' is not writable (Permission denied): prune as" in r.stderr
     r = run_inprocess("apps.vit.cache", f"cache={cache}", "prune=true", "dry_run=true")
