@@ -146,6 +146,15 @@ def test_a_signal_on_a_checkpoint_step_saves_it_once(tmp_path, monkeypatch):
     assert [r["step"] for r in read_metrics(run.metrics_path) if "val_acc" in r] == [3]  # validated once
 
 
+def _wait_for_rows(proc: subprocess.Popen, run: RunDir, rows: int, timeout: float) -> None:
+    """Until the running command has logged ``rows`` metrics rows (or has ended, or ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        if run.metrics_path.is_file() and len(run.metrics_path.read_text().splitlines()) >= rows:
+            return
+        time.sleep(0.02)
+
+
 def test_the_command_exits_143_on_sigterm_with_loader_workers_and_resumes(tmp_path):
     # The real signal path: the whole process group is signalled, as a scheduler does; the DataLoader worker must
     # survive it (it ignores the signal) for the update under way and the checkpoint.
@@ -159,11 +168,7 @@ def test_the_command_exits_143_on_sigterm_with_loader_workers_and_resumes(tmp_pa
     )  # fmt: skip
     run = RunDir(tmp_path / "runs" / "run")
     try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            if run.metrics_path.is_file() and len(run.metrics_path.read_text().splitlines()) >= 5:
-                break
-            time.sleep(0.02)
+        _wait_for_rows(proc, run, 5, timeout=120)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         os.killpg(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
@@ -205,11 +210,7 @@ def test_a_signal_to_one_process_of_a_distributed_run_stops_every_process_after_
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = RunDir(tmp_path / "runs" / "run")
     try:
-        deadline = time.monotonic() + 180
-        while proc.poll() is None and time.monotonic() < deadline:
-            if run.metrics_path.is_file() and len(run.metrics_path.read_text().splitlines()) >= 5:
-                break
-            time.sleep(0.02)
+        _wait_for_rows(proc, run, 5, timeout=180)
         worker = _worker_of_rank(proc.pid, 1)
         assert proc.poll() is None and worker is not None, "the run ended before it could be signalled"
         os.kill(worker, signal.SIGTERM)
