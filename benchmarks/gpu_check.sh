@@ -6,7 +6,8 @@
 # 256: the app's step in fp32 / tf32 / bf16 and the plain timm loop in tf32 and in bf16 + torch.compile;
 # 4. benchmarks.pipeline: apps.vit.train end to end on a generated JPEG class folder with the decoded-image
 # cache, bf16 and compile, 14 workers: median and 10th-percentile step images/s; 5. benchmarks.compile_cache:
-# the first step of a compiled ViT-B/16 run (a new process) with torch.compile's cache empty vs filled.
+# the first step of a compiled ViT-B/16 run (a new process) with torch.compile's cache empty vs filled; 6 (only
+# with PARTS naming it): benchmarks.methods, each finetuning method's step on ViT-B/16.
 # Measured rates go to <out-dir>/rates.csv (columns of vitef.rates) to merge into benchmarks/rates.csv; each
 # part's output to <out-dir>/<part>.log. A part that fails is reported and the next one still runs.
 # PARTS="tests pipeline" runs only those parts; BUDGET_S (default 570) caps the whole run; PIPE_CACHE=both also
@@ -73,5 +74,8 @@ optim: {name: sgd, lr: 0.01, warmup_steps: 0}
 YAML
 part compile_cache 420 $PY -m benchmarks.compile_cache device=cuda precision=bf16 batch_size=128 steps=6 runs=2 \
     train_config="$WORK/vitb_digits.yaml" workdir="$WORK/compile_cache"
+# Not in the default PARTS (PARTS="methods" for it): the step cost of each finetuning method on ViT-B/16 (DoRA vs LoRA).
+part methods 240 $PY -m benchmarks.methods device=cuda model=vit_base_patch16_224 batch_size=128 precision=bf16 \
+    steps=10 warmup=3
 [ -f "$OUT_DIR/rates.csv" ] && cat "$OUT_DIR/rates.csv"
 exit $status
