@@ -103,6 +103,8 @@ def test_method_cells_choose_each_methods_lr(cells):
     expected = (0.3, 0.85, math.sqrt(2) * 0.01, 2)
     assert (full["lr"], full["mean"], full["std"], full["n_seeds"]) == pytest.approx(expected)
     assert full["status"] == "ok" and full["backbone_share"] == pytest.approx(1.0)
+    assert full["images_per_s"] == pytest.approx(110.0)  # the two seeds at the chosen lr, not lr 0.1's 50
+    assert math.isnan(_row(c10, label="select rgn 10%")["images_per_s"])  # eval.json without it: unknown
     # one lr only: chosen among its own lrs (not 'partial' for lacking the baselines' 0.1)
     rgn = _row(c10, label="select rgn 10%")
     assert (rgn["status"], rgn["mean"], rgn["family"]) == ("ok", pytest.approx(0.80), "select")
@@ -129,9 +131,10 @@ def test_method_table_and_pareto_front(cells):
         "full:all", "full:all ld0.75", "lora r4", "bitfit", "select rgn 10%", "select paper 10%", "random 10%"
     ]  # fmt: skip
     md = R.methods_markdown(table)
-    assert "| full:all ld0.75 ◆ | 10.1k | 100.0 | 0.3 | **87.00** | 1 |" in md
-    assert "| random 10% | 1.1k | 10.0 | 0.3 | 74.00 ± 4.00 | 3 picks × 1 |" in md
-    assert "| full:all | 10.1k | 100.0 | 0.3 | 85.00 ± 1.41 | 2 |" in md
+    assert "| full:all ld0.75 ◆ | 10.1k | 100.0 | — | 0.3 | **87.00** | 1 |" in md  # no images/s: an older run
+    assert "| random 10% | 1.1k | 10.0 | — | 0.3 | 74.00 ± 4.00 | 3 picks × 1 |" in md
+    assert "| full:all | 10.1k | 100.0 | 110 | 0.3 | 85.00 ± 1.41 | 2 |" in md  # the runs at the chosen lr
+    assert "| lora r4 ◆ | 850 | 8.0 | 150 | 0.3 | 83.00 | 1 |" in md
 
 
 def test_pareto_front_by_hand():

@@ -192,3 +192,9 @@ def perturb_family(model: nn.Module, *, seed: int, table_scale: float) -> nn.Mod
             else:
                 p.copy_(0.3 * noise)
     return model
+
+
+def untimed(result: dict) -> dict:
+    """A run's eval.json without its measured speed (``images_per_s``): the part that two runs of one config, or a
+    run and its resumed self, share bit for bit."""
+    return {k: v for k, v in result.items() if k != "images_per_s"}

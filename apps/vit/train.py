@@ -18,6 +18,7 @@ import logging
 import math
 import re
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -57,7 +58,7 @@ from vitef.models import (
     model_label,
     set_trainable,
 )
-from vitef.monitor import MetricsLogger, RunDir
+from vitef.monitor import MetricsLogger, RunDir, read_metrics
 from vitef.monitor import checkpoint as ckpt
 from vitef.monitor.lock import run_lock
 from vitef.monitor.metrics import require_tensorboard
@@ -947,6 +948,9 @@ def _test_best(cfg, run, model, test_loader, device, progress, info, trainable, 
             "lr": cfg.optim.lr,
             "seed": cfg.seed,
             "model": cfg.model.name,
+            # What the method costs to train, measured (the median resists compilation and warm-up steps): the
+            # methods table sets it beside accuracy and parameters. Timing, unlike everything else here.
+            "images_per_s": _median_images_per_s(run),
         }
         probe_file = run.path / PROBE_HEAD_FILE
         if cfg.method == "lp_ft" and probe_file.is_file():
@@ -962,6 +966,12 @@ def _test_best(cfg, run, model, test_loader, device, progress, info, trainable, 
         run.write_status("completed", cfg.steps, f"test acc {result.acc:.4f} at best step {best['step']}")
         logger.info("best step %d (val %.2f%%): test acc %.2f%%", best["step"], 100 * best["val_acc"], 100 * result.acc)
         print(f"{run.path}: test acc {100 * result.acc:.2f}% (best step {best['step']}, n={result.n})")
+
+
+def _median_images_per_s(run: RunDir) -> float | None:
+    """The median training images/s over the run's logged updates (resumed attempts included); None without any."""
+    rates = [r["images_per_s"] for r in read_metrics(run.metrics_path) if "loss" in r and "images_per_s" in r]
+    return float(statistics.median(rates)) if rates else None
 
 
 CONFIG = TrainConfig  # the sweep convention (vitef.sweep): CONFIG + main(cfg)

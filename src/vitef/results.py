@@ -72,6 +72,7 @@ METHOD_COLUMNS = [
     "trainable_params",
     "backbone_params",
     "head_params",
+    "images_per_s",
 ]
 # The methods with PEFT adapters of a rank (lora.rank): apps.vit.train's ADAPTER_METHODS.
 ADAPTER_METHODS = ("lora", "dora")
@@ -85,6 +86,7 @@ METHOD_DEFAULTS = {
     "trainable_params": -1,
     "backbone_params": -1,
     "head_params": -1,
+    "images_per_s": math.nan,  # the median training throughput of the run (eval.json; runs before it: unknown)
 }
 FINETUNING_COLUMNS = BASE_COLUMNS + METHOD_COLUMNS
 PROBE_COLUMNS = ["dataset", "model", "pool", "seed", "layer", "point", "train_acc", "test_acc", "source"]
@@ -182,6 +184,8 @@ def _method_fields(cfg: dict, ev: dict, params: dict) -> dict:
         out["lora_rank"] = int((cfg.get("lora") or {}).get("rank", 8))
     if ev.get("trainable_params") is not None:
         out["trainable_params"] = int(ev["trainable_params"])
+    if isinstance(ev.get("images_per_s"), (int, float)):
+        out["images_per_s"] = float(ev["images_per_s"])
     total = params.get("total") if isinstance(params, dict) else None
     if isinstance(total, dict) and total:
         head = int(total.get("head", 0))
@@ -666,10 +670,11 @@ FAMILIES = ("full", "layer decay", "lp-ft", "lora", "dora", "bitfit", "component
 METHOD_CELL_COLUMNS = [
     "dataset", "label", "group", "family", "method", "criterion", "budget", "select_seed", "status", "lr", "mean",
     "std", "n_seeds", "select_mean", "trainable_params", "backbone_params", "head_params", "backbone_share",
+    "images_per_s",
 ]  # fmt: skip
 METHOD_TABLE_COLUMNS = [
     "dataset", "group", "family", "method", "criterion", "budget", "status", "lr", "mean", "std", "n", "n_picks",
-    "trainable_params", "backbone_share", "pareto",
+    "trainable_params", "backbone_share", "images_per_s", "pareto",
 ]  # fmt: skip
 VS_RANDOM_COLUMNS = [
     "dataset", "budget", "method", "criterion", "acc", "random_mean", "random_std", "n_random", "z", "rank", "of",
@@ -718,12 +723,13 @@ def method_cells(df: pd.DataFrame, select_on: str = "val", ddof: int = 1) -> pd.
                 values = values[values >= 0]
                 counts[col] = float(values.mean()) if len(values) else math.nan
             share = (counts["trainable_params"] - counts["head_params"]) / counts["backbone_params"]
+            rates = at["images_per_s"].astype(float).dropna()
             cells.append({
                 "dataset": cell.dataset, "label": label, "group": first["group"], "family": first["family"],
                 "method": first["method"], "criterion": first["criterion"], "budget": float(first["budget"]),
                 "select_seed": int(first["select_seed"]), "status": cell.status, "lr": cell.lr, "mean": cell.mean,
                 "std": cell.std, "n_seeds": cell.n_seeds, "select_mean": cell.select_mean, **counts,
-                "backbone_share": share,
+                "backbone_share": share, "images_per_s": float(rates.mean()) if len(rates) else math.nan,
             })  # fmt: skip
     return order_method_rows(pd.DataFrame(cells, columns=METHOD_CELL_COLUMNS), "label")
 
@@ -784,6 +790,8 @@ def method_table(cells: pd.DataFrame, ddof: int = 1) -> pd.DataFrame:
                        n=int(first["n_seeds"]), n_picks=1 if first["status"] != "missing" else 0)  # fmt: skip
         row["trainable_params"] = float(ok["trainable_params"].mean()) if len(ok) else math.nan
         row["backbone_share"] = float(ok["backbone_share"].mean()) if len(ok) else math.nan
+        rates = ok["images_per_s"].astype(float).dropna()
+        row["images_per_s"] = float(rates.mean()) if len(rates) else math.nan
         rows.append(row)
     table = pd.DataFrame(rows, columns=[c for c in METHOD_TABLE_COLUMNS if c != "pareto"])
     table["pareto"] = False
@@ -843,7 +851,7 @@ def methods_markdown(table: pd.DataFrame) -> str:
     for dataset in order_datasets(table["dataset"].unique()):
         d = table[table["dataset"] == dataset]
         best = d["mean"].max()
-        header = ["method", "trainable params", "% of backbone", "lr", "test acc. (%)", "n"]
+        header = ["method", "trainable params", "% of backbone", "images/s", "lr", "test acc. (%)", "n"]
         body = []
         for r in d.itertuples():
             text = "—" if r.status == "missing" else _pm(r.mean, r.std)
@@ -855,11 +863,13 @@ def methods_markdown(table: pd.DataFrame) -> str:
             n = f"{r.n_picks} picks × {r.n}" if r.family == "random" else str(r.n)
             lr = f"{r.lr:g}" if np.isfinite(r.lr) else "—"
             share = f"{100 * r.backbone_share:.1f}" if np.isfinite(r.backbone_share) else "—"
-            body.append([name, _count(r.trainable_params), share, lr, text, n])
+            speed = f"{r.images_per_s:,.0f}" if np.isfinite(r.images_per_s) else "—"
+            body.append([name, _count(r.trainable_params), share, speed, lr, text, n])
         parts.append(f"**{dataset_label(dataset)}**\n\n{to_markdown(header, body).rstrip()}")
     notes = [
         "◆ on the accuracy-vs-trainable-parameters Pareto front; trainable params include the head; % of backbone: "
-        "(trainable − head) / backbone parameters; n: training seeds (random: picks × seeds, ± over the picks)"
+        "(trainable − head) / backbone parameters; images/s: median training throughput of a run, mean over its "
+        "runs (compare runs of one machine and sweep); n: training seeds (random: picks × seeds, ± over the picks)"
     ]
     if (table["status"] == "partial").any():
         notes.append("† partial: some lr × seed runs are missing; the lr was chosen among the complete ones")

@@ -37,7 +37,7 @@ def test_methods_command_writes_tables_and_figure(tmp_path, capsys):
     tables = root / "results/tables"
     md = (tables / f"methods_{TAG}.md").read_text()
     assert "**CIFAR-10**" in md and "**Pet**" in md
-    assert "| random 10% | 1.1k | 10.0 | 0.3 | 74.00 ± 4.00 | 3 picks × 1 |" in md
+    assert "| random 10% | 1.1k | 10.0 | — | 0.3 | 74.00 ± 4.00 | 3 picks × 1 |" in md
     table = pd.read_csv(tables / f"methods_{TAG}.csv")
     # the component runs are methods too (full:mha, ...); each method's lr chosen among its own
     assert {"full:mha", "lora r4", "select rgn 10%", "random 10%"} <= set(table["group"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import tiny_train, tiny_vit
+from tiny import tiny_train, tiny_vit, untimed
 
 from apps.vit import train as train_app
 from vitef.config import build_config, load_config
@@ -91,6 +92,7 @@ def test_training_learns_only_the_chosen_component(tmp_path):
     assert result["best_step"] == best["step"] and result["best_val_acc"] == best["val_acc"]
     assert set(result) >= {"dataset", "split", "acc", "loss", "n", "best_step", "best_val_acc"}
     assert 0.0 <= result["acc"] <= 1.0 and result["n"] == 180
+    assert result["images_per_s"] == statistics.median(r["images_per_s"] for r in train_rows)  # the run's speed
     model = tiny_vit(pretrained=run.best_model_path)
     assert model.head.out_features == 5
     assert json.loads(run.status_path.read_text())["status"] == "completed"
@@ -232,7 +234,7 @@ def test_sigkill_then_relaunch_equals_uninterrupted_run(tmp_path):
     strip = [[{k: r[k] for k in KEYS if k in r} for r in rows] for rows in (ref_rows, got_rows)]
     assert strip[0] == strip[1]  # same rows, same values, no duplicated steps
     ref_eval = RunDir(tmp_path / "ref" / "runs" / "run").eval_path
-    assert json.loads(run.eval_path.read_text()) == json.loads(ref_eval.read_text())
+    assert untimed(json.loads(run.eval_path.read_text())) == untimed(json.loads(ref_eval.read_text()))
 
 
 def test_deferred_checks_train_exactly_as_checks_before_each_update(tmp_path, monkeypatch):
@@ -254,7 +256,7 @@ def test_deferred_checks_train_exactly_as_checks_before_each_update(tmp_path, mo
             {k: v for k, v in r.items() if k not in ("images_per_s", "data_wait_ms")}
             for r in read_metrics(run.metrics_path)
         ]
-        results[deferred] = (weights, rows, json.loads(run.eval_path.read_text()), run.checkpoint_steps())
+        results[deferred] = (weights, rows, untimed(json.loads(run.eval_path.read_text())), run.checkpoint_steps())
         assert len(guarded) == (7 if deferred else 0)  # the updates went through the device-side guard
     (w0, rows0, eval0, steps0), (w1, rows1, eval1, steps1) = results[False], results[True]
     assert [r["step"] for r in rows1 if "loss" in r] == list(range(1, 8))

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import tiny_train
+from tiny import tiny_train, untimed
 
 from apps.vit import train as train_app
 from vitef.config import build_config
@@ -104,7 +104,7 @@ def _signal_during_step(monkeypatch, at: int, sig: int = signal.SIGTERM) -> None
 def _outcome(root: Path) -> tuple[dict, list[dict], dict]:
     run = RunDir(root / "runs" / "run")
     rows = [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(run.metrics_path)]
-    return load_file(run.best_model_path), rows, json.loads(run.eval_path.read_text())
+    return load_file(run.best_model_path), rows, untimed(json.loads(run.eval_path.read_text()))
 
 
 @pytest.mark.parametrize("deferred", [False, True], ids=["checks-first", "deferred-checks"])
