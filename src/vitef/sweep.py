@@ -38,9 +38,11 @@ Backends
     ended like a subprocess when the sweep stops. Where fork is missing (Windows), or
     once this process has initialised CUDA, the runs go in sequence in this process instead.
 ``slurm``
-    one submitit job array, each task running the same command as a local subprocess run. A task about to hit
-    its time limit, or preempted, stops its app (which saves a checkpoint on SIGTERM) and is requeued by
-    submitit; the requeued task resumes the run (:class:`_ArrayTask`).
+    one submitit job array, each task running the same command as a local subprocess run. A task warned of its
+    time limit by submitit's signal (also sent on preemption where the cluster is set up so) stops its app, which
+    saves a checkpoint on SIGTERM, and is requeued; the requeued task resumes the run (:class:`_ArrayTask`). A
+    preemption that only sends SIGTERM reaches the app as well: it checkpoints and stops, and the next launch of
+    the sweep resumes it.
 
 App convention: an app module defines ``main(cfg)`` and ``CONFIG`` (its config dataclass; without it,
 the one dataclass named ``*Config`` defined in the module). A run's directory is
@@ -1457,8 +1459,8 @@ def _launch_forked(
 
 
 class _ArrayTask:
-    """One task of the slurm backend's job array: :func:`run_command`, requeued by submitit before a time limit or
-    on preemption.
+    """One task of the slurm backend's job array: :func:`run_command`, requeued by submitit before a time limit (and
+    on a preemption the cluster announces with the same signal).
 
     submitit calls :meth:`checkpoint` on its warning signal (SIGUSR2, ``signal_delay_s`` = 90 s before the time
     limit by default): the app gets SIGTERM, finishes its update and saves a step checkpoint
