@@ -202,7 +202,7 @@ def test_a_signal_to_one_process_of_a_distributed_run_stops_every_process_after_
     # SIGTERM reaches rank 1 only: its flag travels with the loss all-reduce, so rank 0 stops after the same update
     # (a rank going on alone would hang in the next collective), and the relaunch resumes the whole run.
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "steps": 150, "eval_period": 150, "batch_size": 16}))
+    config.write_text(yaml.safe_dump({**TINY, "steps": 300, "eval_period": 300, "batch_size": 16}))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     args = [f"config={config}", f"root={tmp_path}", "log_dir=run", "device=cpu"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -221,11 +221,11 @@ def test_a_signal_to_one_process_of_a_distributed_run_stops_every_process_after_
     assert proc.returncode != 0
     status = json.loads(run.status_path.read_text())
     step = status["step"]
-    assert status["status"] == "failed" and 5 <= step < 150, (status, err[-3000:])
+    assert status["status"] == "failed" and 5 <= step < 300, (status, err[-3000:])
     assert status["message"].startswith(f"another process was signalled: stopped after step {step}")
     assert f"stopped: SIGTERM received: stopped after step {step}, checkpoint saved" in err  # rank 1's line
     assert run.checkpoint_steps()[-1] == step
     relaunch = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert relaunch.returncode == 0, relaunch.stderr[-3000:]
     assert json.loads(run.status_path.read_text())["status"] == "completed"
-    assert [r["step"] for r in read_metrics(run.metrics_path) if "loss" in r] == list(range(1, 151))
+    assert [r["step"] for r in read_metrics(run.metrics_path) if "loss" in r] == list(range(1, 301))
