@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from apps.vit.train import ADAPTER_METHODS, Stepper, train_step
-from benchmarks.train import _batch, _peak_mb, run
+from benchmarks.train import fixed_batch, peak_mb, run
 from vitef.adapters import LoraConfig, add_lora, train_biases
 from vitef.config import cli_main, option
 from vitef.errors import ConfigError
@@ -188,7 +188,7 @@ def prepare(name: str, cfg: MethodsBenchConfig, device: torch.device) -> Prepare
 def stepper_fn(p: Prepared, cfg: MethodsBenchConfig, device: torch.device, peaks: dict[str, float]):
     """One training step of ``p`` on the fixed batch; on CUDA, ``peaks[p.name]`` keeps its largest peak above the
     memory resident at its start and ``peaks[""]`` the run's largest allocated peak."""
-    batches = itertools.repeat(_batch(cfg, device))
+    batches = itertools.repeat(fixed_batch(cfg, device))
 
     def step() -> None:
         if device.type != "cuda":
@@ -281,7 +281,7 @@ def main(cfg: MethodsBenchConfig) -> list[Row]:
     if cuda:  # the steps reset the peak stats: the largest of the steps' peaks is the run's
         print(f"peak memory: {peaks['']:.0f} MiB (CUDA allocated, whole run: every variant's model is resident)")
     else:
-        print(f"peak memory: {_peak_mb(device):.0f} MB (process RSS, whole run: every variant's model is resident)")
+        print(f"peak memory: {peak_mb(device):.0f} MB (process RSS, whole run: every variant's model is resident)")
     by_name = {r.name: r for r in rows}
     if "lora" in by_name and "dora" in by_name:
         ratio = by_name["dora"].seconds / by_name["lora"].seconds

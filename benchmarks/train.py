@@ -139,7 +139,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak_mb(device: torch.device) -> float:
+def peak_mb(device: torch.device) -> float:
+    """Peak memory in MiB: the process's resident set on CPU, ``torch.cuda.max_memory_allocated`` on CUDA
+    (shared with benchmarks.methods)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -152,7 +154,7 @@ def ours(model, cfg: BenchConfig, device, variant: Variant, log_dir: Path) -> Ca
     optim = OptimConfig(lr=1e-3, warmup_steps=0)
     forward = torch.compile(model) if variant.compile else model
     stepper = Stepper.build(forward, model, optim, 1000, device, variant.precision)
-    batch = _batch(cfg, device)
+    batch = fixed_batch(cfg, device)
     batches = itertools.repeat(batch)
     metrics = MetricsLogger(log_dir / f"{'-'.join(trainable)}-{variant.precision}-{variant.compile}.jsonl")
     counter = itertools.count(1)
@@ -175,7 +177,7 @@ def plain(model, cfg: BenchConfig, device, variant: Variant) -> Callable[[], Non
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / 1000, 1))))
     forward = torch.compile(model) if variant.compile else model
     scaler = torch.amp.GradScaler(device.type, enabled=variant.precision == "fp16")
-    images, labels = _batch(cfg, device)
+    images, labels = fixed_batch(cfg, device)
 
     def step() -> None:
         set_trainable(model, trainable)
@@ -226,7 +228,9 @@ def bookkeeping(model, device, repeats: int = 10) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def _batch(cfg: BenchConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_batch(cfg: BenchConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One seeded batch of ``cfg.batch_size`` random images and labels on ``device``, the same for every variant
+    (any config with ``batch_size``, ``img_size`` and ``num_classes``: benchmarks.methods uses it too)."""
     g = torch.Generator().manual_seed(0)
     images = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, generator=g)
     labels = torch.randint(0, cfg.num_classes, (cfg.batch_size,), generator=g)
@@ -280,7 +284,7 @@ def main(cfg: BenchConfig) -> None:
             torch.cuda.reset_peak_memory_stats(device)
         times = run(variants, cfg, device)
         ours_ms, plain_ms = bookkeeping(model, device)
-    peak = _peak_mb(device)
+    peak = peak_mb(device)
     results = {name: statistics.median(ts) for name, ts in times.items()}
     width = max(12, *(len(name) + 2 for name in results))
     print(f"{'variant':<{width}}{'s/step':>9}{'images/s':>10}")
