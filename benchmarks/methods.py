@@ -55,9 +55,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from apps.vit.train import ADAPTER_METHODS, Stepper, train_step
+from apps.vit.train import Stepper, train_step
 from benchmarks.train import fixed_batch, peak_mb, run
-from vitef.adapters import LoraConfig, add_lora, train_biases
+from vitef.adapters import ADAPTER_METHODS, LoraConfig, add_lora, train_biases
 from vitef.config import cli_main, option
 from vitef.errors import ConfigError
 from vitef.models import build_model, component_of, set_trainable

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from vitef import distributed
 from vitef.adapters import (
+    ADAPTER_METHODS,
     LoraConfig,
     adapter_state,
     add_lora,
@@ -121,8 +122,6 @@ METHODS: dict[str, str] = {
     "dora": "DoRA: as lora, plus a trained magnitude per output row of each adapted module (+ head)",
     "lp_ft": "as full, from a head set to a linear probe of the pretrained model on the train split (LP-FT)",
 }
-# The methods that wrap Linear modules with PEFT adapters (the lora.* options, vitef.adapters.add_lora).
-ADAPTER_METHODS = ("lora", "dora")
 # method=lp_ft: the linear probe that initialised the head (train accuracy, ...), written when a new run starts.
 PROBE_HEAD_FILE = "lp_ft.json"
 # Keys that may change between a run and its resumption (they do not change the result).
@@ -433,8 +432,9 @@ def _launch_step(s: Stepper, batches: Iterator, where: str) -> PendingRow:
     numbers = [loss_sum.float(), *(v.to(loss_sum.device) for v in (total, *per_component.values()))]
     values = torch.stack(numbers if shared_stop is None else [*numbers, shared_stop[0]])  # (2 + C [+ 1],)
     lr = peak_lr(s.optimizer)  # with layer decay, the head's (the schedule's lr)
-    pending = PendingRow(s, values, list(per_component), lr, waited, where, stop=stop)
-    pending.stop_in_values = shared_stop is not None
+    pending = PendingRow(
+        s, values, list(per_component), lr, waited, where, stop=stop, stop_in_values=shared_stop is not None
+    )
     if s.deferred:
         _update_unless_refused(s, values)
         if values.is_cuda:

@@ -64,6 +64,8 @@ LORA_MODULES: dict[str, tuple[str, tuple[tuple[str, ...], ...]]] = {
     "fc2": ("fc2", (("mlp.fc2",),)),
 }
 ADAPTER_NAME = "default"  # PEFT's name of the one adapter
+# The finetuning methods (apps.vit.train's method=) that wrap Linear modules with these adapters (lora.* options).
+ADAPTER_METHODS = ("lora", "dora")
 # The parameter names BitFit trains: bias vectors, incl. BEiT / EVA-02's q/v biases beside a fused qkv.
 BIAS_SUFFIXES: tuple[str, ...] = (".bias", ".q_bias", ".v_bias")
 # The parameter names of an adapter's trained tensors: LoRA's factors and DoRA's magnitude vector.

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vitef.adapters import ADAPTER_METHODS
 from vitef.config import read_yaml_file
 from vitef.data import table as data_table
 from vitef.errors import VitefError
@@ -74,8 +75,6 @@ METHOD_COLUMNS = [
     "head_params",
     "images_per_s",
 ]
-# The methods with PEFT adapters of a rank (lora.rank): apps.vit.train's ADAPTER_METHODS.
-ADAPTER_METHODS = ("lora", "dora")
 METHOD_DEFAULTS = {
     "method": "full",
     "criterion": "",
